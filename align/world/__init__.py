@@ -1,0 +1,68 @@
+"""The shapes world: procedural images with a scene graph, captions, checkable questions and a verifier.
+
+Small enough to train and evaluate tiny VLMs on a CPU, with answers that are right or wrong beyond
+doubt. `build_world` writes the dataset; `caption_rows`, `prompt_rows` and `text_corpus` derive the
+views each training stage needs; `verify` scores a free-text answer against a question record.
+"""
+
+from .dataset import (
+    DEFAULT_SIZES,
+    WORLD_FEATURES,
+    build_world,
+    caption_rows,
+    generate_split,
+    make_example,
+    prompt_rows,
+    text_corpus,
+)
+from .language import (
+    ANSWER_TYPES,
+    CATEGORIES,
+    REFUSAL,
+    make_captions,
+    make_conversation,
+    make_questions,
+)
+from .render import render
+from .scene import (
+    COLORS,
+    SHAPES,
+    SIZES,
+    Scene,
+    SceneObject,
+    WorldConfig,
+    generate_scene,
+    image_rng,
+    relation_holds,
+)
+from .verify import is_refusal, normalize, verify
+
+__all__ = [
+    "ANSWER_TYPES",
+    "CATEGORIES",
+    "COLORS",
+    "DEFAULT_SIZES",
+    "REFUSAL",
+    "SHAPES",
+    "SIZES",
+    "WORLD_FEATURES",
+    "Scene",
+    "SceneObject",
+    "WorldConfig",
+    "build_world",
+    "caption_rows",
+    "generate_scene",
+    "generate_split",
+    "image_rng",
+    "is_refusal",
+    "make_captions",
+    "make_conversation",
+    "make_example",
+    "make_questions",
+    "normalize",
+    "prompt_rows",
+    "relation_holds",
+    "render",
+    "text_corpus",
+    "verify",
+]

@@ -1,0 +1,118 @@
+"""Checking a free-text answer against a question record.
+
+Answers are normalised (case, punctuation, contractions, number words) and then read by type: a
+right answer commits to exactly one value and it is the record's. Hedges ("maybe", "red or blue")
+and refusals to a question the image does answer are wrong.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .language import NUMBER_WORDS
+from .scene import COLORS, SHAPES
+
+# Colors and shapes outside the world still count as a commitment: "It is pink" is a wrong color.
+_COLOR_WORDS = {name: name for name in COLORS} | {
+    w: w for w in ("pink", "brown", "cyan", "magenta", "violet", "indigo", "teal", "gold", "silver", "beige",
+                   "turquoise", "maroon", "navy", "lime", "olive")
+} | {"grey": "gray"}
+_SHAPE_WORDS = {}
+for _shape in (*SHAPES, "rectangle", "oval", "ellipse", "star", "hexagon", "pentagon", "octagon", "heart",
+               "cross", "rhombus", "cube", "sphere", "pyramid", "disk", "disc", "polygon", "line", "arrow"):
+    _SHAPE_WORDS[_shape] = _shape
+    _SHAPE_WORDS[_shape + "s"] = _shape
+_NUMBERS = {word: n for n, word in enumerate(NUMBER_WORDS)}
+_YES = {"yes", "yeah", "yep", "yup", "correct", "true"}
+_NO = {"no", "nope", "false"}
+_NEGATIONS = {"no", "not", "none", "nope", "nothing", "never", "neither", "nor"}
+_HEDGES = {"maybe", "perhaps", "possibly", "probably", "might", "unsure", "guess", "either", "likely", "unclear"}
+_REFUSALS = (
+    "does not show", "do not show", "not shown", "can not tell", "not possible to tell", "not possible to know",
+    "impossible to tell", "impossible to know", "unanswerable", "no way to know", "no way to tell",
+    "not visible", "can not be determined", "can not determine", "can not know", "can not say",
+    "do not know", "not enough information", "no information",
+)
+_ARTICLES = {"the", "a", "an"}
+_LEADING_YES_NO = re.compile(r"^\W*(yes|yeah|yep|yup|no|nope)\s*([,.!;:]|$)")
+
+
+def normalize(text: str) -> list[str]:
+    """Lowercase word tokens with contractions expanded: "Can't tell!" -> ["can", "not", "tell"]."""
+    text = text.lower().replace("\u2019", "'")
+    for contraction, expanded in (("can't", "can not"), ("cannot", "can not"), ("won't", "will not"), ("n't", " not")):
+        text = text.replace(contraction, expanded)
+    return re.findall(r"[a-z0-9]+", text)
+
+
+def _contains(tokens: list[str], phrase_tokens: list[str]) -> bool:
+    k = len(phrase_tokens)
+    return any(tokens[i : i + k] == phrase_tokens for i in range(len(tokens) - k + 1))
+
+
+def is_refusal(text: str) -> bool:
+    """Whether the answer declines to answer ("The image does not show that.", "I can't tell.")."""
+    tokens = normalize(text)
+    return any(_contains(tokens, phrase.split()) for phrase in _REFUSALS)
+
+
+def _hedged(tokens: list[str]) -> bool:
+    return bool(_HEDGES.intersection(tokens)) or _contains(tokens, ["not", "sure"])
+
+
+def _yes_no(text: str, tokens: list[str]) -> str | None:
+    leading = _LEADING_YES_NO.match(text.lower())
+    if leading:
+        said = "yes" if leading.group(1) in _YES else "no"
+        rest = normalize(text[leading.end() :])
+        contradiction = _NEGATIONS if said == "yes" else _YES
+        return None if contradiction.intersection(rest) else said
+    if is_refusal(text):
+        return None
+    positive, negative = bool(_YES.intersection(tokens)), bool(_NEGATIONS.intersection(tokens))
+    if positive != negative:
+        return "yes" if positive else "no"
+    return None
+
+
+def _numbers(tokens: list[str]) -> set[int]:
+    found = {int(t) for t in tokens if t.isdigit()} | {_NUMBERS[t] for t in tokens if t in _NUMBERS}
+    if not found and {"no", "none", "nothing"}.intersection(tokens):
+        found = {0}
+    return found
+
+
+def verify(record: dict, answer_text: str) -> bool:
+    """Whether `answer_text` is a right answer to the question `record` (from `make_questions`).
+
+    Short and sentence answers both count: "2", "two", "There are two circles." for 2; "Yes, there is."
+    for yes; "The circle is red." for red. For a "which" question the answer must name exactly one of
+    the two candidates. For an unanswerable question only a refusal is right.
+    """
+    if not isinstance(answer_text, str):
+        return False
+    answer_type = record["answer_type"]
+    tokens = normalize(answer_text)
+    if answer_type == "refusal":
+        return is_refusal(answer_text)
+    if not tokens or _hedged(tokens):
+        return False
+    expected = str(record["answer"]).strip().lower()
+    if answer_type == "yes_no":
+        return _yes_no(answer_text, tokens) == expected
+    if is_refusal(answer_text):
+        return False
+    if answer_type == "number":
+        return _numbers(tokens) == {int(expected)}
+    if _NEGATIONS.intersection(tokens):
+        # "not red", "no circle": a negated value is not an answer to a color, shape or "which" question.
+        return False
+    if answer_type == "color":
+        return {_COLOR_WORDS[t] for t in tokens if t in _COLOR_WORDS} == {expected}
+    if answer_type == "shape":
+        return {_SHAPE_WORDS[t] for t in tokens if t in _SHAPE_WORDS} == {expected}
+    if answer_type == "choice":
+        content = [t for t in tokens if t not in _ARTICLES]
+        named = [c for c in record["choices"] if _contains(content, [t for t in normalize(c) if t not in _ARTICLES])]
+        return len(named) == 1 and normalize(named[0]) == normalize(expected)
+    raise ValueError(f"unknown answer_type {answer_type!r}; supported: yes_no, number, color, shape, choice, refusal")

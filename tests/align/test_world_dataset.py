@@ -1,0 +1,155 @@
+"""The shapes world on disk: build_world, its derived views and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+from trl.data_utils import is_conversational, prepare_multimodal_messages
+
+from align.world import (
+    CATEGORIES,
+    Scene,
+    WorldConfig,
+    build_world,
+    caption_rows,
+    make_example,
+    prompt_rows,
+    render,
+    text_corpus,
+    verify,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SIZES = {"train": 12, "validation": 3, "test": 5}
+WORLD_COLUMNS = ["image_id", "images", "scene", "caption", "caption_detailed", "questions", "messages"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    path = tmp_path_factory.mktemp("world")
+    build_world(path, sizes=SIZES, config=WorldConfig(), seed=0)
+    return datasets.load_from_disk(str(path))
+
+
+def test_build_world_writes_the_documented_dataset(world):
+    assert isinstance(world, datasets.DatasetDict)
+    assert {split: len(ds) for split, ds in world.items()} == SIZES
+    for split, ds in world.items():
+        assert ds.column_names == WORLD_COLUMNS
+        assert ds[0]["image_id"] == f"{split}-000000"
+        for row in ds:
+            (image,) = row["images"]
+            assert image.size == (64, 64) and image.mode == "RGB"
+            # PNG is lossless: the stored image is exactly the render of the stored scene graph.
+            assert image.tobytes() == render(Scene.from_json(row["scene"])).tobytes()
+            questions = json.loads(row["questions"])
+            assert 6 <= len(questions) <= 12
+            assert {q["category"] for q in questions} <= set(CATEGORIES)
+            messages = row["messages"]
+            assert 2 <= len(messages) // 2 <= 4
+            assert messages[0]["content"][0] == {"type": "image", "text": None}
+            answers = {q["question"]: q["answer"] for q in questions}
+            for user, assistant in zip(messages[::2], messages[1::2]):
+                assert (user["role"], assistant["role"]) == ("user", "assistant")
+                assert assistant["content"] == [{"type": "text", "text": answers[user["content"][-1]["text"]]}]
+    scenes = {split: set(ds["scene"]) for split, ds in world.items()}
+    assert not scenes["train"] & scenes["validation"] and not scenes["train"] & scenes["test"]
+
+
+def test_any_row_regenerates_alone(world):
+    row = world["train"][7]
+    alone = make_example("train", 7, seed=0)
+    assert alone["image_id"] == row["image_id"] == "train-000007"
+    assert alone["images"][0].tobytes() == row["images"][0].tobytes()
+    for column in ("scene", "caption", "caption_detailed", "questions", "messages"):
+        assert alone[column] == row[column]
+
+
+def test_build_is_deterministic(tmp_path):
+    a = build_world(tmp_path / "a", sizes={"train": 4}, seed=5)
+    b = build_world(None, sizes={"train": 4}, seed=5)
+    assert a["train"]["questions"] == b["train"]["questions"]
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="sizes"):
+        build_world(None, sizes={"train": -1})
+
+
+def test_prompt_rows(world):
+    ds = world["test"]
+    prompts = prompt_rows(ds)
+    total = sum(len(json.loads(q)) for q in ds["questions"])
+    assert len(prompts) == total
+    assert prompts.column_names == ["images", "prompt", "answer", "category", "record", "image_id"]
+    images = {row["image_id"]: row["images"][0].tobytes() for row in ds}
+    for row in prompts:
+        record = json.loads(row["record"])
+        assert row["prompt"] == [
+            {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": record["question"]}]}
+        ]
+        assert row["answer"] == record["answer"] and row["category"] == record["category"]
+        assert verify(record, row["answer"])
+        assert row["images"][0].tobytes() == images[row["image_id"]]
+        assert is_conversational(row)
+    spatial = prompt_rows(ds, categories=["spatial", "count"])
+    assert set(spatial["category"]) == {"spatial", "count"}
+    assert len(spatial) == sum(c in ("spatial", "count") for c in prompts["category"])
+    with pytest.raises(ValueError, match="categories"):
+        prompt_rows(ds, categories=["colour"])
+    per_split = prompt_rows(world)
+    assert isinstance(per_split, datasets.DatasetDict) and len(per_split["test"]) == total
+
+
+def test_caption_rows(world):
+    ds = world["validation"]
+    for detailed, column in ((True, "caption_detailed"), (False, "caption")):
+        rows = caption_rows(ds, detailed=detailed)
+        assert rows.column_names == ["images", "messages", "caption", "scene"]
+        assert rows["caption"] == ds[column]
+        assert rows["scene"] == ds["scene"]
+        for row, source in zip(rows, ds):
+            user, assistant = row["messages"]
+            assert user["role"] == "user" and user["content"][0] == {"type": "image", "text": None}
+            assert user["content"][1]["type"] == "text" and user["content"][1]["text"]
+            assert assistant == {"role": "assistant", "content": [{"type": "text", "text": row["caption"]}]}
+            assert row["images"][0].tobytes() == source["images"][0].tobytes()
+            assert is_conversational(row)
+
+
+def test_messages_fit_trl(world):
+    row = world["train"][0]
+    assert is_conversational(row)
+    filled = prepare_multimodal_messages(row["messages"], row["images"])
+    assert filled[0]["content"][0]["image"] is row["images"][0]
+    assert sum(item["type"] == "image" for m in filled for item in m["content"]) == 1
+
+
+def test_text_corpus(world):
+    ds = world["train"]
+    docs = text_corpus(ds)
+    assert len(docs) == 2 * len(ds) and all(isinstance(d, str) for d in docs)
+    for row, document, short in zip(ds, docs[::2], docs[1::2]):
+        lines = document.split("\n")
+        assert lines[0] == row["caption_detailed"] and short == row["caption"]
+        questions = json.loads(row["questions"])
+        assert lines[1:] == [f"Question: {q['question']} Answer: {q['answer']}" for q in questions]
+    assert len(text_corpus(world)) == 2 * sum(SIZES.values())
+
+
+def run_cli(*args):
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "align.world", *args], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_cli_builds_and_summarises(tmp_path):
+    result = run_cli("--output", str(tmp_path / "w"), "--train", "6", "--validation", "2", "--test", "2",
+                     "--seed", "1", "--image_size", "48")
+    assert result.returncode == 0, result.stderr
+    assert "train: 6 images" in result.stdout and "existence" in result.stdout
+    world = datasets.load_from_disk(str(tmp_path / "w"))
+    assert len(world["validation"]) == 2 and world["train"][0]["images"][0].size == (48, 48)
+    bad = run_cli("--output", str(tmp_path / "x"), "--min_objects", "5", "--max_objects", "2")
+    assert bad.returncode != 0 and "max_objects" in bad.stderr
