@@ -1,0 +1,34 @@
+"""Post-training data: local datasets in common VLM formats, weighted mixtures, and the shapes world's
+SFT, refusal and preference sets, all in TRL's conversational format."""
+
+from .formats import (
+    FORMATS,
+    KIND_COLUMNS,
+    KIND_FEATURES,
+    KINDS,
+    RejectReport,
+    detect_format,
+    load_dataset_local,
+    validate_rows,
+)
+from .mixture import MixtureConfig, MixtureSource, build_mixture
+from .world import REFUSALS, refusal_rows, world_preference_rows, world_sft_rows, wrong_answer
+
+__all__ = [
+    "FORMATS",
+    "KINDS",
+    "KIND_COLUMNS",
+    "KIND_FEATURES",
+    "REFUSALS",
+    "MixtureConfig",
+    "MixtureSource",
+    "RejectReport",
+    "build_mixture",
+    "detect_format",
+    "load_dataset_local",
+    "refusal_rows",
+    "validate_rows",
+    "world_preference_rows",
+    "world_sft_rows",
+    "wrong_answer",
+]

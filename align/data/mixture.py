@@ -1,0 +1,156 @@
+"""Weighted mixtures of local datasets, configured like TRL's `DatasetMixtureConfig`.
+
+TRL's `get_dataset` hands every entry to `datasets.load_dataset`, which reads neither our local formats
+(LLaVA, ShareGPT, RLAIF-V with image folders) nor `save_to_disk` folders, and it never oversamples. This
+is the equivalent over `load_dataset_local`: each source is converted, cleaned of bad rows and sampled to
+its weight's share of the mixture.
+
+YAML (parsed by `TrlParser` exactly as TRL parses `DatasetMixtureConfig.datasets`: a list of mappings
+turned into dataclasses in `__post_init__`):
+
+    datasets:
+      - path: data/world            # save_to_disk folder
+        split: train
+        weight: 3
+      - path: data/llava/llava_instruct.json
+        format: llava
+        image_root: data/llava/images
+        weight: 1
+        name: llava
+    mixture_seed: 0
+    mixture_size: 20000
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+from datasets import Dataset, Value
+
+from .formats import FORMATS, KIND_COLUMNS, KINDS, load_dataset_local
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MixtureSource:
+    """One local dataset in a mixture (the counterpart of TRL's `DatasetConfig`)."""
+
+    path: str
+    format: str | None = None
+    split: str = "train"
+    weight: float = 1.0
+    image_root: str | None = None
+    name: str | None = None
+
+    def __post_init__(self):
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(
+                f"datasets entry {self.path!r}: unknown format {self.format!r}; supported: {list(FORMATS)}"
+            )
+        if not isinstance(self.weight, int | float) or not self.weight > 0:
+            raise ValueError(f"datasets entry {self.path!r}: weight must be a number > 0, got {self.weight!r}")
+        if self.name is None:
+            stem = Path(self.path).stem
+            self.name = stem if Path(self.path).suffix else f"{stem}/{self.split}"
+
+
+@dataclass
+class MixtureConfig:
+    """A weighted mixture of local datasets; fields are named so they do not collide with TRL's configs
+    (`seed` belongs to `TrainingArguments`)."""
+
+    datasets: list[MixtureSource] = field(
+        default_factory=list,
+        metadata={
+            "help": "Datasets to mix: a list of {path, format, split, weight, image_root, name}. `format` is one of "
+            f"{list(FORMATS)} (detected when omitted); `weight`s are normalised into shares of the mixture."
+        },
+    )
+    mixture_seed: int = field(default=0, metadata={"help": "Seed for sampling and shuffling the mixture."})
+    mixture_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows in the mixture; default: the total rows of all sources after cleaning."},
+    )
+
+    def __post_init__(self):
+        # Same as TRL's DatasetMixtureConfig: entries parsed from YAML arrive as dicts.
+        self.datasets = [MixtureSource(**d) if isinstance(d, dict) else d for d in self.datasets]
+        names = [d.name for d in self.datasets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"datasets entries need distinct names; repeated: {duplicates} (set `name`)")
+        if self.mixture_size is not None and self.mixture_size < 1:
+            raise ValueError(f"mixture_size must be >= 1 or None, got {self.mixture_size}")
+
+
+def mixture_counts(weights: list[float], total: int) -> list[int]:
+    """Rows per source: `total` split by normalised weights, rounded by largest remainder to sum to `total`."""
+    shares = np.asarray(weights, dtype=float) / sum(weights) * total
+    counts = np.floor(shares).astype(int)
+    for i in np.argsort(-(shares - counts), kind="stable")[: total - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def sample_indices(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` row indices of a source of `size` rows.
+
+    Down-weighted: a random subset, no repeats. Up-weighted beyond its size: whole shuffled passes plus a
+    random subset, so every row appears floor or ceil(count / size) times (sampling with replacement,
+    balanced rather than i.i.d., which keeps repeats as even as possible).
+    """
+    passes, rest = divmod(count, size)
+    parts = [rng.permutation(size) for _ in range(passes)] + [rng.permutation(size)[:rest]]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def build_mixture(config: MixtureConfig, rejects_dir: str | os.PathLike | None = None, kind: str = "sft") -> Dataset:
+    """Load, clean, weight and shuffle the sources of `config` into one dataset.
+
+    Args:
+        config: the sources and the seed.
+        rejects_dir: folder for `rejects.jsonl`, one line per skipped row of every source.
+        kind: "sft", "preference" or "prompt"; every source is converted to it.
+
+    Returns:
+        A `Dataset` with the internal columns of `kind` (`images`, `messages` for SFT) plus `source`
+        (the entry's name), shuffled with `config.mixture_seed`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; supported: {list(KINDS)}")
+    if not config.datasets:
+        raise ValueError("the mixture has no datasets; add entries under `datasets:`")
+    rejects_path = None
+    if rejects_dir is not None:
+        rejects_path = Path(rejects_dir) / "rejects.jsonl"
+        rejects_path.parent.mkdir(parents=True, exist_ok=True)
+        rejects_path.write_text("")
+    parts = []
+    for source in config.datasets:
+        data, _ = load_dataset_local(
+            source.path, format=source.format, kind=kind, image_root=source.image_root, split=source.split,
+            rejects_path=rejects_path, append_rejects=True,
+        )
+        parts.append(data.select_columns(list(KIND_COLUMNS[kind])))
+
+    total = config.mixture_size or sum(len(part) for part in parts)
+    counts = mixture_counts([s.weight for s in config.datasets], total)
+    sampled = []
+    for i, (source, part, count) in enumerate(zip(config.datasets, parts, counts)):
+        if count == 0:
+            continue
+        indices = sample_indices(len(part), count, np.random.default_rng([config.mixture_seed, i]))
+        # Indices only: repeated rows are not copied until the trainer reads them.
+        named = part.add_column("source", [source.name] * len(part), feature=Value("string"))
+        sampled.append(named.select(indices))
+        logger.info(
+            "mixture: %s gives %d rows (%.1f%%) from %d%s", source.name, count, 100 * count / total, len(part),
+            f", each row about {count / len(part):.2f} times" if count > len(part) else "",
+        )
+    return datasets.concatenate_datasets(sampled).shuffle(seed=config.mixture_seed)

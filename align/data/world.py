@@ -1,0 +1,219 @@
+"""Post-training sets drawn from the shapes world: SFT conversations, refusals and preference pairs.
+
+Every answer here is checked with `align.world.verify`: chosen answers and refusals verify, rejected
+answers do not, so a preference pair is right or wrong beyond doubt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+
+import datasets
+from datasets import Dataset, Features, Value
+
+from align.world import verify
+from align.world.dataset import MESSAGES_FEATURE
+from align.world.language import article, number_word, phrase, plural
+from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
+
+logger = logging.getLogger(__name__)
+
+# Refusals for questions the image cannot answer; each one passes `verify` for an unanswerable record.
+REFUSALS = (
+    "The image does not show that.",
+    "It is not possible to tell from the image.",
+    "I can't tell from this picture.",
+    "That is not visible in the image.",
+    "There is no way to know that from the picture.",
+    "I do not know; the picture does not show it.",
+    "The picture does not show that, so I can not say.",
+    "Sorry, that can't be determined from the image.",
+)
+# Made-up answers to unanswerable questions, keyed by a word of the question; none of them is a refusal.
+_FABRICATIONS = (
+    ("written", ("It says hello.", "The word STOP is written on it.")),
+    ("made of", ("It is made of wood.", "It is made of plastic.")),
+    ("heavy", ("It weighs about two kilograms.", "It is very light, about ten grams.")),
+    ("hidden", ("A small coin is hidden behind it.", "There is a key hidden behind it.")),
+    ("old", ("It is three years old.", "It is about a century old.")),
+    ("smell", ("It smells like roses.", "It smells like fresh paint.")),
+    ("drew", ("A child drew this picture.", "It was drawn by a famous painter.")),
+    ("taken", ("It was taken in a park.", "It was taken in a school classroom.")),
+    ("time of day", ("It is early morning.", "It is late in the afternoon.")),
+    ("artist", ("The artist is Anna Berg.", "The artist is called Tom Lee.")),
+    ("outside the frame", ("There is a tall tree just outside the frame.", "A dog sits just outside the frame.")),
+)
+_GENERIC_FABRICATIONS = ("It is made of metal.", "It was made last year in Paris.")
+_OPPOSITE_RELATION = {
+    "to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above",
+}
+
+
+def _user(question: str) -> dict:
+    return {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": question}]}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def _with_images(world_split: Dataset, indices: list[int], columns: dict, features: Features) -> Dataset:
+    # The images are taken over as stored (an Arrow take of the PNG bytes), never decoded and re-encoded.
+    images = world_split.select_columns(["images"]).select(indices).flatten_indices(keep_in_memory=True)
+    return datasets.concatenate_datasets([images, Dataset.from_dict(columns, features=features)], axis=1)
+
+
+def world_sft_rows(world_split: Dataset) -> Dataset:
+    """The world's conversations as SFT rows: `images`, `messages` (TRL conversational format)."""
+    return world_split.select_columns(["images", "messages"])
+
+
+def refusal_rows(world_split: Dataset, n: int, seed: int = 0) -> Dataset:
+    """`n` single-turn SFT rows teaching refusals: an image, one of its unanswerable questions and one of
+    `REFUSALS`, which all pass `verify`. Questions repeat (with other phrasings) when `n` exceeds them.
+
+    Returns:
+        A `Dataset` with `images` and `messages`.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    pool = [
+        (row, record["question"])
+        for row, questions in enumerate(world_split["questions"])
+        for record in json.loads(questions)
+        if record["category"] == "unanswerable"
+    ]
+    if not pool:
+        raise ValueError("the world split has no unanswerable questions to build refusals from")
+    rng = random.Random(seed)
+    picked = []
+    while len(picked) < n:
+        picked += rng.sample(pool, min(len(pool), n - len(picked)))
+    messages = [[_user(question), _assistant(rng.choice(REFUSALS))] for _, question in picked]
+    features = Features({"messages": MESSAGES_FEATURE})
+    return _with_images(world_split, [row for row, _ in picked], {"messages": messages}, features)
+
+
+def _other(rng: random.Random, preferred, fallback, exclude: str) -> str:
+    candidates = sorted(set(preferred) - {exclude}) or sorted(set(fallback) - {exclude})
+    return rng.choice(candidates)
+
+
+def _wrong_count(rng: random.Random, n: int) -> int:
+    if n == 0 or rng.random() < 0.5:
+        return n + (1 if rng.random() < 0.85 else 2)
+    return n - (1 if rng.random() < 0.85 or n < 2 else 2)
+
+
+def _count_sentence(n: int, noun: str) -> str:
+    if n == 0:
+        return f"There are no {plural(noun)}."
+    if n == 1:
+        return f"There is one {noun}."
+    return f"There are {number_word(n)} {plural(noun)}."
+
+
+def wrong_answer(record: dict, scene: dict, rng: random.Random, long: bool) -> str:
+    """A plausible wrong answer of the record's own category, as a short answer or a sentence.
+
+    color: another color of the palette, preferably one of another object in the image (the likelier
+    mix-up); shape: likewise;
+    count: off by one mostly (by two sometimes); yes/no: the opposite; "which": the other candidate;
+    unanswerable: a made-up answer instead of a refusal.
+    """
+    answer, category, answer_type = record["answer"], record["category"], record["answer_type"]
+    if answer_type == "color":
+        wrong = _other(rng, [o["color"] for o in scene["objects"]], DEFAULT_COLORS, answer)
+        return re.sub(rf"\b{answer}\b(?!.*\b{answer}\b)", wrong, record["answer_long"]) if long else wrong
+    if answer_type == "shape":
+        wrong = _other(rng, [o["shape"] for o in scene["objects"]], DEFAULT_SHAPES, answer)
+        if not long:
+            return wrong
+        return re.sub(rf"\b(a|an) {answer}\.$", f"{article(wrong)} {wrong}.", record["answer_long"])
+    if answer_type == "number":
+        wrong = _wrong_count(rng, int(answer))
+        return _count_sentence(wrong, phrase(record["query"] or {})) if long else str(wrong)
+    if answer_type == "yes_no" and category == "existence":
+        noun = phrase(record["query"])
+        if not long:
+            return "no" if answer == "yes" else "yes"
+        return f"No, there is no {noun}." if answer == "yes" else f"Yes, there is {article(noun)} {noun}."
+    if answer_type == "yes_no":  # spatial: "Is the {a} {relation} the {b}?"
+        if not long:
+            return "no" if answer == "yes" else "yes"
+        relation = next(r for r in _OPPOSITE_RELATION if f" {r} the " in record["question"])
+        a, b = record["question"].removeprefix("Is the ").removesuffix("?").split(f" {relation} the ", 1)
+        if answer == "yes":
+            return f"No, the {a} is {_OPPOSITE_RELATION[relation]} the {b}."
+        return f"Yes, the {a} is {relation} the {b}."
+    if answer_type == "choice":
+        loser = next(c for c in record["choices"] if c != answer)
+        if not long:
+            return loser
+        winner = answer.removeprefix("the ")
+        words = record["answer_long"].removeprefix(f"The {winner} is ").removesuffix(".")
+        return f"The {loser.removeprefix('the ')} is {words}."
+    if answer_type == "refusal":
+        question = record["question"].lower()
+        matching = [texts for key, texts in _FABRICATIONS if re.search(rf"\b{key}\b", question)]
+        return rng.choice(matching[0] if matching else _GENERIC_FABRICATIONS)
+    raise ValueError(f"unknown answer_type {answer_type!r} in record {record['question']!r}")
+
+
+def world_preference_rows(world_split: Dataset, seed: int = 0, per_image: int = 2) -> Dataset:
+    """Preference pairs from the world's questions: `images`, `prompt`, `chosen`, `rejected`, `category`,
+    `record` (JSON question record) and `image_id`.
+
+    Up to `per_image` questions per image, of different categories where possible. Chosen is the
+    verified answer, short or long at random; rejected is `wrong_answer` in the same form, so the pair
+    differs in content, not in length. A pair is kept only if chosen verifies and rejected does not.
+    """
+    if per_image < 1:
+        raise ValueError(f"per_image must be >= 1, got {per_image}")
+    rng = random.Random(seed)
+    indices, prompts, chosen, rejected, categories, records, ids = [], [], [], [], [], [], []
+    dropped = 0
+    world = zip(world_split["questions"], world_split["scene"], world_split["image_id"])
+    for row, (questions, scene, image_id) in enumerate(world):
+        scene, questions = json.loads(scene), json.loads(questions)
+        shuffled = rng.sample(questions, len(questions))
+        picked, seen = [], set()
+        for record in shuffled:  # one per category first, then any
+            if record["category"] not in seen and len(picked) < per_image:
+                picked.append(record)
+                seen.add(record["category"])
+        picked += [r for r in shuffled if r not in picked][: per_image - len(picked)]
+        for record in picked:
+            long = rng.random() < 0.5
+            good = record["answer_long"] if long else record["answer"]
+            bad = wrong_answer(record, scene, rng, long)
+            if not verify(record, good) or verify(record, bad):
+                dropped += 1
+                continue
+            indices.append(row)
+            prompts.append([_user(record["question"])])
+            chosen.append([_assistant(good)])
+            rejected.append([_assistant(bad)])
+            categories.append(record["category"])
+            records.append(json.dumps(record))
+            ids.append(image_id)
+    if dropped:
+        logger.warning("dropped %d preference pairs whose answers did not verify as expected", dropped)
+    features = Features(
+        {
+            "prompt": MESSAGES_FEATURE,
+            "chosen": MESSAGES_FEATURE,
+            "rejected": MESSAGES_FEATURE,
+            "category": Value("string"),
+            "record": Value("string"),
+            "image_id": Value("string"),
+        }
+    )
+    columns = {
+        "prompt": prompts, "chosen": chosen, "rejected": rejected, "category": categories, "record": records,
+        "image_id": ids,
+    }
+    return _with_images(world_split, indices, columns, features)

@@ -1,0 +1,132 @@
+"""Post-training sets from the shapes world: SFT rows, refusals and verified preference pairs."""
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from align.data import REFUSALS, refusal_rows, validate_rows, world_preference_rows, world_sft_rows
+from align.world import CATEGORIES, COLORS, SHAPES, build_world, is_refusal, normalize, verify
+from align.world.language import NUMBER_WORDS
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(None, sizes={"train": 40}, seed=3)["train"]
+
+
+def answer_text(messages):
+    (message,) = messages
+    assert message["role"] == "assistant"
+    return message["content"][0]["text"]
+
+
+def numbers(text):
+    tokens = normalize(text)
+    found = {int(t) for t in tokens if t.isdigit()} | {NUMBER_WORDS.index(t) for t in tokens if t in NUMBER_WORDS}
+    return found or ({0} if "no" in tokens else set())
+
+
+def test_world_sft_rows_are_the_world_conversations(world):
+    rows = world_sft_rows(world)
+    assert rows.column_names == ["images", "messages"]
+    assert rows["messages"] == world["messages"]
+    clean, report = validate_rows(rows, "sft")
+    assert len(clean) == len(world) and report.rejects == []
+
+
+def test_refusal_phrasings_all_verify_as_refusals():
+    record = {"category": "unanswerable", "answer_type": "refusal", "answer": "x", "question": "Who drew this?"}
+    answerable = {"category": "color", "answer_type": "color", "answer": "red", "question": "What color?"}
+    for text in REFUSALS:
+        assert verify(record, text), text
+        assert not verify(answerable, text), text
+
+
+def test_refusal_rows(world):
+    unanswerable = {
+        image_id: {q["question"] for q in json.loads(questions) if q["category"] == "unanswerable"}
+        for image_id, questions in zip(world["image_id"], world["questions"])
+    }
+    pictures = {image_id: images[0].tobytes() for image_id, images in zip(world["image_id"], world["images"])}
+    rows = refusal_rows(world, n=100, seed=0)  # more rows than questions: repeats with other phrasings
+    assert len(rows) == 100 and rows.column_names == ["images", "messages"]
+    answers = []
+    for images, messages in zip(rows["images"], rows["messages"]):
+        user, assistant = messages
+        assert user["content"][0] == {"type": "image", "text": None}
+        question = user["content"][1]["text"]
+        owners = [i for i, qs in unanswerable.items() if question in qs and pictures[i] == images[0].tobytes()]
+        assert owners, f"{question!r} is not an unanswerable question of its image"
+        answer = answer_text([assistant])
+        assert verify({"answer_type": "refusal"}, answer)
+        answers.append(answer)
+    assert len(set(answers)) >= 5
+    assert refusal_rows(world, n=10, seed=4)["messages"] == refusal_rows(world, n=10, seed=4)["messages"]
+    clean, _ = validate_rows(rows, "sft")
+    assert len(clean) == 100
+
+
+def test_preference_pairs_chosen_verifies_rejected_does_not(world):
+    rows = world_preference_rows(world, seed=0, per_image=3)
+    assert rows.column_names == ["images", "prompt", "chosen", "rejected", "category", "record", "image_id"]
+    # Nothing dropped: every picked question gave a pair.
+    assert len(rows) == sum(min(3, len(json.loads(q))) for q in world["questions"])
+    assert set(rows["category"]) == set(CATEGORIES)
+    questions = dict(zip(world["image_id"], world["questions"]))
+    forms = Counter()
+    for row in rows:
+        record = json.loads(row["record"])
+        chosen, rejected = answer_text(row["chosen"]), answer_text(row["rejected"])
+        assert record["category"] == row["category"]
+        assert record in json.loads(questions[row["image_id"]])
+        assert row["prompt"] == [
+            {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": record["question"]}]}
+        ]
+        assert verify(record, chosen), (record, chosen)
+        assert not verify(record, rejected), (record, rejected)
+        long = chosen == record["answer_long"]
+        forms[long] += 1
+        assert long or chosen == record["answer"]
+        # Rejected is a wrong answer of the same category, in the same form as chosen.
+        kind = record["answer_type"]
+        if kind == "color":
+            named = [t for t in normalize(rejected) if t in COLORS]
+            assert len(named) == 1 and named[0] != record["answer"]
+        elif kind == "shape":
+            named = [t for t in normalize(rejected) if t in SHAPES]
+            assert len(named) == 1 and named[0] != record["answer"]
+        elif kind == "number":
+            (wrong,) = numbers(rejected)
+            assert 1 <= abs(wrong - int(record["answer"])) <= 2
+        elif kind == "yes_no":
+            said = normalize(rejected)[0]
+            assert said == {"yes": "no", "no": "yes"}[record["answer"]]
+        elif kind == "choice":
+            other = next(c for c in record["choices"] if c != record["answer"])
+            assert rejected in (other, f"The {other.removeprefix('the ')} is {re.sub(r'^The .* is ', '', chosen)}")
+        else:
+            assert kind == "refusal" and not is_refusal(rejected) and rejected.endswith(".")
+        if not long and kind != "refusal":
+            assert len(rejected.split()) <= 3
+    assert forms[True] > 0 and forms[False] > 0
+
+
+def test_count_errors_are_mostly_off_by_one(world):
+    rows = world_preference_rows(world, seed=1, per_image=12)
+    gaps = Counter()
+    for row in rows:
+        record = json.loads(row["record"])
+        if record["answer_type"] == "number":
+            (wrong,) = numbers(answer_text(row["rejected"]))
+            gaps[abs(wrong - int(record["answer"]))] += 1
+    assert set(gaps) <= {1, 2} and gaps[1] > 2 * gaps[2]
+
+
+def test_preference_rows_are_deterministic_and_valid(world):
+    a, b = world_preference_rows(world, seed=5), world_preference_rows(world, seed=5)
+    assert a["chosen"] == b["chosen"] and a["rejected"] == b["rejected"]
+    assert world_preference_rows(world, seed=6)["record"] != a["record"]
+    clean, report = validate_rows(a, "preference")
+    assert len(clean) == len(a) and report.rejects == []
