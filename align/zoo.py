@@ -1,0 +1,250 @@
+"""Build the embedded default: the shapes world, a tokenizer, and tiny pretrained parts.
+
+    python -m align.zoo                      # builds into .cache/zoo (or $VLM_ALIGN_CACHE)
+    python -m align.zoo --cache_dir DIR --force
+
+Each part is written to its own folder as an ordinary Hugging Face checkpoint and marked valid by a
+manifest written last, so a killed build redoes only the unfinished part and a rerun skips what is
+built. The quality figures (encoder retrieval, LM perplexity, each against a random-init twin) are
+printed and saved to `quality.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoTokenizer, HfArgumentParser, LlamaForCausalLM, SiglipModel
+
+from align.world import WorldConfig, build_world, text_corpus
+from model.parts import (
+    LlamaPartConfig,
+    SiglipPartConfig,
+    llama_config,
+    perplexity,
+    pretrain_llama,
+    pretrain_siglip,
+    retrieval_accuracy,
+    siglip_configs,
+)
+from model.tokenizer import train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = "zoo_manifest.json"
+PARTS = ("world", "tokenizer", "siglip", "llama")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VLM_ALIGN_CACHE", REPO_ROOT / ".cache" / "zoo"))
+
+
+@dataclass
+class ZooConfig:
+    """What the default build makes; every field is a CLI flag of `python -m align.zoo`."""
+
+    cache_dir: str | None = field(default=None, metadata={"help": "Output folder (default: .cache/zoo or $VLM_ALIGN_CACHE)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the world splits and of the parts' training."})
+    train_images: int = field(default=4000, metadata={"help": "Images in the world's train split."})
+    validation_images: int = field(default=200, metadata={"help": "Images in the validation split."})
+    test_images: int = field(default=500, metadata={"help": "Images in the test split."})
+    image_size: int = field(default=64, metadata={"help": "Rendered image side in pixels."})
+    vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size, special tokens included."})
+    siglip_steps: int = field(default=SiglipPartConfig.steps, metadata={"help": "SigLIP training steps."})
+    llama_steps: int = field(default=LlamaPartConfig.steps, metadata={"help": "Llama training steps."})
+    llama_layers: int = field(default=LlamaPartConfig.num_layers, metadata={"help": "Llama decoder layers."})
+    llama_hidden_size: int = field(default=LlamaPartConfig.hidden_size, metadata={"help": "Llama hidden size."})
+    force: bool = field(default=False, metadata={"help": "Rebuild every part even if a valid one exists."})
+
+    def __post_init__(self):
+        for name in ("train_images", "validation_images", "test_images", "siglip_steps", "llama_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.test_images < 100:
+            raise ValueError(f"test_images must be at least 100 (retrieval ranks among 100 captions), got {self.test_images}")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+    def siglip(self) -> SiglipPartConfig:
+        return SiglipPartConfig(image_size=self.image_size, steps=self.siglip_steps, seed=self.seed)
+
+    def llama(self) -> LlamaPartConfig:
+        return LlamaPartConfig(
+            steps=self.llama_steps, num_layers=self.llama_layers, hidden_size=self.llama_hidden_size,
+            intermediate_size=3 * self.llama_hidden_size, seed=self.seed,
+        )
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+class _Part:
+    """Builds into `<name>.partial` and renames it into place with its manifest, so only whole parts count."""
+
+    def __init__(self, root: Path, name: str, fingerprint: str, force: bool):
+        self.final, self.tmp, self.fingerprint = root / name, root / f"{name}.partial", fingerprint
+        manifest = None if force else read_manifest(self.final)
+        self.manifest = manifest if manifest and manifest.get("fingerprint") == fingerprint else None
+
+    @property
+    def valid(self) -> bool:
+        return self.manifest is not None
+
+    def start(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.t0 = time.time()
+        return self.tmp
+
+    def finish(self, quality: dict) -> dict:
+        self.manifest = {"fingerprint": self.fingerprint, "seconds": round(time.time() - self.t0, 1), "quality": quality}
+        (self.tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+        shutil.rmtree(self.final, ignore_errors=True)
+        self.tmp.rename(self.final)
+        return self.manifest
+
+
+def lm_documents(world: datasets.DatasetDict, split: str, tokenizer=None) -> list[str]:
+    """Plain-text documents (captions, Q&A lines) and, given a tokenizer, the conversations in its chat format
+    without their image items: the LLM learns the world's language and the chat markers, not the images."""
+    docs = text_corpus(world[split])
+    if tokenizer is not None:
+        for messages in world[split]["messages"]:
+            text_only = [
+                {"role": m["role"], "content": [c for c in m["content"] if c["type"] == "text"]} for m in messages
+            ]
+            rendered = tokenizer.apply_chat_template(text_only, tokenize=False)
+            docs.append(rendered.removeprefix(tokenizer.bos_token).rstrip("\n"))
+    return docs
+
+
+def build_zoo(cfg: ZooConfig) -> dict:
+    """Build (or reuse) world, tokenizer, SigLIP encoder and Llama LLM under `cfg.root`; return the quality figures."""
+    root = cfg.root
+    root.mkdir(parents=True, exist_ok=True)
+    report: dict[str, dict] = {}
+
+    world_cfg = WorldConfig(image_size=cfg.image_size)
+    sizes = {"train": cfg.train_images, "validation": cfg.validation_images, "test": cfg.test_images}
+    part = _Part(root, "world", _fingerprint(asdict(world_cfg), sizes, cfg.seed), cfg.force)
+    if not part.valid:
+        logger.info("building the shapes world %s", sizes)
+        out = part.start()
+        build_world(str(out), sizes=sizes, config=world_cfg, seed=cfg.seed)
+        part.finish({"images": sizes})
+    report["world"] = part.manifest
+    world = datasets.load_from_disk(str(root / "world"))
+
+    part = _Part(root, "tokenizer", _fingerprint(part.fingerprint, cfg.vocab_size), cfg.force)
+    if not part.valid:
+        logger.info("training a %d-token BPE tokenizer", cfg.vocab_size)
+        out = part.start()
+        tokenizer = train_tokenizer(lm_documents(world, "train"), vocab_size=cfg.vocab_size)
+        tokenizer.save_pretrained(out)
+        part.finish({"vocab_size": len(tokenizer)})
+    report["tokenizer"] = part.manifest
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+
+    siglip_cfg = cfg.siglip()
+    part = _Part(root, "siglip", _fingerprint(part.fingerprint, asdict(siglip_cfg)), cfg.force)
+    if not part.valid:
+        logger.info("pretraining the SigLIP encoder (%d steps)", siglip_cfg.steps)
+        out = part.start()
+        train = world["train"]
+        images = [row[0] for row in train["images"]]
+        dual, image_processor, history = pretrain_siglip(
+            images, list(train["caption_detailed"]), tokenizer, siglip_cfg, str(out / "trainer")
+        )
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+        test = world["test"]
+        test_images, test_captions = [row[0] for row in test["images"]], list(test["caption_detailed"])
+        torch.manual_seed(siglip_cfg.seed)
+        random_dual = SiglipModel(siglip_configs(siglip_cfg, tokenizer))
+        args = (test_images, test_captions, tokenizer, image_processor, siglip_cfg.text_max_length)
+        quality = {
+            "retrieval_top1_of_100": retrieval_accuracy(dual, *args),
+            "retrieval_top1_of_100_random_init": retrieval_accuracy(random_dual, *args),
+            "final_train_loss": _last_loss(history),
+        }
+        # The vision tower alone is the part; the dual encoder is kept for retrieval-style scoring.
+        dual.vision_model.save_pretrained(out)  # a SiglipVisionModel
+        image_processor.save_pretrained(out)
+        dual.save_pretrained(out / "dual")
+        part.finish(quality)
+    report["siglip"] = part.manifest
+
+    llama_cfg = cfg.llama()
+    part = _Part(root, "llama", _fingerprint(part.fingerprint, asdict(llama_cfg)), cfg.force)
+    if not part.valid:
+        logger.info("pretraining the Llama LLM (%d steps)", llama_cfg.steps)
+        out = part.start()
+        model, history = pretrain_llama(lm_documents(world, "train", tokenizer), tokenizer, llama_cfg, str(out / "trainer"))
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+        held_out = lm_documents(world, "test", tokenizer)
+        torch.manual_seed(llama_cfg.seed)
+        random_lm = LlamaForCausalLM(llama_config(llama_cfg, tokenizer))
+        quality = {
+            "test_perplexity": perplexity(model, tokenizer, held_out, llama_cfg.block_size),
+            "test_perplexity_random_init": perplexity(random_lm, tokenizer, held_out, llama_cfg.block_size),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "final_train_loss": _last_loss(history),
+        }
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        part.finish(quality)
+    report["llama"] = part.manifest
+
+    (root / "quality.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _last_loss(history: list[dict]) -> float | None:
+    losses = [h["loss"] for h in history if "loss" in h]
+    return losses[-1] if losses else None
+
+
+def format_quality(report: dict) -> str:
+    """The quality figures as a small Markdown table."""
+    sig, lm = report["siglip"]["quality"], report["llama"]["quality"]
+    rows = [
+        "| part | metric | trained | random init | build (s) |",
+        "|---|---|---|---|---|",
+        f"| SigLIP encoder | image->caption top-1 of 100 (test) | {sig['retrieval_top1_of_100']:.1%} "
+        f"| {sig['retrieval_top1_of_100_random_init']:.1%} | {report['siglip']['seconds']} |",
+        f"| Llama LLM ({lm['parameters'] / 1e6:.2f}M params) | perplexity (test) | {lm['test_perplexity']:.2f} "
+        f"| {lm['test_perplexity_random_init']:.1f} | {report['llama']['seconds']} |",
+    ]
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (cfg,) = HfArgumentParser(ZooConfig).parse_args_into_dataclasses(args=argv)
+    t0 = time.time()
+    report = build_zoo(cfg)
+    print(f"\nParts in {cfg.root} ({time.time() - t0:.0f} s this run)\n")
+    print(format_quality(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from align.zoo import ZooConfig, build_zoo, format_quality
+
+TINY = dict(
+    train_images=64, validation_images=8, test_images=100, image_size=64, vocab_size=400,
+    siglip_steps=2, llama_steps=2, llama_layers=2, llama_hidden_size=32,
+)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    cfg = ZooConfig(cache_dir=str(tmp_path_factory.mktemp("zoo")), **TINY)
+    return cfg, build_zoo(cfg)
+
+
+def test_parts_load_by_path_and_run(zoo):
+    cfg, report = zoo
+    root = cfg.root
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    assert tokenizer.image_token == "<image>"
+
+    encoder = AutoModel.from_pretrained(root / "siglip")
+    processor = AutoImageProcessor.from_pretrained(root / "siglip")
+    assert type(encoder).__name__ == "SiglipVisionModel"
+    from PIL import Image
+
+    pixels = processor(images=[Image.new("RGB", (64, 64), "red")], return_tensors="pt")["pixel_values"]
+    out = encoder(pixel_values=pixels)
+    assert out.last_hidden_state.shape == (1, (64 // 8) ** 2, encoder.config.hidden_size)
+
+    lm = AutoModelForCausalLM.from_pretrained(root / "llama")
+    assert type(lm).__name__ == "LlamaForCausalLM"
+    assert lm.config.num_key_value_heads < lm.config.num_attention_heads  # grouped-query attention
+    ids = tokenizer("a red circle", return_tensors="pt")["input_ids"]
+    assert lm(input_ids=ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+    saved = json.loads((root / "quality.json").read_text())
+    assert saved["siglip"]["quality"]["retrieval_top1_of_100"] >= 0.0
+    assert saved["llama"]["quality"]["test_perplexity"] > 1.0
+    assert "perplexity" in format_quality(report)
+
+
+def test_rebuild_skips_valid_parts_and_redoes_changed_ones(zoo):
+    cfg, first = zoo
+    again = build_zoo(cfg)
+    assert again == first  # nothing rebuilt: the manifests (with their build times) are the same
+
+    mtime = (cfg.root / "siglip" / "model.safetensors").stat().st_mtime_ns
+    changed = ZooConfig(cache_dir=cfg.cache_dir, **{**TINY, "llama_steps": 3})
+    report = build_zoo(changed)
+    assert report["siglip"] == first["siglip"]
+    assert report["llama"]["fingerprint"] != first["llama"]["fingerprint"]
+    assert (cfg.root / "siglip" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_interrupted_part_is_rebuilt(zoo):
+    cfg, _ = zoo
+    (cfg.root / "llama" / "zoo_manifest.json").unlink()  # as if killed before the manifest was written
+    (cfg.root / "llama.partial").mkdir()
+    report = build_zoo(cfg)
+    assert (cfg.root / "llama" / "zoo_manifest.json").exists()
+    assert not (cfg.root / "llama.partial").exists()
+    assert report["llama"]["quality"]["parameters"] > 0
+
+
+def test_bad_sizes_name_the_parameter():
+    with pytest.raises(ValueError, match="test_images"):
+        ZooConfig(test_images=10)
+    with pytest.raises(ValueError, match="llama_steps"):
+        ZooConfig(llama_steps=0)
