@@ -7,7 +7,7 @@ from align.zoo import ZooConfig, build_zoo, format_quality
 
 TINY = dict(
     train_images=64, validation_images=8, test_images=100, image_size=64, vocab_size=400,
-    siglip_steps=2, llama_steps=2, llama_layers=2, llama_hidden_size=32,
+    siglip_steps=2, llama_steps=2, llama_layers=4, llama_hidden_size=32,
 )
 
 
@@ -72,3 +72,21 @@ def test_bad_sizes_name_the_parameter():
         ZooConfig(test_images=10)
     with pytest.raises(ValueError, match="llama_steps"):
         ZooConfig(llama_steps=0)
+
+
+@pytest.mark.parametrize("fusion", ["prepend", "cross_attention"])
+def test_vlm_builds_from_zoo_parts_and_trains_on_world_rows(zoo, fusion):
+    import datasets
+
+    from model import build_vlm
+
+    cfg, _ = zoo
+    root = cfg.root
+    vlm, processor = build_vlm(vision=str(root / "siglip"), text=str(root / "llama"), fusion=fusion)
+    row = datasets.load_from_disk(str(root / "world"))["train"][0]
+    text = processor.apply_chat_template(row["messages"], tokenize=False)
+    batch = processor(images=[row["images"]], text=[text], return_tensors="pt")
+    out = vlm(**batch, labels=batch["input_ids"])
+    assert out.loss.isfinite()
+    out.loss.backward()
+    assert any(p.grad is not None for p in vlm.model.projectors.parameters())
