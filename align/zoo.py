@@ -133,7 +133,7 @@ def lm_documents(world: datasets.DatasetDict, split: str, tokenizer=None) -> lis
                 {"role": m["role"], "content": [c for c in m["content"] if c["type"] == "text"]} for m in messages
             ]
             rendered = tokenizer.apply_chat_template(text_only, tokenize=False)
-            docs.append(rendered.removeprefix(tokenizer.bos_token).rstrip("\n"))
+            docs.append(rendered.removeprefix(tokenizer.bos_token or "").rstrip("\n"))
     return docs
 
 

@@ -1,0 +1,528 @@
+"""Evaluation of a VLM on the shapes world: batched greedy answers, per-category accuracy with standard errors,
+a text-only regression check against the base LLM, and Markdown tables (one run, or a scoreboard of stages).
+
+Answers are scored by the world's verifier through the `shapes_qa` evaluate module (`align.metrics`), so "two",
+"2" and "There are two circles." all count for a count of 2. The answer source is pluggable: `evaluate_qa` takes
+an `answer_fn`, and `score_answers(records, predictions)` scores answers from anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+
+from align.metrics import load_metric
+from align.world import CATEGORIES, prompt_rows, verify
+from model import VLMForConditionalGeneration, VLMProcessor
+from model.chat_template import end_of_turn_token
+
+logger = logging.getLogger(__name__)
+
+QUESTION_COLUMNS = ("images", "prompt", "answer", "category", "record")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Held-out questions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def question_rows(split_dataset: Dataset, n: int | None = None) -> Dataset:
+    """The questions of a held-out split, one row per question (`images`, `prompt`, `answer`, `category`,
+    `record`, ...), the first `n` of them when `n` is set.
+
+    Args:
+        split_dataset: a world split (`questions` column, expanded with `align.world.prompt_rows`) or prompt rows
+            that already carry a `record` column (JSON question records).
+        n: keep the first `n` questions (all when None or larger than the split).
+    """
+    if "record" not in split_dataset.column_names:
+        if "questions" not in split_dataset.column_names:
+            raise ValueError(
+                "expected a shapes-world split (with a `questions` column) or prompt rows with a `record` column "
+                f"(JSON question records to verify answers against); got columns {split_dataset.column_names}"
+            )
+        split_dataset = prompt_rows(split_dataset)
+    missing = [c for c in ("images", "prompt") if c not in split_dataset.column_names]
+    if missing:
+        raise ValueError(f"the questions lack the columns {missing}; got {split_dataset.column_names}")
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        if n < len(split_dataset):
+            split_dataset = split_dataset.select(range(n))
+    if len(split_dataset) == 0:
+        raise ValueError("no questions to evaluate")
+    return split_dataset
+
+
+def _record_json(record) -> str:
+    return record if isinstance(record, str) else json.dumps(record)
+
+
+def load_eval_questions(path: str | os.PathLike, split: str = "test", n: int | None = None) -> Dataset:
+    """Held-out questions from disk, as `question_rows`.
+
+    Args:
+        path: a shapes world written by `build_world` (a `DatasetDict`; `split` is taken), a folder written by
+            `save_to_disk` holding prompt rows with a `record` column, or a TRL-format JSON/JSONL file of prompt
+            rows (`images` paths, `prompt`) each with a `record` (question record, object or JSON string). Rows
+            with unreadable images or mismatched image counts are skipped by `align.data`'s checks.
+        split: the split of a `DatasetDict`.
+        n: keep the first `n` questions.
+    """
+    from align.data import load_dataset_local, validate_rows
+
+    path = Path(path)
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, DatasetDict):
+            if split not in data:
+                raise ValueError(f"{path} has no split {split!r}; splits: {list(data)}")
+            data = data[split]
+        if "record" in data.column_names:
+            data, _ = validate_rows(data, "prompt", source=str(path))
+        return question_rows(data, n)
+    if not path.is_file():
+        raise ValueError(f"evaluation data {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        raw = [json.loads(line) for line in f if line.strip()] if path.suffix == ".jsonl" else json.load(f)
+    if not isinstance(raw, list) or not all(isinstance(row, dict) and "record" in row for row in raw):
+        raise ValueError(f"{path}: every row needs a `record` (the question record its answer is verified against)")
+    rows, report = load_dataset_local(path, format="trl", kind="prompt")
+    rejected = {r["row"] for r in report.rejects}
+    records = [_record_json(row["record"]) for index, row in enumerate(raw) if index not in rejected]
+    parsed = [json.loads(r) for r in records]
+    rows = rows.add_column("record", records)
+    rows = rows.add_column("answer", [str(r["answer"]) for r in parsed])
+    rows = rows.add_column("category", [r["category"] for r in parsed])
+    return question_rows(rows, n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def stop_token_ids(model, processor) -> list[int]:
+    """Token ids that end an answer: the generation config's eos ids, the tokenizer's eos and end-of-turn tokens."""
+    tokenizer = _tokenizer(processor)
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None) if config is not None else None
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    for token in (tokenizer.eos_token, end_of_turn_token(tokenizer)):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
+        if token_id is not None and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def decode_completions(tokenizer, completion_ids: Sequence[Sequence[int]], stop_ids: Sequence[int]) -> list[str]:
+    """Answer texts from generated token ids (prompt already removed): each is cut at its first stop token
+    (end of turn / eos; what follows is padding), decoded without special tokens and stripped."""
+    stop = set(stop_ids)
+    texts = []
+    for ids in completion_ids:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        end = next((i for i, token in enumerate(ids) if token in stop), len(ids))
+        texts.append(tokenizer.decode(ids[:end], skip_special_tokens=True).strip())
+    return texts
+
+
+def _rows_at(rows, column: str, indices: list[int]) -> list:
+    if isinstance(rows, Dataset):
+        return rows.select_columns([column])[indices][column]
+    return [rows[i][column] for i in indices]
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_answers(
+    model, processor, prompt_rows, batch_size: int = 16, max_new_tokens: int = 32, log_every: int = 10
+) -> list[str]:
+    """Greedy answers to conversational prompts with images, in the rows' order.
+
+    Prompts are rendered with the processor's chat template (generation prompt added), left-padded and decoded
+    in batches with the KV cache; rows are batched by prompt length so that little padding is decoded. Works for
+    prepend and cross-attention VLMs and for PEFT-wrapped models (anything with `generate`).
+
+    Args:
+        model: the VLM (or a `PeftModel` around it).
+        processor: its `VLMProcessor`.
+        prompt_rows: a `Dataset` or a list of dicts with `images` (list of images) and `prompt` (messages).
+        batch_size: prompts per `generate` call.
+        max_new_tokens: answer length limit.
+        log_every: log progress every this many batches.
+
+    Returns:
+        One answer text per row, without the prompt and without the end-of-turn token.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    tokenizer = _tokenizer(processor)
+    prompts = list(prompt_rows["prompt"]) if isinstance(prompt_rows, Dataset) else [r["prompt"] for r in prompt_rows]
+    texts = [processor.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    stop_ids = stop_token_ids(model, processor)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    answers: list[str | None] = [None] * len(texts)
+    start, batches = time.perf_counter(), math.ceil(len(texts) / batch_size)
+    for number, first in enumerate(range(0, len(order), batch_size), start=1):
+        indices = order[first : first + batch_size]
+        images = [list(item) if isinstance(item, (list, tuple)) else [item] for item in _rows_at(prompt_rows, "images", indices)]
+        inputs = processor(
+            images=images, text=[texts[i] for i in indices], padding=True, padding_side="left", return_tensors="pt"
+        ).to(device)
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+            eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+        )
+        completions = output[:, inputs["input_ids"].shape[1] :].cpu()
+        for index, text in zip(indices, decode_completions(tokenizer, completions, stop_ids)):
+            answers[index] = text
+        if log_every and (number % log_every == 0 or number == batches):
+            seconds = time.perf_counter() - start
+            done = min(first + batch_size, len(order))
+            logger.info("answered %d/%d questions (%.1f per second)", done, len(order), done / max(seconds, 1e-9))
+    model.train(was_training)
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy `p` measured on `n` questions: sqrt(p(1-p)/n)."""
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def categories_of(metrics: dict) -> list[str]:
+    """Categories with results in `metrics`: the world's, in their order, then any others."""
+    present = [key.removeprefix("total_") for key in metrics if key.startswith("total_")]
+    return [c for c in CATEGORIES if c in present] + sorted(set(present) - set(CATEGORIES))
+
+
+def score_answers(records: Sequence, predictions: Sequence[str]) -> dict:
+    """Accuracy of `predictions` against question `records` (dicts or JSON strings), via `shapes_qa`.
+
+    Returns:
+        `accuracy`, `correct`, `total`, `stderr` overall and `accuracy_<c>`, `correct_<c>`, `total_<c>` (held-out
+        questions of the category), `stderr_<c>` for each category present; stderr = sqrt(p(1-p)/n).
+    """
+    if len(records) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions for {len(records)} question records")
+    if not records:
+        raise ValueError("no answers to score")
+    metric = load_metric("shapes_qa")
+    result = metric.compute(predictions=list(predictions), references=[_record_json(r) for r in records])
+    result["stderr"] = standard_error(result["accuracy"], result["total"])
+    for category in categories_of(result):
+        result[f"stderr_{category}"] = standard_error(result[f"accuracy_{category}"], result[f"total_{category}"])
+    return result
+
+
+def prediction_rows(questions: Dataset, predictions: Sequence[str]) -> list[dict]:
+    """One record per question for `predictions.jsonl`: question, answer, prediction, correct, category, image_id."""
+    rows = []
+    image_ids = questions["image_id"] if "image_id" in questions.column_names else [None] * len(questions)
+    for record, prediction, image_id in zip(questions["record"], predictions, image_ids):
+        record = json.loads(record) if isinstance(record, str) else record
+        rows.append({
+            "question": record["question"], "answer": str(record["answer"]), "prediction": prediction,
+            "correct": bool(verify(record, prediction)), "category": record["category"], "image_id": image_id,
+        })
+    return rows
+
+
+def evaluate_qa(
+    model,
+    processor,
+    split_dataset: Dataset,
+    n: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    answer_fn: Callable[[Dataset], list[str]] | None = None,
+    return_predictions: bool = False,
+) -> dict | tuple[dict, list[dict]]:
+    """Answer the held-out questions of `split_dataset` and score them per category.
+
+    Args:
+        model, processor: the VLM and its processor (unused when `answer_fn` is given).
+        split_dataset: a world split or prompt rows with `record` (see `question_rows`).
+        n: evaluate the first `n` questions only.
+        batch_size, max_new_tokens: generation settings of `generate_answers`.
+        answer_fn: the answer source, `question rows -> answer texts`; default greedy generation with `model`.
+        return_predictions: also return the per-question records of `prediction_rows`.
+
+    Returns:
+        The metrics of `score_answers` plus `seconds` and `questions_per_second` (and the prediction records when
+        `return_predictions`).
+    """
+    questions = question_rows(split_dataset, n)
+    if answer_fn is None:
+        def answer_fn(rows):
+            return generate_answers(model, processor, rows, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    start = time.perf_counter()
+    predictions = list(answer_fn(questions))
+    seconds = time.perf_counter() - start
+    metrics = score_answers(questions["record"], predictions)
+    metrics["seconds"] = round(seconds, 3)
+    metrics["questions_per_second"] = round(len(questions) / max(seconds, 1e-9), 3)
+    if return_predictions:
+        return metrics, prediction_rows(questions, predictions)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text-only regression against the base LLM
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _encode_documents(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    # As the LLM parts were pretrained (model.parts.pack_documents): <bos> text <eos>.
+    eos = tokenizer.eos_token or ""
+    ids = tokenizer([t if not eos or t.endswith(eos) else t + eos for t in texts], add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    encoded = [(bos + doc)[:max_length] for doc in ids]
+    return [doc for doc in encoded if len(doc) >= 2]
+
+
+@torch.no_grad()
+def text_regression(
+    model, processor, base_llm, texts: Sequence[str], batch_size: int = 8, max_length: int = 256
+) -> dict:
+    """Compare the VLM's text-only next-token loss with its base LLM's on held-out text.
+
+    Cross-attention fusion leaves an untouched LLM exactly as it was on text (the losses and logits are equal);
+    after LLM finetuning the difference measures drift.
+
+    Args:
+        model: the VLM (or a `PeftModel` around it); called with `input_ids` only.
+        processor: its processor (the tokenizer encodes `texts`; both models see the same ids).
+        base_llm: the base causal LM, or its path (loaded with `AutoModelForCausalLM` in the VLM's dtype).
+        texts: held-out documents, e.g. `align.zoo.lm_documents(world, "test", tokenizer)`.
+        batch_size: documents per forward.
+        max_length: documents are cut to this many tokens.
+
+    Returns:
+        `documents`, `tokens` (scored next-token predictions), `vlm_loss`, `base_loss`, `loss_diff` (VLM - base),
+        `vlm_perplexity`, `base_perplexity`, `max_abs_logit_diff` (over every scored position, on the vocabulary
+        both models share) and `compared_vocab`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _tokenizer(processor)
+    device = _model_device(model)
+    dtype = model.get_input_embeddings().weight.dtype
+    if isinstance(base_llm, (str, os.PathLike)):
+        base_llm = AutoModelForCausalLM.from_pretrained(base_llm, dtype=dtype).to(device)
+    base_llm.eval()
+    was_training = model.training
+    model.eval()
+    docs = _encode_documents(tokenizer, texts, max_length)
+    if not docs:
+        raise ValueError("no held-out text of at least 2 tokens to compare on")
+    vocab = min(model.get_output_embeddings().out_features, base_llm.get_output_embeddings().out_features)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll = {"vlm": 0.0, "base": 0.0}
+    tokens, max_diff = 0, 0.0
+    for first in range(0, len(docs), batch_size):
+        batch = docs[first : first + batch_size]
+        length = max(len(doc) for doc in batch)
+        input_ids = torch.tensor([doc + [pad_id] * (length - len(doc)) for doc in batch], device=device)
+        attention_mask = torch.tensor([[1] * len(doc) + [0] * (length - len(doc)) for doc in batch], device=device)
+        scored = attention_mask[:, 1:].bool()
+        targets = input_ids[:, 1:]
+        logits = {
+            "vlm": model(input_ids=input_ids, attention_mask=attention_mask).logits.float(),
+            "base": base_llm(input_ids=input_ids, attention_mask=attention_mask).logits.float(),
+        }
+        for name, values in logits.items():
+            losses = F.cross_entropy(values[:, :-1].transpose(1, 2), targets, reduction="none")
+            nll[name] += losses[scored].sum().item()
+        diff = (logits["vlm"][..., :vocab] - logits["base"][..., :vocab]).abs()[attention_mask.bool()]
+        max_diff = max(max_diff, diff.max().item())
+        tokens += int(scored.sum())
+    model.train(was_training)
+    vlm_loss, base_loss = nll["vlm"] / tokens, nll["base"] / tokens
+    return {
+        "documents": len(docs),
+        "tokens": tokens,
+        "vlm_loss": vlm_loss,
+        "base_loss": base_loss,
+        "loss_diff": vlm_loss - base_loss,
+        "vlm_perplexity": math.exp(vlm_loss),
+        "base_perplexity": math.exp(base_loss),
+        "max_abs_logit_diff": max_diff,
+        "compared_vocab": vocab,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a model to evaluate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a PEFT adapter (an `adapter_config.json`) rather than a whole model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def _has_processor(path: Path) -> bool:
+    return (path / "processor_config.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+def load_model_for_eval(
+    model_name_or_path: str | os.PathLike,
+    base_model_name_or_path: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    quantization_config=None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+):
+    """Load a VLM to evaluate: a full VLM folder, or a PEFT adapter folder applied to its base VLM.
+
+    Args:
+        model_name_or_path: a VLM saved with `save_pretrained`, or an adapter folder (`adapter_config.json`).
+        base_model_name_or_path: the base VLM of an adapter (default: the adapter's `base_model_name_or_path`).
+        dtype: load dtype (e.g. "bfloat16"; default as saved).
+        quantization_config: e.g. a 4-bit `BitsAndBytesConfig` for a QLoRA adapter's base; only used when given.
+        device: where the model goes (ignored for quantized models, which bitsandbytes places itself).
+        attn_implementation: e.g. "sdpa", "eager" (default: transformers' choice).
+
+    Returns:
+        `(model, processor)`: the VLM (a `PeftModel` for an adapter) in eval mode and its `VLMProcessor` (the
+        adapter folder's own when it has one, else the base's).
+    """
+    path = Path(model_name_or_path)
+    if not path.is_dir():
+        raise ValueError(f"model path {path} does not exist or is not a directory (models load by local path)")
+    base_path, adapter_path = path, None
+    if is_adapter_dir(path):
+        from peft import PeftConfig
+
+        adapter_path = path
+        base = base_model_name_or_path or PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+        if not base or not Path(base).is_dir():
+            raise ValueError(
+                f"the adapter at {path} names the base model {base!r}, which is not a local folder; pass "
+                "base_model_name_or_path"
+            )
+        base_path = Path(base)
+    kwargs = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = VLMForConditionalGeneration.from_pretrained(str(base_path), **kwargs)
+    if quantization_config is None and device is not None:
+        model.to(device)
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
+        logger.info("applied the adapter at %s to the base VLM at %s", adapter_path, base_path)
+    processor_path = adapter_path if adapter_path is not None and _has_processor(adapter_path) else base_path
+    processor = VLMProcessor.from_pretrained(str(processor_path))
+    return model.eval(), processor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+def category_table(metrics: dict) -> str:
+    """Markdown table of one evaluation: per category (and overall) questions, correct, accuracy, ± s.e."""
+    lines = ["| category | questions | correct | accuracy | ± s.e. |", "|---|---:|---:|---:|---:|"]
+    for category in categories_of(metrics):
+        lines.append(
+            f"| {category} | {metrics[f'total_{category}']} | {metrics[f'correct_{category}']} "
+            f"| {_percent(metrics[f'accuracy_{category}'])} | {_percent(metrics.get(f'stderr_{category}'))} |"
+        )
+    lines.append(
+        f"| **overall** | {metrics['total']} | {metrics['correct']} | **{_percent(metrics['accuracy'])}** "
+        f"| {_percent(metrics.get('stderr'))} |"
+    )
+    return "\n".join(lines)
+
+
+def text_regression_table(result: dict) -> str:
+    """Markdown table of `text_regression`: loss and perplexity of the VLM and of the base LLM on text."""
+    return "\n".join([
+        "| model | text loss | perplexity |",
+        "|---|---:|---:|",
+        f"| VLM (text only) | {result['vlm_loss']:.4f} | {result['vlm_perplexity']:.3f} |",
+        f"| base LLM | {result['base_loss']:.4f} | {result['base_perplexity']:.3f} |",
+        "",
+        f"{result['documents']} documents, {result['tokens']} tokens; loss difference {result['loss_diff']:+.2e}, "
+        f"max |logit difference| {result['max_abs_logit_diff']:.2e}.",
+    ])
+
+
+def scoreboard(results: dict[str, dict]) -> str:
+    """Markdown table comparing named evaluations (e.g. {"stage 1": m1, "SFT": m2, "DPO": m3}).
+
+    Rows are the stages in the given order; columns: questions, overall accuracy ± standard error, then the
+    accuracy of each category present in any result.
+    """
+    if not results:
+        raise ValueError("scoreboard needs at least one named result")
+    categories = []
+    for metrics in results.values():
+        categories += [c for c in categories_of(metrics) if c not in categories]
+    categories = [c for c in CATEGORIES if c in categories] + [c for c in categories if c not in CATEGORIES]
+    lines = [
+        "| stage | questions | overall | " + " | ".join(categories) + " |",
+        "|---|---:|---:|" + "---:|" * len(categories),
+    ]
+    for stage, metrics in results.items():
+        overall = f"{_percent(metrics['accuracy'])} ± {100 * metrics.get('stderr', standard_error(metrics['accuracy'], metrics['total'])):.1f}"
+        cells = [_percent(metrics.get(f"accuracy_{c}")) for c in categories]
+        lines.append(f"| {stage} | {metrics['total']} | {overall} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "categories_of",
+    "category_table",
+    "decode_completions",
+    "evaluate_qa",
+    "generate_answers",
+    "is_adapter_dir",
+    "load_eval_questions",
+    "load_model_for_eval",
+    "prediction_rows",
+    "question_rows",
+    "score_answers",
+    "scoreboard",
+    "standard_error",
+    "stop_token_ids",
+    "text_regression",
+    "text_regression_table",
+]

@@ -1,0 +1,175 @@
+"""Evaluate a VLM on held-out shapes-world questions: greedy answers, accuracy per category, text-only regression.
+
+    accelerate launch recipes/evaluate.py --config recipes/configs/tiny/evaluate.yaml
+    python recipes/evaluate.py --config recipes/configs/tiny/evaluate.yaml --model_name_or_path runs/tiny/sft
+
+`model_name_or_path` is a whole VLM folder or a PEFT adapter folder (`adapter_config.json`), which is applied to
+its base VLM (`load_in_4bit: true` loads that base in 4-bit, as for QLoRA). The questions are the zoo world's
+`test` split unless `dataset_path` names other ones (see `align.evaluation.load_eval_questions`). With several
+processes the questions are sharded and the main process scores and writes. Writes to `output_dir`:
+`metrics.json`, `eval_table.md`, `predictions.jsonl` and `eval_config.json`.
+"""
+
+import os
+import sys
+
+# This script shares its name with the `evaluate` library, and Python puts the script's folder first on sys.path,
+# where `import evaluate` (in align.metrics) would find this file instead of the library.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import PartialState  # noqa: E402
+from accelerate.utils import gather_object  # noqa: E402
+from trl import ModelConfig, TrlParser, get_quantization_config  # noqa: E402
+
+from align.evaluation import (  # noqa: E402
+    category_table,
+    generate_answers,
+    load_eval_questions,
+    load_model_for_eval,
+    prediction_rows,
+    score_answers,
+    text_regression,
+    text_regression_table,
+)
+from align.zoo import default_cache_dir, lm_documents  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateArguments:
+    """What to evaluate on and where the results go (the model is `ModelConfig.model_name_or_path`)."""
+
+    output_dir: str = field(metadata={"help": "Folder for metrics.json, eval_table.md and predictions.jsonl."})
+    world_path: str | None = field(
+        default=None,
+        metadata={"help": "Shapes world folder (default: the zoo's, .cache/zoo/world or $VLM_ALIGN_CACHE/world)."},
+    )
+    dataset_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out questions: a world folder, a save_to_disk folder of prompt rows with `record`, or a "
+            "TRL JSON/JSONL file of prompt rows with `record`. Default: world_path."
+        },
+    )
+    dataset_split: str = field(default="test", metadata={"help": "Split of the world / DatasetDict to evaluate on."})
+    num_questions: int | None = field(default=None, metadata={"help": "Evaluate the first N questions (default: all)."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per generate call (per process)."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Answer length limit in tokens."})
+    base_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Base VLM of an adapter (default: the base_model_name_or_path in adapter_config.json)."},
+    )
+    base_llm: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base LLM folder: when set, compare the VLM's text-only loss and logits with it (text regression) "
+            "on held-out documents of world_path's dataset_split."
+        },
+    )
+    text_documents: int = field(
+        default=64, metadata={"help": "Held-out world documents (captions, Q&A, chats) for the text regression."}
+    )
+    seed: int = field(default=42, metadata={"help": "Random seed (generation is greedy; this fixes anything else)."})
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_new_tokens", "text_documents"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_questions is not None and self.num_questions < 1:
+            raise ValueError(f"num_questions must be at least 1 or unset (all), got {self.num_questions}")
+
+
+def main(script_args: EvaluateArguments, model_args: ModelConfig):
+    # ----- logging and seed -------------------------------------------------------------------------------------
+    # cpu=True lets several CPU processes (torchrun) form a gloo group; accelerate defaults to one process there.
+    state = PartialState(cpu=not torch.accelerator.is_available())
+    logging.basicConfig(
+        level=logging.INFO if state.is_main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    datasets.disable_progress_bars()
+    transformers.set_seed(script_args.seed)
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is required: a VLM folder or a PEFT adapter folder")
+
+    # ----- model and processor ----------------------------------------------------------------------------------
+    model, processor = load_model_for_eval(
+        model_args.model_name_or_path,
+        base_model_name_or_path=script_args.base_model_name_or_path,
+        dtype=model_args.dtype,
+        quantization_config=get_quantization_config(model_args),
+        device=state.device,
+        attn_implementation=model_args.attn_implementation,
+    )
+    logger.info("evaluating %s (%s fusion)", model_args.model_name_or_path, processor.fusion)
+
+    # ----- data -------------------------------------------------------------------------------------------------
+    world_path = Path(script_args.world_path) if script_args.world_path else default_cache_dir() / "world"
+    questions = load_eval_questions(
+        script_args.dataset_path or world_path, split=script_args.dataset_split, n=script_args.num_questions
+    )
+    logger.info("%d held-out questions from %s", len(questions), script_args.dataset_path or world_path)
+
+    # ----- answer (sharded over processes) ----------------------------------------------------------------------
+    start = time.perf_counter()
+    with state.split_between_processes(list(range(len(questions)))) as shard:
+        answers = []
+        if shard:
+            answers = generate_answers(
+                model, processor, questions.select(shard), batch_size=script_args.batch_size,
+                max_new_tokens=script_args.max_new_tokens,
+            )
+    predictions = gather_object(answers) if state.num_processes > 1 else answers
+    seconds = time.perf_counter() - start
+    if not state.is_main_process:
+        return None
+
+    # ----- score ------------------------------------------------------------------------------------------------
+    metrics = score_answers(questions["record"], predictions)
+    metrics.update(seconds=round(seconds, 2), questions_per_second=round(len(predictions) / seconds, 2))
+    rows = prediction_rows(questions, predictions)
+    table = "## Held-out accuracy\n\n" + category_table(metrics)
+
+    # ----- text-only regression against the base LLM ------------------------------------------------------------
+    if script_args.base_llm:
+        world = datasets.load_from_disk(str(world_path))
+        docs = lm_documents(world, script_args.dataset_split, processor.tokenizer)
+        step = max(1, len(docs) // script_args.text_documents)
+        drift = text_regression(model, processor, script_args.base_llm, docs[::step][: script_args.text_documents])
+        metrics.update({f"text_{key}": value for key, value in drift.items()})
+        table += "\n\n## Text-only regression against the base LLM\n\n" + text_regression_table(drift)
+        logger.info("text-only perplexity %.3f (base LLM %.3f)", drift["vlm_perplexity"], drift["base_perplexity"])
+
+    # ----- save -------------------------------------------------------------------------------------------------
+    output_dir = Path(script_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics["model_name_or_path"] = model_args.model_name_or_path
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (output_dir / "eval_table.md").write_text(table + "\n")
+    with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    config = {"script_args": asdict(script_args), "model_args": asdict(model_args)}
+    (output_dir / "eval_config.json").write_text(json.dumps(config, indent=2, default=str))
+    logger.info("accuracy %.1f%% ± %.1f on %d questions; wrote %s", 100 * metrics["accuracy"], 100 * metrics["stderr"],
+                metrics["total"], output_dir)
+    print(table)
+    return metrics
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((EvaluateArguments, ModelConfig))
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
