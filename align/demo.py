@@ -1,21 +1,126 @@
 """The main job on the embedded default: `make demo` (or `python -m align.demo`).
 
-Builds the shapes world and the tiny pretrained parts (reusing what is already built) and prints
-their quality figures. Later stages of the pipeline join this job as they land.
+    python -m align.demo                    # everything, into runs/demo
+    python -m align.demo --run_dir DIR --force
+
+Builds the shapes world and the tiny pretrained parts (reusing what is built), then runs the real recipes
+in order, each in its own process exactly as a user launches them:
+
+    stage 1 (prepend and cross-attention) -> SFT (QLoRA) -> DPO (QLoRA) -> evaluate after each stage
+
+and prints the quality figures of the parts, the stage-1 caption figures and a scoreboard (accuracy per
+question category after each stage), and writes `report.md` and `report.png` into the run folder. A step
+whose output already holds its `metrics.json` is skipped, so a killed demo continues where it stopped.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from align.zoo import main as build_zoo
+from align.zoo import REPO_ROOT, ZooConfig, build_zoo, format_quality
+
+RECIPES = REPO_ROOT / "recipes"
+CONFIGS = RECIPES / "configs" / "tiny"
+
+
+@dataclass
+class Step:
+    """One recipe run: `python recipes/<script> --config <config> --output_dir <run_dir>/<name> <overrides>`."""
+
+    name: str
+    script: str
+    config: str
+    overrides: dict = field(default_factory=dict)
+
+    def command(self, run_dir: Path) -> list[str]:
+        cmd = [sys.executable, str(RECIPES / self.script), "--config", str(CONFIGS / self.config)]
+        cmd += ["--output_dir", str(run_dir / self.name)]
+        for key, value in self.overrides.items():
+            cmd += [f"--{key}", str(value)]
+        return cmd
+
+
+def pipeline(run_dir: Path, eval_questions: int) -> list[Step]:
+    """The default pipeline; later stages read earlier stages' output folders."""
+    evaluate = {"num_questions": eval_questions}
+    return [
+        Step("stage1-prepend", "pretrain.py", "pretrain.yaml"),
+        Step("stage1-cross_attention", "pretrain.py", "pretrain_cross_attention.yaml"),
+        Step("sft", "sft.py", "sft_qlora.yaml", {"model_name_or_path": run_dir / "stage1-prepend"}),
+        Step("dpo", "dpo.py", "dpo_qlora.yaml", {"model_name_or_path": run_dir / "sft"}),
+        Step("eval-stage1", "evaluate.py", "evaluate.yaml", {"model_name_or_path": run_dir / "stage1-prepend", **evaluate}),
+        Step("eval-sft", "evaluate.py", "evaluate.yaml", {"model_name_or_path": run_dir / "sft", "load_in_4bit": True, **evaluate}),
+        Step("eval-dpo", "evaluate.py", "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", "load_in_4bit": True, **evaluate}),
+    ]
+
+
+def run_step(step: Step, run_dir: Path, force: bool) -> dict:
+    out = run_dir / step.name
+    metrics_file = out / "metrics.json"
+    if metrics_file.exists() and not force:
+        print(f"[demo] {step.name}: done before, reusing {out}")
+        return json.loads(metrics_file.read_text())
+    print(f"[demo] {step.name}: {' '.join(step.command(run_dir)[1:])}", flush=True)
+    t0 = time.time()
+    log = run_dir / f"{step.name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.run(step.command(run_dir), cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"[demo] {step.name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+    print(f"[demo] {step.name}: {time.time() - t0:.0f} s", flush=True)
+    return json.loads(metrics_file.read_text())
+
+
+def caption_table(results: dict[str, dict]) -> str:
+    rows = ["| stage 1 | captions matching the scene (before -> after) | BLEU (before -> after) |", "|---|---|---|"]
+    for name, metrics in results.items():
+        before, after = metrics.get("captions_before", {}), metrics.get("captions_after", {})
+        rows.append(
+            f"| {name} | {before.get('caption_match', float('nan')):.1%} -> {after.get('caption_match', float('nan')):.1%} "
+            f"| {before.get('bleu', float('nan')):.3f} -> {after.get('bleu', float('nan')):.3f} |"
+        )
+    return "\n".join(rows)
 
 
 def main(argv=None):
+    from align.evaluation import scoreboard
+    from align.report import load_log_history, write_report
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", default=str(REPO_ROOT / "runs" / "demo"), help="Folder for every stage's output.")
+    parser.add_argument("--eval_questions", type=int, default=600, help="Held-out test questions per evaluation.")
+    parser.add_argument("--force", action="store_true", help="Rerun every step, even those already done.")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    build_zoo(argv)
-    print(f"\nmake demo finished in {time.time() - t0:.0f} s")
+
+    report = build_zoo(ZooConfig())
+    print("\n## Tiny pretrained parts\n")
+    print(format_quality(report))
+
+    results = {step.name: run_step(step, run_dir, args.force) for step in pipeline(run_dir, args.eval_questions)}
+
+    print("\n## Stage 1: captioning held-out images\n")
+    print(caption_table({"prepend": results["stage1-prepend"], "cross-attention": results["stage1-cross_attention"]}))
+    board = {"stage 1": results["eval-stage1"], "SFT (QLoRA)": results["eval-sft"], "DPO (QLoRA)": results["eval-dpo"]}
+    print("\n## Scoreboard: held-out accuracy per category (seed 0)\n")
+    print(scoreboard(board))
+    curves = {
+        "stage 1": load_log_history(run_dir / "stage1-prepend"),
+        "SFT (QLoRA)": load_log_history(run_dir / "sft"),
+        "DPO (QLoRA)": load_log_history(run_dir / "dpo"),
+    }
+    paths = write_report(run_dir, board, curves)
+    print(f"\nreport: {paths['report']} and {paths['plot']}")
+    print(f"make demo finished in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ encoders' weights and preprocessing, so a changed encoder or image never reuses 
 Layout: `<root>/<fingerprint>/shard-00000.npy` (float array [rows, *feature_shape]) and
 `shard-00000.json` (the image hashes of its rows, written after the array: a shard without its
 index is an interrupted write and is ignored).
+
+Fill the cache of a built VLM's encoders ahead of training (`model.pretrain.build_feature_cache`):
+
+    python -m model.feature_cache --model runs/vlm --dataset DIR [--split train] --cache_dir .cache/features
 """
 
 from __future__ import annotations
@@ -121,3 +125,13 @@ class FeatureCache:
             shard, row = self._index[key]
             rows.append(np.asarray(self._arrays[shard][row]))
         return torch.from_numpy(np.stack(rows)).float()
+
+
+if __name__ == "__main__":
+    # The command lives here, where the cache is; the work is `model.pretrain.build_feature_cache`.
+    import logging
+
+    from .pretrain import cache_features_main
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cache_features_main()

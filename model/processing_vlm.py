@@ -34,6 +34,7 @@ from .modeling_vlm import pack_pixel_values
 
 class VLMProcessorKwargs(ProcessingKwargs, total=False):
     return_cross_attention_mask: bool
+    return_pixel_values: bool
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -238,6 +239,10 @@ class VLMProcessor(ProcessorMixin):
         `max_length`, `pad_to_multiple_of`, `add_special_tokens`, `return_offsets_mapping`, ...) go to the
         tokenizer; image options to the image processor(s).
 
+        `return_pixel_values=False` builds the text side only: the images (any objects, e.g. the keys of a
+        vision-feature cache) are counted against the placeholders but never decoded or preprocessed, and no
+        `pixel_values` are returned; the model then takes `image_features` instead.
+
         Returns:
             A `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` (when there are images) and,
             for cross-attention fusion with `return_cross_attention_mask=True`, `cross_attention_mask`
@@ -258,6 +263,7 @@ class VLMProcessor(ProcessorMixin):
         return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", merged["return_mm_token_type_ids"])
         return_offsets = text_kwargs.pop("return_text_replacement_offsets", merged["return_text_replacement_offsets"])
         return_cross_attention_mask = merged.get("return_cross_attention_mask", self.return_cross_attention_mask)
+        return_pixel_values = merged.get("return_pixel_values", True)
 
         if text is None:
             images = [images] if _is_image_like(images) else images
@@ -272,10 +278,13 @@ class VLMProcessor(ProcessorMixin):
         text = list(text)
         placeholders = [sample.count(self.image_token) for sample in text]
         grouped = self._per_sample_images(images, placeholders)
-        decoded = self._decode_images(grouped)
+        if return_pixel_values:
+            decoded = self._decode_images(grouped)
+        else:
+            decoded = [image for sample_images in grouped for image in sample_images]
 
         data = {}
-        if decoded:
+        if decoded and return_pixel_values:
             data["pixel_values"] = self._pixel_values(decoded, merged["images_kwargs"])
         per_image_text = self.image_token * (self.num_image_tokens if self.fusion == "prepend" else 1)
         text, replacement_offsets = self.get_text_with_replacements(text, [per_image_text] * len(decoded))

@@ -1,0 +1,169 @@
+"""Captioning on the shapes world: the image-caption pairs of adapter pretraining, and the caption evaluation.
+
+    world = load_world()                                     # the zoo's world (.cache/zoo/world)
+    train = caption_training_rows(world["train"])            # images + messages, for SFTTrainer
+    figures = evaluate_captions(model, processor, world["test"], n=100)
+
+`evaluate_captions` generates one caption per held-out image (greedy, batched with left padding) and scores them
+with the shipped `caption_match` metric against the scene graphs, plus BLEU / ROUGE-L against the world's captions.
+"""
+
+from __future__ import annotations
+
+import os
+
+import datasets
+import torch
+from datasets import Dataset, DatasetDict
+
+from align.metrics import load_metric
+from align.world import caption_rows
+from align.zoo import default_cache_dir
+
+CAPTION_PROMPT = "Describe the image."
+CAPTION_STYLES = ("short", "detailed")
+
+
+def load_world(world_path: str | os.PathLike | None = None) -> DatasetDict:
+    """The shapes world saved by `build_world` (default: the zoo's, `<cache>/world`)."""
+    path = world_path or default_cache_dir() / "world"
+    if not os.path.isdir(path):
+        raise ValueError(f"no shapes world at {str(path)!r}: build it with `python -m align.zoo` or give world_path")
+    return datasets.load_from_disk(str(path))
+
+
+def _caption_column(style: str) -> str:
+    if style not in CAPTION_STYLES:
+        raise ValueError(f"unknown caption style {style!r}; supported: {list(CAPTION_STYLES)}")
+    return "caption_detailed" if style == "detailed" else "caption"
+
+
+def caption_training_rows(world_split: Dataset, style: str = "short", limit: int | None = None) -> Dataset:
+    """Image-caption pairs in TRL's format: `images` and `messages` (a caption request, e.g. "Describe the image.",
+    with the image, answered by the caption), from a split of the world.
+
+    Args:
+        world_split: a split of the world (`build_world`'s columns).
+        style: "short" ("two red circles and a blue square.") or "detailed" (sizes and positions too).
+        limit: keep the first `limit` rows.
+    """
+    _caption_column(style)
+    if limit is not None:
+        world_split = world_split.select(range(min(limit, len(world_split))))
+    return caption_rows(world_split, detailed=style == "detailed").select_columns(["images", "messages"])
+
+
+def load_training_pairs(
+    world_path: str | os.PathLike | None = None,
+    dataset_path: str | os.PathLike | None = None,
+    split: str = "train",
+    style: str = "short",
+    limit: int | None = None,
+) -> Dataset:
+    """The image-caption rows of adapter pretraining: the world's captions of `split` by default, or any dataset in
+    TRL's internal format (`images` + `messages`) saved with `save_to_disk` at `dataset_path` (a `Dataset`, or a
+    `DatasetDict` and its `split`). `limit` keeps the first rows."""
+    if dataset_path is None:
+        world = load_world(world_path)
+        if split not in world:
+            raise ValueError(f"the world has no split {split!r}; it has {list(world)}")
+        return caption_training_rows(world[split], style=style, limit=limit)
+    if not os.path.isdir(dataset_path):
+        raise ValueError(f"dataset_path {str(dataset_path)!r} is not a folder written by save_to_disk")
+    dataset = datasets.load_from_disk(str(dataset_path))
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"the dataset at {str(dataset_path)!r} has no split {split!r}; it has {list(dataset)}")
+        dataset = dataset[split]
+    missing = {"images", "messages"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(
+            f"the dataset at {str(dataset_path)!r} lacks {sorted(missing)}: expected TRL's internal format, `images` "
+            f"(a list of images per row) and `messages` (a conversation); it has {dataset.column_names}"
+        )
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+@torch.no_grad()
+def generate_captions(
+    model,
+    processor,
+    images: list,
+    prompt: str = CAPTION_PROMPT,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+) -> list[str]:
+    """One greedy caption per image, generated in batches with left padding."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    was_training = model.training
+    model.eval()
+    captions = []
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            batch = processor(
+                images=[[image] for image in chunk], text=[text] * len(chunk), padding=True, padding_side="left",
+                return_tensors="pt",
+            ).to(model.device)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            captions.extend(c.strip() for c in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return captions
+
+
+def evaluate_captions(
+    model,
+    processor,
+    world_split: Dataset,
+    n: int,
+    style: str = "short",
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    prompt: str = CAPTION_PROMPT,
+    examples: int = 3,
+) -> dict:
+    """Caption the first `n` images of a world split and score the captions.
+
+    Args:
+        model, processor: a VLM and its processor.
+        world_split: a held-out split of the world (`images`, `scene`, `caption`, `caption_detailed`).
+        n: images to caption (all of the split if it is smaller).
+        style: the captions BLEU / ROUGE-L compare with ("short" or "detailed"; the style trained on).
+        batch_size, max_new_tokens, prompt: generation settings.
+        examples: generated captions to return next to their references, for reading.
+
+    Returns:
+        The `caption_match` figures (`caption_match`: fraction of captions naming exactly the scene's objects;
+        `mention_precision`/`mention_recall`/`mention_f1`, `count_agreement`, `num_captions`, `bleu`, `rouge_l`),
+        plus `examples`: `[{"prediction", "reference"}]`.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    column = _caption_column(style)
+    rows = world_split.select(range(min(n, len(world_split))))
+    images = [row_images[0] for row_images in rows["images"]]
+    predictions = generate_captions(model, processor, images, prompt, batch_size, max_new_tokens)
+    references = list(rows[column])
+    figures = load_metric("caption_match").compute(
+        predictions=predictions, references=list(rows["scene"]), reference_captions=references
+    )
+    figures["examples"] = [
+        {"prediction": p, "reference": r} for p, r in zip(predictions[:examples], references[:examples])
+    ]
+    return figures
+
+
+__all__ = [
+    "CAPTION_PROMPT",
+    "CAPTION_STYLES",
+    "caption_training_rows",
+    "evaluate_captions",
+    "generate_captions",
+    "load_training_pairs",
+    "load_world",
+]

@@ -1,0 +1,146 @@
+"""SFT data for the recipe: a weighted mixture of local datasets, or by default the shapes world's conversations
+mixed with refusals (safety) and captioning turns (augmentation), with bad rows set aside in `rejects.jsonl`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+from datasets import Dataset
+
+from align.data import RejectReport, build_mixture, refusal_rows, validate_rows, world_sft_rows
+from align.data.mixture import MixtureConfig, mixture_counts, sample_indices
+from align.world import caption_rows
+from align.zoo import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+REJECTS_FILE = "rejects.jsonl"
+
+
+@dataclass
+class WorldDataArguments(MixtureConfig):
+    """Where the training rows come from: `datasets` (a weighted mixture of local datasets, see
+    `align.data.mixture`) or, when it is empty, the shapes world."""
+
+    world_path: str | None = field(
+        default=None,
+        metadata={"help": "The shapes world (a `save_to_disk` folder); default: the zoo's, .cache/zoo/world."},
+    )
+    world_split: str = field(default="train", metadata={"help": "Split of the world to train on."})
+    world_images: int | None = field(
+        default=None, metadata={"help": "Use only the first N images of the split (default: all)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.world_images is not None and self.world_images < 1:
+            raise ValueError(f"world_images must be >= 1 or unset, got {self.world_images}")
+
+    def load_world_split(self) -> Dataset:
+        path = Path(self.world_path) if self.world_path else default_cache_dir() / "world"
+        if not path.is_dir():
+            raise ValueError(
+                f"no shapes world at {path}: build it with `python -m align.zoo`, set --world_path, or give "
+                "`datasets` (a mixture of local datasets)"
+            )
+        world = datasets.load_from_disk(str(path))
+        if isinstance(world, datasets.DatasetDict):
+            if self.world_split not in world:
+                raise ValueError(f"the world at {path} has no split {self.world_split!r}; splits: {list(world)}")
+            world = world[self.world_split]
+        if self.world_images is not None:
+            world = world.select(range(min(self.world_images, len(world))))
+        logger.info("shapes world: %d images of %s/%s", len(world), path, self.world_split)
+        return world
+
+
+@dataclass
+class SFTScriptArguments(WorldDataArguments):
+    """Data of the SFT recipe."""
+
+    refusal_weight: float = field(
+        default=0.1,
+        metadata={
+            "help": "Default data: weight of refusal rows (unanswerable questions answered with a refusal) against "
+            "the world's conversations (weight 1)."
+        },
+    )
+    caption_weight: float = field(
+        default=0.0,
+        metadata={"help": "Default data: weight of captioning turns (augmentation) against the conversations (weight 1)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("refusal_weight", "caption_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def mix(parts: dict[str, tuple[Dataset, float]], size: int, seed: int) -> Dataset:
+    """Sample in-memory SFT datasets to their weights' shares of `size` rows, as `build_mixture` does with local
+    ones (a source repeats when its share exceeds its rows), tagged with a `source` column and shuffled."""
+    parts = {name: (data, weight) for name, (data, weight) in parts.items() if weight > 0}
+    names = list(parts)
+    weights = [parts[name][1] for name in names]
+    sampled = []
+    for i, (name, count) in enumerate(zip(names, mixture_counts(weights, size))):
+        data = parts[name][0]
+        if count == 0 or len(data) == 0:
+            continue
+        rows = data.select(sample_indices(len(data), count, np.random.default_rng([seed, i])))
+        sampled.append(rows.select_columns(["images", "messages"]).add_column("source", [name] * count))
+        logger.info("mixture: %s gives %d rows (%.1f%%)", name, count, 100 * count / size)
+    return datasets.concatenate_datasets(sampled).shuffle(seed=seed)
+
+
+def world_sft_mixture(args: SFTScriptArguments, seed: int) -> Dataset:
+    """The default SFT data: the world's conversations, refusals and (optionally) captioning turns by weight."""
+    world = args.load_world_split()
+    conversations = world_sft_rows(world)
+    size = args.mixture_size or round(len(conversations) * (1 + args.refusal_weight + args.caption_weight))
+    counts = mixture_counts([1.0, args.refusal_weight, args.caption_weight], size)
+    parts = {"conversations": (conversations, 1.0)}
+    if counts[1]:
+        parts["refusals"] = (refusal_rows(world, counts[1], seed=seed), args.refusal_weight)
+    if counts[2]:
+        parts["captions"] = (caption_rows(world).select_columns(["images", "messages"]), args.caption_weight)
+    return mix(parts, size, seed)
+
+
+def write_rejects(report: RejectReport, output_dir: str | os.PathLike) -> None:
+    """Write `output_dir/rejects.jsonl` (empty when nothing was skipped, so a rerun never shows stale rejects)."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    report.write(Path(output_dir) / REJECTS_FILE)
+
+
+def checked(dataset: Dataset, kind: str, source: str, output_dir: str, write_rejects_file: bool) -> Dataset:
+    """`validate_rows` with the rejects written to `output_dir/rejects.jsonl`; an empty result is an error."""
+    if len(dataset) == 0:
+        raise ValueError(f"{source}: the dataset is empty")
+    clean, report = validate_rows(dataset, kind, source=source)
+    if write_rejects_file:
+        write_rejects(report, output_dir)
+    if len(clean) == 0:
+        raise ValueError(f"{source}: no usable rows, {report.summary()}; see {Path(output_dir) / REJECTS_FILE}")
+    return clean
+
+
+def sft_dataset(args: SFTScriptArguments, output_dir: str, seed: int, main_process: bool = True) -> Dataset:
+    """The SFT training rows (`images`, `messages`, `source`), bad rows skipped and listed in
+    `output_dir/rejects.jsonl` (written by the main process only).
+
+    Raises:
+        ValueError: when the data is missing, empty, or has no usable row.
+    """
+    if args.datasets:
+        return build_mixture(args, rejects_dir=output_dir if main_process else None, kind="sft")
+    return checked(world_sft_mixture(args, seed), "sft", "shapes world", output_dir, main_process)
+
+
+__all__ = ["REJECTS_FILE", "SFTScriptArguments", "WorldDataArguments", "checked", "mix", "sft_dataset", "world_sft_mixture"]

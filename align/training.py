@@ -1,0 +1,384 @@
+"""Loading a built VLM for post-training (full, LoRA or QLoRA) and writing a run's outputs.
+
+Shared by the SFT and DPO recipes. The trainers themselves are TRL's; this module adds what TRL's scripts
+do not know about a VLM:
+
+- `VLMModelConfig`: TRL's `ModelConfig` plus the training `stage` (what trains besides LoRA);
+- `load_vlm`: a VLM directory (or a LoRA output, merged on load) in full precision or with its LLM in 4 bit;
+- `lora_config`: LoRA on the LLM's attention and MLP projections only, plus the stage's small parts in full
+  (`modules_to_save`), so the vision tower and the adapters are never LoRA-wrapped;
+- `write_outputs`: model or adapter, processor, resolved config, `metrics.json` (TensorBoard logs are written by
+  the trainer itself with `report_to: tensorboard`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from accelerate.utils import is_peft_model
+from peft import LoraConfig, PeftModel
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, get_peft_config, get_quantization_config
+
+from align.runs import save_metrics, save_resolved_config
+from model.stages import COMPONENTS, STAGES, freeze_for_stage  # `model` registers the VLM's Auto classes
+
+logger = logging.getLogger(__name__)
+
+# The LLM's attention and MLP projections (Llama, Qwen2, Mistral, Gemma names). Anchored on `language_model.layers`
+# because the SigLIP tower and the cross-attention adapters have `q_proj`/`v_proj`/`fc1` linears of their own.
+DEFAULT_LORA_TARGETS = (
+    r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+)
+# Parts that LoRA does not adapt: under PEFT, those the stage trains are trained in full (`modules_to_save`).
+_FULLY_TRAINED_UNDER_PEFT = ("vision_towers", "projectors", "cross_attention")
+
+
+@dataclass
+class VLMModelConfig(ModelConfig):
+    """TRL's `ModelConfig` plus what a VLM post-training run needs on top."""
+
+    stage: str = field(
+        default="finetune",
+        metadata={
+            "help": f"Which parts of the VLM train: one of {sorted(STAGES)}. Without --use_peft, the parts outside "
+            "the stage are frozen (`freeze_for_stage`); with --use_peft, LoRA adapts the LLM and the stage's vision "
+            "parts (projectors, cross-attention adapters, towers) train in full via `modules_to_save`, unless "
+            "--lora_modules_to_save is given."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; expected one of {sorted(STAGES)}")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+            raise ValueError(
+                "load_in_4bit/load_in_8bit train only through adapters: add --use_peft (QLoRA), or drop the "
+                "quantization for full fine-tuning"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def setup_logging(training_args) -> None:
+    """Log to stdout: this project's messages at INFO on the main process (WARNING on the others), the libraries
+    at `--log_level` (their own default when "passive"), as TRL's scripts do."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    library_level = training_args.get_process_log_level()
+    own_level = library_level if training_args.log_level != "passive" else logging.INFO
+    for name in ("align", "model", "__main__"):
+        logging.getLogger(name).setLevel(own_level if training_args.should_log else logging.WARNING)
+    datasets.utils.logging.set_verbosity(library_level)
+    transformers.utils.logging.set_verbosity(library_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def check_launch(training_args) -> None:
+    """Refuse processes that a launcher started together but that did not join one process group: on a machine
+    without GPUs, `accelerate launch --multi_gpu`/`torchrun` start them, but without `--use_cpu true` each would
+    train alone and all would write the same output_dir."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:
+        raise ValueError(
+            f"{launched} processes were launched but they did not form a process group; on CPUs add "
+            "`--use_cpu true` (DDP over gloo), e.g. accelerate launch --config_file recipes/accelerate/ddp.yaml "
+            "--num_processes 2 recipes/sft.py --config ... --use_cpu true"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _component_of(name: str) -> str | None:
+    """The VLM component a module name belongs to (PEFT prefixes and `modules_to_save` copies included)."""
+    parts = name.split(".")
+    return next((component for component in COMPONENTS if component in parts), None)
+
+
+def linear_counts(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Linear layers per component, split into bitsandbytes 4-bit (`Linear4bit`) and full precision.
+
+    Returns:
+        `{component: {"4bit": n, "full_precision": m}}` for the components that hold linears (plus `"8bit"` where
+        there are `Linear8bitLt` layers).
+    """
+    import bitsandbytes as bnb
+
+    counts: dict[str, Counter] = {}
+    for name, module in model.named_modules():
+        # LoRA's own linears and PEFT's frozen originals of `modules_to_save` copies are not the model's layers.
+        if not isinstance(module, nn.Linear) or "lora_" in name or ".original_module." in name:
+            continue
+        component = _component_of(name) or "other"
+        if isinstance(module, bnb.nn.Linear4bit):
+            kind = "4bit"
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            kind = "8bit"
+        else:
+            kind = "full_precision"
+        counts.setdefault(component, Counter())[kind] += 1
+    return {
+        component: {"4bit": c["4bit"], **({"8bit": c["8bit"]} if c["8bit"] else {}), "full_precision": c["full_precision"]}
+        for component, c in counts.items()
+    }
+
+
+def _log_quantization(counts: dict[str, dict[str, int]], quantization) -> None:
+    bits = "4bit" if quantization.load_in_4bit else "8bit"
+    llm = counts.get("language_model", {})
+    kept = {component: c["full_precision"] for component, c in counts.items() if c["full_precision"]}
+    other = sum(c.get(bits, 0) for component, c in counts.items() if component != "language_model")
+    kind = (
+        f"{quantization.bnb_4bit_quant_type.upper()}{' with double quantization' if quantization.bnb_4bit_use_double_quant else ''}"
+        if quantization.load_in_4bit
+        else "8 bit"
+    )
+    logger.info(
+        "QLoRA: %d linears of the LLM quantized to %s%s; %d kept in full precision (%s)",
+        llm.get(bits, 0),
+        kind,
+        f", and {other} outside it" if other else "",
+        sum(kept.values()),
+        ", ".join(f"{component} {n}" for component, n in kept.items()),
+    )
+
+
+def _is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def _dtype(model_args: ModelConfig):
+    if model_args.dtype in (None, "auto"):
+        return model_args.dtype
+    return getattr(torch, model_args.dtype)
+
+
+def _merged_from_adapter(path: str, **kwargs) -> PreTrainedModel:
+    """A LoRA output (adapter + its base's path) as one plain VLM, the adapter merged into the weights."""
+    adapter = json.loads((Path(path) / "adapter_config.json").read_text())
+    base_path = adapter.get("base_model_name_or_path")
+    if not base_path or not Path(base_path).is_dir():
+        raise ValueError(f"{path} holds a LoRA adapter whose base model {base_path!r} is not a local directory")
+    base = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
+    merged = PeftModel.from_pretrained(base, path).merge_and_unload()
+    logger.info("merged the LoRA adapter at %s into its base model %s", path, base_path)
+    return merged
+
+
+def load_model(path: str, model_args: ModelConfig) -> PreTrainedModel:
+    """Load a VLM for training.
+
+    Args:
+        path: a VLM directory (`python -m model.build`, a pretrain/SFT/DPO output), or the output of a LoRA run,
+            whose adapter is merged into its base model on load.
+        model_args: `dtype`, `attn_implementation` and the bitsandbytes flags (`--load_in_4bit`,
+            `--bnb_4bit_quant_type`, `--use_bnb_nested_quant`). Quantization covers the LLM only: the towers,
+            projectors, cross-attention adapters and LM head stay in full precision
+            (`VLMForConditionalGeneration.modules_not_to_quantize`); the split is logged.
+    """
+    if not Path(path).is_dir():
+        raise ValueError(f"model path {path!r} is not a directory; build a VLM first (python -m model.build ...)")
+    quantization = get_quantization_config(model_args)
+    kwargs = {"dtype": _dtype(model_args)}
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if _is_adapter_dir(path):
+        model = _merged_from_adapter(path, **kwargs)
+        if quantization is not None:
+            # bitsandbytes quantizes while loading, so the merged weights take a round trip through a folder.
+            with tempfile.TemporaryDirectory(prefix="merged-vlm-") as tmp:
+                model.save_pretrained(tmp)
+                model = AutoModelForImageTextToText.from_pretrained(tmp, quantization_config=quantization, **kwargs)
+    else:
+        if quantization is not None:
+            kwargs["quantization_config"] = quantization
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if quantization is not None:
+        _log_quantization(linear_counts(model), quantization)
+    return model
+
+
+def load_vlm(path: str, model_args: ModelConfig) -> tuple[PreTrainedModel, transformers.ProcessorMixin]:
+    """`load_model` plus the processor saved with the model (a LoRA output keeps its processor too)."""
+    return load_model(path, model_args), AutoProcessor.from_pretrained(path)
+
+
+def load_reference(path: str, model_args: ModelConfig) -> PreTrainedModel:
+    """A frozen reference model (eval mode, no gradients), loaded like the policy (`load_model`)."""
+    return load_model(path, model_args).eval().requires_grad_(False)
+
+
+def lora_config(model_args: ModelConfig, model: PreTrainedModel) -> LoraConfig | None:
+    """TRL's LoRA config from the `--use_peft`/`--lora_*` flags, with the VLM's defaults filled in (into
+    `model_args` too, so that the saved config says what was used).
+
+    Defaults: `lora_target_modules` = `DEFAULT_LORA_TARGETS` (the LLM's attention and MLP projections) and
+    `lora_modules_to_save` = the stage's parts that LoRA does not adapt and that the model has (`projectors` and,
+    for cross-attention fusion, `cross_attention` in stage `finetune`). Returns None without `--use_peft`.
+    """
+    if not model_args.use_peft:
+        return None
+    if model_args.lora_target_modules is None:
+        model_args.lora_target_modules = DEFAULT_LORA_TARGETS
+    if model_args.lora_modules_to_save is None:
+        stage = getattr(model_args, "stage", "finetune")
+        present = [name for name in _FULLY_TRAINED_UNDER_PEFT if getattr(model.model, name, None) is not None]
+        model_args.lora_modules_to_save = [name for name in present if name in STAGES[stage]] or None
+    # PEFT reads a string as one regex and a list as module-name suffixes; TRL hands it over as given.
+    return get_peft_config(model_args)
+
+
+def prepare_for_training(model: PreTrainedModel, model_args: ModelConfig) -> LoraConfig | None:
+    """Decide what trains: the LoRA config for the trainer to apply (`--use_peft`), or, for full fine-tuning, the
+    stage's components unfrozen and the rest frozen (`freeze_for_stage`). Returns the LoRA config or None."""
+    peft_config = lora_config(model_args, model)
+    if peft_config is None:
+        freeze_for_stage(model, getattr(model_args, "stage", "finetune"))
+    else:
+        targets = peft_config.target_modules
+        logger.info(
+            "LoRA r=%d alpha=%d on %s; trained in full: %s",
+            peft_config.r, peft_config.lora_alpha, targets if isinstance(targets, str) else sorted(targets),
+            ", ".join(sorted(peft_config.modules_to_save or [])) or "nothing else",
+        )
+    return peft_config
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameters (each shared tensor once)."""
+    seen, trainable, total = set(), 0, 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        # A bitsandbytes 4-bit weight packs two values per byte.
+        count = parameter.numel() * (2 if parameter.dtype == torch.uint8 else 1)
+        total += count
+        trainable += count if parameter.requires_grad else 0
+    return {"trainable": trainable, "total": total}
+
+
+def load_trained(path: str | os.PathLike, dtype=None) -> PreTrainedModel:
+    """Load a run's output as a plain VLM: a full model as is, a LoRA output merged into its base."""
+    path = str(path)
+    if _is_adapter_dir(path):
+        return _merged_from_adapter(path, dtype=dtype).eval()
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data problems
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def rejects_summary(path: str | os.PathLike) -> dict[str, int]:
+    """Rows skipped per reason, read back from a `rejects.jsonl`."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    reasons = Counter(json.loads(line)["reason"] for line in path.read_text().splitlines() if line.strip())
+    return dict(reasons.most_common())
+
+
+def log_rejects(path: str | os.PathLike, kept: int) -> dict[str, int]:
+    """Log the end-of-run summary of skipped rows, e.g. "skipped 3 rows (2 missing image, 1 empty answer)"."""
+    reasons = rejects_summary(path)
+    if reasons:
+        detail = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+        logger.warning("skipped %d rows (%s), trained on %d; see %s", sum(reasons.values()), detail, kept, path)
+    else:
+        logger.info("no rows skipped; trained on %d", kept)
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or "last"/"true" for the newest one in `output_dir`."""
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() in ("last", "true"):
+        checkpoint = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if checkpoint is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}")
+        return checkpoint
+    if not Path(value).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder")
+    return value
+
+
+def write_outputs(trainer, processor, configs: tuple, metrics: dict, header: str | None = None) -> None:
+    """Save the model (or LoRA adapter) and processor, `config.yaml` (the resolved `configs`, re-runnable with
+    `--config`) and `metrics.json` into the run's `output_dir`."""
+    output_dir = trainer.args.output_dir
+    trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(output_dir)
+        save_resolved_config(Path(output_dir) / "config.yaml", *configs, header=header)
+        save_metrics(Path(output_dir) / "metrics.json", metrics)
+    trainer.accelerator.wait_for_everyone()
+    saved = "LoRA adapter" if is_peft_model(trainer.model) else "model"
+    logger.info("wrote the %s, processor, config.yaml and metrics.json to %s", saved, output_dir)
+
+
+def run_metrics(trainer, train_result, rows: int, rejects: dict[str, int], extra: dict | None = None) -> dict:
+    """`metrics.json`: the trainer's train metrics, the logged losses and the counts of the run."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
+    metrics = {
+        "train": dict(train_result.metrics),
+        "global_step": trainer.state.global_step,
+        "loss": {"first": losses[0][1] if losses else None, "last": losses[-1][1] if losses else None, "history": losses},
+        "rows": {"train": rows, "rejected": sum(rejects.values()), "rejected_by_reason": rejects},
+        "parameters": parameter_counts(model),
+        "linears": linear_counts(model),
+    }
+    metrics.update(extra or {})
+    return metrics
+
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "VLMModelConfig",
+    "check_launch",
+    "linear_counts",
+    "load_model",
+    "load_reference",
+    "load_trained",
+    "load_vlm",
+    "log_rejects",
+    "lora_config",
+    "parameter_counts",
+    "prepare_for_training",
+    "rejects_summary",
+    "resolve_checkpoint",
+    "run_metrics",
+    "setup_logging",
+    "write_outputs",
+]

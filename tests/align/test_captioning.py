@@ -1,0 +1,74 @@
+"""The caption pairs of adapter pretraining and the caption evaluation (generation batching and the metric wiring)."""
+
+import pytest
+import torch
+from datasets import Dataset
+
+from align.captioning import CAPTION_PROMPT, caption_training_rows, evaluate_captions, load_training_pairs
+from align.world import build_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    path = tmp_path_factory.mktemp("world")
+    return path, build_world(str(path), sizes={"train": 6, "test": 5})
+
+
+class CopyingCaptioner(torch.nn.Module):
+    """A stand-in VLM whose greedy caption of image i is `captions[i]`: it checks the prompts are left-padded in
+    batches and returns the prompt followed by the caption's tokens, as `generate` does."""
+
+    def __init__(self, tokenizer, captions):
+        super().__init__()
+        self.tokenizer, self.captions, self.seen = tokenizer, list(captions), 0
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, do_sample):
+        assert not do_sample and pixel_values.shape[0] == input_ids.shape[0]
+        assert (attention_mask[:, -1] == 1).all()  # left padding: every prompt ends at the last position
+        rows = []
+        for _ in range(input_ids.shape[0]):
+            ids = self.tokenizer(self.captions[self.seen], add_special_tokens=False)["input_ids"][:max_new_tokens]
+            rows.append(ids + [self.tokenizer.eos_token_id] * (max_new_tokens - len(ids)))
+            self.seen += 1
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+
+def test_training_pairs_are_caption_requests_answered_by_the_caption(world):
+    path, built = world
+    rows = caption_training_rows(built["train"], style="short", limit=4)
+    assert rows.column_names == ["images", "messages"] and len(rows) == 4
+    user, assistant = rows[0]["messages"]
+    assert user["content"][0]["type"] == "image" and assistant["content"][0]["text"] == built["train"][0]["caption"]
+    detailed = load_training_pairs(world_path=path, style="detailed")
+    assert detailed[1]["messages"][1]["content"][0]["text"] == built["train"][1]["caption_detailed"]
+    with pytest.raises(ValueError, match="unknown caption style"):
+        caption_training_rows(built["train"], style="poetic")
+
+
+def test_a_dataset_path_must_be_in_trl_format(tmp_path):
+    Dataset.from_dict({"text": ["a red circle"]}).save_to_disk(str(tmp_path / "text"))
+    with pytest.raises(ValueError, match=r"lacks \['images', 'messages'\]"):
+        load_training_pairs(dataset_path=tmp_path / "text")
+    with pytest.raises(ValueError, match="not a folder"):
+        load_training_pairs(dataset_path=tmp_path / "missing")
+
+
+def test_perfect_captions_score_one_and_wrong_ones_zero(world, tiny_parts):
+    from model.build import build_vlm
+
+    _, built = world
+    _, processor = build_vlm(tiny_parts["siglip"], tiny_parts["llama"])
+    test = built["test"]
+    perfect = evaluate_captions(CopyingCaptioner(processor.tokenizer, test["caption"]), processor, test, n=5, batch_size=2, max_new_tokens=128)
+    assert perfect["caption_match"] == 1.0 and perfect["mention_f1"] == 1.0 and perfect["num_captions"] == 5
+    assert perfect["bleu"] == pytest.approx(1.0) and perfect["examples"][0]["prediction"] == test[0]["caption"]
+
+    wrong = evaluate_captions(
+        CopyingCaptioner(processor.tokenizer, ["a pink star."] * 5), processor, test, n=3, batch_size=2
+    )
+    assert wrong["caption_match"] == 0.0 and wrong["mention_precision"] == 0.0 and wrong["num_captions"] == 3
+    assert CAPTION_PROMPT == "Describe the image."

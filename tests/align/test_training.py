@@ -1,0 +1,322 @@
+"""The post-training library: what LoRA and QLoRA touch, what trains, assistant-only labels, skipped rows, loading
+a run's output, and the DPO reference log-probs precomputed for vision data."""
+
+import logging
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from trl import DPOConfig, SFTConfig, SFTTrainer
+
+from align.data import world_preference_rows, world_sft_rows
+from align.dpo import REF_COLUMNS, DPOScriptArguments, dpo_trainer, preference_dataset
+from align.sft import REJECTS_FILE, SFTScriptArguments, checked, sft_dataset
+from align.training import (
+    VLMModelConfig,
+    check_launch,
+    linear_counts,
+    load_trained,
+    load_vlm,
+    log_rejects,
+    prepare_for_training,
+    rejects_summary,
+    resolve_checkpoint,
+)
+from tests.align.training_helpers import (
+    preference_rows_with_bad_ones,
+    sft_rows_with_bad_ones,
+    tiny_vlm,
+    tiny_world,
+)
+from tests.conftest import save_tiny_llama
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def vlms(tiny_parts, tiny_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlms")
+    # bitsandbytes' CPU 4-bit kernel needs in_features >= 64, so the QLoRA model's LLM is 64 wide.
+    llama64 = save_tiny_llama(root / "llama64", tiny_tokenizer, hidden_size=64)
+    return {
+        "prepend": tiny_vlm(root / "prepend", tiny_parts["siglip"], tiny_parts["llama"]),
+        "cross_attention": tiny_vlm(root / "cross", tiny_parts["siglip"], tiny_parts["llama"], "cross_attention"),
+        "cross_attention64": tiny_vlm(root / "cross64", tiny_parts["siglip"], llama64, "cross_attention"),
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tiny_world(tmp_path_factory.mktemp("world"), images=8)
+
+
+@pytest.fixture(scope="module")
+def world_train(world):
+    return datasets.load_from_disk(world)["train"]
+
+
+def _training_args(tmp_path, config=SFTConfig, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=5e-3, lr_scheduler_type="constant",
+        report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False, save_strategy="no",
+        logging_steps=1, dataloader_num_workers=0, max_length=None, seed=0,
+    )
+    return config(**{**settings, **overrides})
+
+
+def _snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _changed(before, model):
+    after = dict(model.named_parameters())
+    return {name for name, value in before.items() if not torch.equal(value, after[name].detach())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What LoRA and QLoRA touch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_targets_only_the_llm_projections(vlms):
+    args = VLMModelConfig(model_name_or_path=vlms["cross_attention"], use_peft=True, lora_r=4)
+    model, _ = load_vlm(args.model_name_or_path, args)
+    peft_config = prepare_for_training(model, args)
+    layers = model.config.text_config.num_hidden_layers
+    peft = get_peft_model(model, peft_config)
+
+    adapted = {name.split(".lora_A.")[0] for name, _ in peft.named_parameters() if ".lora_A." in name}
+    # The SigLIP tower and the cross-attention adapters have q_proj/v_proj/out_proj too: none of them is adapted.
+    assert len(adapted) == layers * len(PROJECTIONS)
+    assert all(".language_model.layers." in name and name.split(".")[-1] in PROJECTIONS for name in adapted)
+    assert args.lora_modules_to_save == ["projectors", "cross_attention"]  # the stage's parts, recorded in the config
+
+    trainable = {name for name, p in peft.named_parameters() if p.requires_grad}
+    assert any(".projectors.modules_to_save." in name for name in trainable)
+    assert any(".cross_attention.modules_to_save." in name for name in trainable)
+    assert all("lora_" in name or ".modules_to_save." in name for name in trainable)
+    assert not any("vision_towers" in name for name in trainable)
+
+
+def test_stage_decides_what_else_trains_under_lora(vlms):
+    for stage, expected in (("align", ["projectors"]), ("prealign", ["vision_towers", "projectors"])):
+        args = VLMModelConfig(model_name_or_path=vlms["prepend"], use_peft=True, stage=stage)
+        model, _ = load_vlm(args.model_name_or_path, args)
+        assert prepare_for_training(model, args).modules_to_save == expected
+
+
+def test_model_config_validation():
+    with pytest.raises(ValueError, match="use_peft"):
+        VLMModelConfig(model_name_or_path="x", load_in_4bit=True)
+    with pytest.raises(ValueError, match="unknown stage"):
+        VLMModelConfig(model_name_or_path="x", stage="everything")
+
+
+def test_qlora_quantizes_only_the_llm(vlms, caplog):
+    import bitsandbytes as bnb
+
+    args = VLMModelConfig(
+        model_name_or_path=vlms["cross_attention64"], use_peft=True, load_in_4bit=True, bnb_4bit_quant_type="nf4",
+        use_bnb_nested_quant=True,
+    )
+    with caplog.at_level(logging.INFO, logger="align.training"):
+        model, _ = load_vlm(args.model_name_or_path, args)
+    llm_linears = model.config.text_config.num_hidden_layers * len(PROJECTIONS)
+    counts = linear_counts(model)
+    assert counts["language_model"] == {"4bit": llm_linears, "full_precision": 0}
+    for component in ("vision_towers", "projectors", "cross_attention", "lm_head"):
+        assert counts[component]["4bit"] == 0 and counts[component]["full_precision"] > 0, component
+    q_proj = model.model.language_model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit)
+    assert q_proj.weight.quant_state.quant_type == "nf4" and q_proj.weight.quant_state.nested
+    assert model.model.projectors[0].linear_1.weight.dtype == torch.float32
+    full = sum(c["full_precision"] for c in counts.values())
+    assert f"{llm_linears} linears of the LLM quantized to NF4 with double quantization; {full} kept in full" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What trains
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_sft_labels_cover_only_the_assistant_turns(vlms, world_train, tmp_path):
+    args = VLMModelConfig(model_name_or_path=vlms["prepend"], use_peft=True)
+    model, processor = load_vlm(args.model_name_or_path, args)
+    rows = world_sft_rows(world_train).select(range(3))
+    trainer = SFTTrainer(
+        model=model, args=_training_args(tmp_path, assistant_only_loss=True), train_dataset=rows,
+        processing_class=processor, peft_config=prepare_for_training(model, args),
+    )
+    batch = trainer.data_collator([rows[i] for i in range(len(rows))])
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert (labels[ids == processor.image_token_id] == -100).all()
+    decode = processor.tokenizer.decode
+    for row, messages in enumerate(rows["messages"]):
+        trained = (labels[row] != -100).int()
+        starts = (torch.diff(trained, prepend=torch.tensor([0])) == 1).nonzero().flatten().tolist()
+        ends = (torch.diff(trained, append=torch.tensor([0])) == -1).nonzero().flatten().tolist()
+        answers = [m["content"][0]["text"] for m in messages if m["role"] == "assistant"]
+        assert len(starts) == len(answers)  # one labelled span per assistant turn, nothing else
+        for start, end, answer in zip(starts, ends, answers):
+            assert decode(ids[row, start : end + 1]).strip().startswith(answer)
+        prompt_text = decode(ids[row][trained == 0])
+        for message in messages:
+            if message["role"] == "user":
+                assert message["content"][-1]["text"] in prompt_text
+
+
+def test_lora_sft_trains_adapters_and_projector_only_and_its_output_loads(vlms, world_train, tmp_path):
+    args = VLMModelConfig(model_name_or_path=vlms["prepend"], use_peft=True, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    model, processor = load_vlm(args.model_name_or_path, args)
+    rows = world_sft_rows(world_train).select(range(4))
+    trainer = SFTTrainer(
+        model=model, args=_training_args(tmp_path, max_steps=8, assistant_only_loss=True), train_dataset=rows,
+        processing_class=processor, peft_config=prepare_for_training(model, args),
+    )
+    before = _snapshot(trainer.model)
+    trainer.train()
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert _changed(before, trainer.model) == trainable
+    assert any("lora_B" in name for name in trainable) and any(".projectors.modules_to_save." in name for name in trainable)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert sum(losses[-2:]) < sum(losses[:2])  # the four conversations are being learned
+
+    trainer.save_model(tmp_path / "out")
+    batch = trainer.data_collator([rows[0]])
+    batch.pop("labels")
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(**batch).logits
+        loaded = load_trained(tmp_path / "out")(**batch).logits
+    torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_full_finetune_trains_the_llm_and_projector_not_the_tower(vlms, world_train, tmp_path):
+    args = VLMModelConfig(model_name_or_path=vlms["prepend"], stage="finetune")
+    model, processor = load_vlm(args.model_name_or_path, args)
+    assert prepare_for_training(model, args) is None
+    trainer = SFTTrainer(
+        model=model, args=_training_args(tmp_path, max_steps=2, learning_rate=1e-3, assistant_only_loss=True),
+        train_dataset=world_sft_rows(world_train).select(range(4)), processing_class=processor,
+    )
+    before = _snapshot(trainer.model)
+    trainer.train()
+    changed = _changed(before, trainer.model)
+    assert any(name.startswith("model.language_model.layers.") for name in changed)
+    assert any(name.startswith("model.projectors.") for name in changed)
+    assert not any(name.startswith("model.vision_towers.") for name in changed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: the default mixture, skipped rows, empty data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_default_sft_data_mixes_world_conversations_and_refusals(world, tmp_path):
+    args = SFTScriptArguments(world_path=world, refusal_weight=0.5, caption_weight=0.25)
+    data = sft_dataset(args, str(tmp_path), seed=0)
+    sources = data["source"]
+    assert len(data) == 14 and sources.count("conversations") == 8  # 8 images: shares 8 : 4 : 2
+    assert sources.count("refusals") == 4 and sources.count("captions") == 2
+    assert (tmp_path / REJECTS_FILE).read_text() == ""
+
+
+def test_bad_rows_are_skipped_counted_and_written(tmp_path, caplog):
+    path, expected = sft_rows_with_bad_ones(tmp_path / "sft")
+    args = SFTScriptArguments(datasets=[{"path": path, "format": "trl"}])
+    data = sft_dataset(args, str(tmp_path / "run"), seed=0)
+    assert len(data) == 8
+    assert rejects_summary(tmp_path / "run" / REJECTS_FILE) == expected
+    with caplog.at_level(logging.INFO, logger="align.training"):
+        log_rejects(tmp_path / "run" / REJECTS_FILE, len(data))
+    assert "skipped 4 rows" in caplog.text and "1 corrupt image" in caplog.text and "trained on 8" in caplog.text
+
+    path, expected = preference_rows_with_bad_ones(tmp_path / "pairs")
+    pairs = preference_dataset(DPOScriptArguments(datasets=[{"path": path}]), str(tmp_path / "dpo"), seed=0)
+    assert len(pairs) == 8
+    assert rejects_summary(tmp_path / "dpo" / REJECTS_FILE) == expected
+
+
+def test_empty_or_all_bad_data_is_a_clear_error(tmp_path):
+    empty = datasets.Dataset.from_dict({"images": [], "messages": []})
+    with pytest.raises(ValueError, match="empty"):
+        checked(empty, "sft", "my data", str(tmp_path), True)
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"images": ["missing.png"], "messages": [{"role": "user", "content": "hi"}, '
+                    '{"role": "assistant", "content": "hello"}]}\n')
+    with pytest.raises(ValueError, match="no usable rows"):
+        sft_dataset(SFTScriptArguments(datasets=[{"path": str(path)}]), str(tmp_path / "run"), seed=0)
+    with pytest.raises(ValueError, match="no shapes world"):
+        sft_dataset(SFTScriptArguments(world_path=str(tmp_path / "nowhere")), str(tmp_path / "run"), seed=0)
+
+
+def test_processes_that_did_not_join_a_process_group_are_refused(tmp_path, monkeypatch):
+    args = _training_args(tmp_path)
+    check_launch(args)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--use_cpu true"):
+        check_launch(args)
+
+
+def test_resolve_checkpoint(tmp_path):
+    assert resolve_checkpoint(None, str(tmp_path)) is None
+    with pytest.raises(ValueError, match="no checkpoint"):
+        resolve_checkpoint("last", str(tmp_path))
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-10").mkdir()
+    assert Path(resolve_checkpoint("last", str(tmp_path))).name == "checkpoint-10"
+    assert resolve_checkpoint(str(tmp_path / "checkpoint-2"), str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DPO: reference log-probs precomputed for vision data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dpo(vlm_path, pairs, tmp_path, precompute, steps=2):
+    args = VLMModelConfig(model_name_or_path=vlm_path, use_peft=True, lora_r=8, lora_dropout=0.0)
+    model, processor = load_vlm(vlm_path, args)
+    config = _training_args(
+        tmp_path, config=DPOConfig, max_steps=steps, precompute_ref_log_probs=precompute, learning_rate=1e-2
+    )
+    return dpo_trainer(model, config, pairs, processor, peft_config=prepare_for_training(model, args))
+
+
+def _sequence_logps(model, batch):
+    """Summed log-probs of the completion tokens, computed from the full logits (not TRL's fused head)."""
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    logps = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+    return (logps * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+
+def test_precomputed_reference_logps_equal_the_reference_forward(vlms, world_train, tmp_path):
+    pairs = world_preference_rows(world_train, per_image=1).select(range(4))
+    trainer = _dpo(vlms["prepend"], pairs, tmp_path / "pre", precompute=True)
+    assert trainer.precompute_ref_logps and trainer.args.precompute_ref_log_probs
+    data = trainer.train_dataset
+    assert set(REF_COLUMNS) <= set(data.column_names)
+
+    # By hand, one pair at a time (no padding), through the policy with its adapters disabled.
+    collator = trainer.data_collator.collator
+    for index in range(len(pairs)):
+        batch = collator([dict(pairs[index])])
+        with torch.no_grad(), trainer.model.disable_adapter():
+            chosen, rejected = _sequence_logps(trainer.model, batch)
+        assert data[index]["ref_chosen_logps"] == pytest.approx(chosen.item(), rel=1e-4, abs=1e-4)
+        assert data[index]["ref_rejected_logps"] == pytest.approx(rejected.item(), rel=1e-4, abs=1e-4)
+
+    # Training reads them: the same steps as with TRL's on-the-fly reference forward.
+    trainer.train()
+    on_the_fly = _dpo(vlms["prepend"], pairs, tmp_path / "live", precompute=False)
+    assert not on_the_fly.precompute_ref_logps
+    on_the_fly.train()
+    for key in ("loss", "rewards/chosen", "rewards/rejected"):
+        precomputed = [log[key] for log in trainer.state.log_history if key in log]
+        live = [log[key] for log in on_the_fly.state.log_history if key in log]
+        assert len(precomputed) == 2 and precomputed == pytest.approx(live, abs=1e-4), key
+    assert trainer.state.log_history[1]["rewards/margins"] != 0  # the second step really compared to the reference

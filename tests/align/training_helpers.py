@@ -1,0 +1,165 @@
+"""Tiny VLM directories, a tiny shapes world, data files with bad rows, and a recipe runner, shared by the
+post-training library tests and the SFT/DPO recipe tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_SIZE = 32  # the tiny SigLIP's input size (conftest.save_tiny_siglip)
+
+
+def tiny_world(path: Path, images: int = 12) -> str:
+    """A shapes world with `images` training images at the tiny tower's size, saved like the zoo's."""
+    from align.world import WorldConfig, build_world
+
+    if not (path / "dataset_dict.json").exists():
+        build_world(str(path), sizes={"train": images}, config=WorldConfig(image_size=IMAGE_SIZE), seed=0)
+    return str(path)
+
+
+def tiny_vlm(path: Path, vision: str, text: str, fusion: str = "prepend") -> str:
+    """A built VLM directory (model + processor), as `python -m model.build` writes it."""
+    from model.build import build_vlm
+
+    if not (path / "config.json").exists():
+        model, processor = build_vlm(vision, text, fusion=fusion)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+    return str(path)
+
+
+def _image(path: Path, rgb) -> str:
+    Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), rgb).save(path)
+    return path.name
+
+
+def sft_rows_with_bad_ones(folder: Path) -> tuple[str, dict[str, int]]:
+    """A TRL-format JSONL of SFT rows (8 good) and one bad row of each kind; returns its path and the expected
+    rejects per reason."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colors = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+    images = {name: _image(folder / f"{name}.png", rgb) for name, rgb in colors.items()}
+    (folder / "broken.png").write_bytes(b"not a png")
+
+    def row(image, answer, question="What color is the square?", n_images=1):
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+        return {
+            "images": image if isinstance(image, list) else [image],
+            "messages": [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                {"role": "user", "content": [{"type": "text", "text": "Are you sure?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"Yes, it is {answer}."}]},
+            ],
+        }
+
+    rows = [row(images[name], name) for name in colors] * 2
+    rows += [
+        row("missing.png", "red"),  # missing image
+        row("broken.png", "red"),  # corrupt image
+        row([images["red"], images["blue"]], "red"),  # two images, one placeholder
+        row(images["green"], "  "),  # empty answer
+    ]
+    path = folder / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expected = {"missing image": 1, "corrupt image": 1, "image count mismatch": 1, "empty answer": 1}
+    return str(path), expected
+
+
+def preference_rows_with_bad_ones(folder: Path) -> tuple[str, dict[str, int]]:
+    """An RLAIF-V-format JSONL of preference rows (8 good), one with chosen == rejected and one missing image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colors = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+    images = {name: _image(folder / f"{name}.png", rgb) for name, rgb in colors.items()}
+    names = list(colors)
+    rows = [
+        {"question": "What color is the square?", "chosen": name, "rejected": names[(i + 1) % 4], "image": images[name]}
+        for i, name in enumerate(names)
+    ] * 2
+    rows += [
+        {"question": "What color is the square?", "chosen": "red", "rejected": "red", "image": images["red"]},
+        {"question": "What color is the square?", "chosen": "red", "rejected": "blue", "image": "missing.png"},
+    ]
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path), {"chosen == rejected": 1, "missing image": 1}
+
+
+# Settings every tiny recipe run shares: CPU, fp32, no checkpointing of activations, no network logger.
+TINY_TRAINING = {
+    "dtype": "float32",
+    "bf16": False,
+    "use_cpu": True,
+    "activation_checkpointing": False,
+    "per_device_train_batch_size": 2,
+    "learning_rate": 1.0e-3,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "tensorboard",
+    "dataloader_num_workers": 0,
+    "seed": 0,
+}
+
+
+def run_recipe(
+    script: str, config: dict, folder: Path, *overrides: str, processes: int = 1, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run `recipes/<script>` in a subprocess on `config` (written as a YAML next to the run), plainly or under
+    `accelerate launch` with `processes` CPU processes (DDP over gloo); fail with the run's output."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / f"{Path(script).stem}-{len(list(folder.glob('*.yaml')))}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    script_path = str(REPO / "recipes" / script)
+    args = [script_path, "--config", str(config_path), *overrides]
+    if processes > 1:
+        accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+        command = [
+            *accelerate, "--config_file", str(REPO / "recipes/accelerate/ddp.yaml"), "--num_processes", str(processes),
+            "--mixed_precision", "no", "--main_process_port", str(_free_port()), *args,
+        ]
+    else:
+        command = [sys.executable, *args]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+    }
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load_recipe(name: str):
+    """`recipes/<name>.py` as a module (recipes are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
