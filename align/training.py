@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from peft import LoraConfig, PeftModel
 from torch import nn
@@ -176,15 +176,28 @@ def _dtype(model_args: ModelConfig):
     return getattr(torch, model_args.dtype)
 
 
-def _merged_from_adapter(path: str, **kwargs) -> PreTrainedModel:
-    """A LoRA output (adapter + its base's path) as one plain VLM, the adapter merged into the weights."""
-    adapter = json.loads((Path(path) / "adapter_config.json").read_text())
-    base_path = adapter.get("base_model_name_or_path")
-    if not base_path or not Path(base_path).is_dir():
-        raise ValueError(f"{path} holds a LoRA adapter whose base model {base_path!r} is not a local directory")
-    base = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
-    merged = PeftModel.from_pretrained(base, path).merge_and_unload()
-    logger.info("merged the LoRA adapter at %s into its base model %s", path, base_path)
+def merged_base(path: str, **kwargs) -> Path:
+    """A LoRA output (adapter + its base's path) merged into one plain VLM folder, `<path>/merged`, made once.
+
+    A run that continues from a LoRA output (DPO after SFT) trains a new adapter on the merged weights; that
+    adapter's `base_model_name_or_path` must be a folder holding those weights, not the first run's base (which
+    lacks the first adapter) nor a temporary folder, so that later stages and evaluation load it correctly.
+    """
+    merged = Path(path) / "merged"
+    adapter_file = Path(path) / "adapter_config.json"
+    done = merged / "config.json"
+    with PartialState().main_process_first():
+        if not done.is_file() or done.stat().st_mtime < adapter_file.stat().st_mtime:
+            adapter = json.loads(adapter_file.read_text())
+            base_path = adapter.get("base_model_name_or_path")
+            if not base_path or not Path(base_path).is_dir():
+                raise ValueError(f"{path} holds a LoRA adapter whose base model {base_path!r} is not a local directory")
+            base = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
+            model = PeftModel.from_pretrained(base, path).merge_and_unload()
+            if PartialState().is_main_process:
+                model.save_pretrained(merged)
+                AutoProcessor.from_pretrained(path).save_pretrained(merged)
+            logger.info("merged the LoRA adapter at %s into its base model %s: %s", path, base_path, merged)
     return merged
 
 
@@ -206,16 +219,10 @@ def load_model(path: str, model_args: ModelConfig) -> PreTrainedModel:
     if model_args.attn_implementation is not None:
         kwargs["attn_implementation"] = model_args.attn_implementation
     if _is_adapter_dir(path):
-        model = _merged_from_adapter(path, **kwargs)
-        if quantization is not None:
-            # bitsandbytes quantizes while loading, so the merged weights take a round trip through a folder.
-            with tempfile.TemporaryDirectory(prefix="merged-vlm-") as tmp:
-                model.save_pretrained(tmp)
-                model = AutoModelForImageTextToText.from_pretrained(tmp, quantization_config=quantization, **kwargs)
-    else:
-        if quantization is not None:
-            kwargs["quantization_config"] = quantization
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        path = str(merged_base(path, **kwargs))
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     if quantization is not None:
         _log_quantization(linear_counts(model), quantization)
     return model
@@ -285,7 +292,7 @@ def load_trained(path: str | os.PathLike, dtype=None) -> PreTrainedModel:
     """Load a run's output as a plain VLM: a full model as is, a LoRA output merged into its base."""
     path = str(path)
     if _is_adapter_dir(path):
-        return _merged_from_adapter(path, dtype=dtype).eval()
+        path = str(merged_base(path, dtype=dtype))
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
 
 

@@ -58,7 +58,7 @@ class LlamaPartConfig:
     num_kv_heads: int = 2
     max_position_embeddings: int = 1024
     block_size: int = 128
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 32
     learning_rate: float = 3e-3
     seed: int = 0

@@ -18,6 +18,7 @@ from align.training import (
     VLMModelConfig,
     check_launch,
     linear_counts,
+    load_model,
     load_trained,
     load_vlm,
     log_rejects,
@@ -192,6 +193,13 @@ def test_lora_sft_trains_adapters_and_projector_only_and_its_output_loads(vlms, 
         expected = trainer.model(**batch).logits
         loaded = load_trained(tmp_path / "out")(**batch).logits
     torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-4)
+
+    # A later stage (DPO after SFT) starts from the merged weights, kept in <out>/merged: its own adapter's base
+    # must hold the SFT delta, not the SFT run's base.
+    continued = load_model(str(tmp_path / "out"), VLMModelConfig(model_name_or_path=str(tmp_path / "out")))
+    assert Path(continued.name_or_path) == tmp_path / "out" / "merged"
+    with torch.no_grad():
+        torch.testing.assert_close(continued.eval()(**batch).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_full_finetune_trains_the_llm_and_projector_not_the_tower(vlms, world_train, tmp_path):
