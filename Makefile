@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo recipes lint bench clean
 
 install: $(STAMP)
 
@@ -32,11 +32,22 @@ test: install
 demo: install
 	$(PY) -m align.demo
 
+# Every recipe through `accelerate launch` on the tiny configs, in pipeline order (outputs in runs/tiny/).
+ACCELERATE := $(VENV)/bin/accelerate launch --config_file recipes/accelerate/single.yaml
+TINY := recipes/configs/tiny
+recipes: install
+	$(PY) -m align.zoo
+	$(ACCELERATE) recipes/pretrain.py --config $(TINY)/pretrain.yaml
+	$(ACCELERATE) recipes/pretrain.py --config $(TINY)/pretrain_cross_attention.yaml
+	$(ACCELERATE) recipes/sft.py --config $(TINY)/sft.yaml
+	$(ACCELERATE) recipes/dpo.py --config $(TINY)/dpo.yaml
+	$(ACCELERATE) recipes/evaluate.py --config $(TINY)/evaluate.yaml
+
 lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	@ls bench/*.py >/dev/null 2>&1 && for f in bench/*.py; do $(PY) $$f || exit 1; done || echo "no benchmarks yet"
+	for f in bench/*.py; do $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf $(VENV) .cache runs

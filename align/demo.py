@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -98,6 +99,7 @@ def main(argv=None):
     parser.add_argument("--eval_questions", type=int, default=600, help="Held-out test questions per evaluation.")
     parser.add_argument("--force", action="store_true", help="Rerun every step, even those already done.")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

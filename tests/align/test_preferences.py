@@ -69,7 +69,7 @@ def test_refusal_rows(world):
 
 
 def test_preference_pairs_chosen_verifies_rejected_does_not(world):
-    rows = world_preference_rows(world, seed=0, per_image=3)
+    rows = world_preference_rows(world, seed=0, per_image=3, long_fraction=0.5)
     assert rows.column_names == ["images", "prompt", "chosen", "rejected", "category", "record", "image_id"]
     # Nothing dropped: every picked question gave a pair.
     assert len(rows) == sum(min(3, len(json.loads(q))) for q in world["questions"])
@@ -111,6 +111,8 @@ def test_preference_pairs_chosen_verifies_rejected_does_not(world):
         if not long and kind != "refusal":
             assert len(rejected.split()) <= 3
     assert forms[True] > 0 and forms[False] > 0
+    short_only = world_preference_rows(world, seed=0, per_image=3)
+    assert all(answer_text(c) == json.loads(r)["answer"] for c, r in zip(short_only["chosen"], short_only["record"]))
 
 
 def test_count_errors_are_mostly_off_by_one(world):
