@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig, get_peft_model
+from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
@@ -17,7 +18,11 @@ from align.export import (
     check_checksums,
     export,
     inspect_source,
+    llava_refusal,
+    load_for_probe,
     parse_formats,
+    probe_batch,
+    probe_model,
     stage_chain,
     to_llava,
     verify_export,
@@ -103,6 +108,7 @@ def _adapter_keys(path: Path) -> set[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lora_prepend_exports_every_format_and_each_reloads_with_the_same_logits(vlms, tmp_path):
     adapter = make_adapter(vlms["prepend"], tmp_path / "sft")
     (adapter / "eval").mkdir()
@@ -147,14 +153,27 @@ def test_qlora_prepend_merges_the_dequantized_base_and_matches_the_4bit_model(vl
     manifest = export(adapter, out, formats=["peft", "merged", "llava"])
     assert "trains parts outside the LLM (projectors)" in manifest["skipped"]["peft-llm"]
     assert not (out / "README.md").exists() and not (out / "peft-llm").exists()
-    merged_config = json.loads((out / "merged" / "config.json").read_text())
-    assert "quantization_config" not in merged_config
+    assert "quantization_config" not in json.loads((out / "merged" / "config.json").read_text())
     with safe_open(str(out / "merged" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.language_model.layers.0.self_attn.q_proj.weight").dtype == torch.float32
-    # peft/ is reloaded on the 4-bit base it was trained on; merged and LLaVA against that 4-bit model too.
-    _check_report(verify_export(out), {"peft", "merged", "llava"})
+
+    # In process (the fresh-process reloads are covered by the other tests and the recipe's): the merged and LLaVA
+    # models compute what the adapter computes on its 4-bit base.
+    image, question, _ = probe_batch(tmp_path)
+    spec = {"kind": "peft-vlm", "path": str(adapter), "base": str(source.base), "quantization": source.quantization}
+    reference = probe_model(*load_for_probe(spec), image, question, 4)
+    base = probe_model(*load_for_probe({"kind": "vlm", "path": str(source.base)}), image, question, 4)
+    assert (reference["logits"] - base["logits"]).abs().max() > 1e-2  # the adapter changes the model
+    for name in ("merged", "llava"):
+        reloaded = probe_model(*load_for_probe({"kind": name.replace("merged", "vlm"), "path": str(out / name)}),
+                               image, question, 4)
+        assert torch.equal(reloaded["input_ids"], reference["input_ids"])
+        tolerance = TOLERANCES["merged"]["float32"] * max(1.0, reference["logits"].abs().max().item())
+        torch.testing.assert_close(reloaded["logits"], reference["logits"], rtol=0, atol=tolerance)
+        assert torch.equal(reloaded["generated"], reference["generated"]), name
 
 
+@pytest.mark.slow
 def test_lora_cross_attention_exports_peft_llm_merged_and_refuses_llava(vlms, tmp_path):
     adapter = make_adapter(vlms["cross_attention"], tmp_path / "sft")
     out = tmp_path / "export"
@@ -165,6 +184,7 @@ def test_lora_cross_attention_exports_peft_llm_merged_and_refuses_llava(vlms, tm
     _check_report(verify_export(out), {"peft", "peft-llm", "merged"})
 
 
+@pytest.mark.slow
 def test_qlora_cross_attention_with_trained_adapters(vlms, tmp_path):
     adapter = make_adapter(
         vlms["cross_attention64"], tmp_path / "qlora", quantized=True, modules_to_save=["projectors", "cross_attention"]
@@ -195,28 +215,65 @@ def test_llava_export_of_cross_attention_is_refused_naming_the_formats_available
         parse_formats("merged,gguf")
 
 
+def test_every_combination_without_a_llava_equivalent_is_named():
+    from model import VLMConfig
+
+    assert llava_refusal(VLMConfig()) is None
+    siglip = {"model_type": "siglip_vision_model", "image_size": 32, "patch_size": 8}
+    config = VLMConfig(vision_configs=[siglip, siglip], projector="attention", pool=2, ternary=True)
+    reasons = llava_refusal(config)
+    for expected in ("attention projector", "2 vision encoders", "pool=2", "ternary"):
+        assert expected in reasons
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LLaVA conversion of a CLIP tower (CLS token dropped, "default" selection) and a tied-embedding Qwen2
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_llava_conversion_of_a_clip_tower_drops_cls_like_the_vlm(vlms):
-    from PIL import Image
-
-    vlm = AutoModelForImageTextToText.from_pretrained(vlms["clip"], dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(vlms["clip"])
+def _assert_llava_matches(vlm, processor, image_size=(40, 56)):
     llava, llava_processor = to_llava(vlm, processor)
-    assert llava.config.vision_feature_select_strategy == "default"
-    assert llava.config.tie_word_embeddings  # Qwen2's tied head stays tied
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    image = Image.new("RGB", (40, 56), (200, 30, 60))
+    image = Image.new("RGB", image_size, (200, 30, 60))
     ours = processor(images=[image], text=[text], return_tensors="pt")
     theirs = llava_processor(images=[image], text=[text], return_tensors="pt")
     assert torch.equal(ours["input_ids"], theirs["input_ids"])
-    assert (ours["input_ids"] == vlm.config.image_token_id).sum() == vlm.config.num_image_tokens == 9
+    assert (ours["input_ids"] == vlm.config.image_token_id).sum() == vlm.config.num_image_tokens
     with torch.no_grad():
         torch.testing.assert_close(llava(**theirs).logits, vlm(**ours).logits, rtol=0, atol=1e-5)
+    return llava
+
+
+def test_llava_conversion_of_a_clip_tower_drops_cls_like_the_vlm(vlms):
+    vlm = AutoModelForImageTextToText.from_pretrained(vlms["clip"], dtype=torch.float32).eval()
+    llava = _assert_llava_matches(vlm, AutoProcessor.from_pretrained(vlms["clip"]))
+    assert vlm.config.num_image_tokens == 9  # 3x3 patches, CLS dropped
+    assert llava.config.vision_feature_select_strategy == "default"
+    assert llava.config.tie_word_embeddings  # Qwen2's tied head stays tied
+
+
+def test_llava_conversion_keeps_siglips_post_layernorm(tiny_parts):
+    from model.build import build_vlm
+
+    vlm, processor = build_vlm(tiny_parts["siglip"], tiny_parts["llama"])
+    llava = _assert_llava_matches(vlm, processor)
+    # Without the tie, LLaVA's hidden_states[-1] would miss SigLIP's post-layernorm: the logits would differ.
+    llava.model.vision_tower.config.tie_last_hidden_states = False
+    pixel_values = processor(images=[Image.new("RGB", (32, 32), (0, 90, 200))], text=["<image>"])["pixel_values"]
+    with torch.no_grad():
+        untied = llava.model.get_image_features(torch.as_tensor(pixel_values)).pooler_output[0]
+        ours = vlm.get_image_features(pixel_values=torch.as_tensor(pixel_values))[0]
+    assert (untied - ours).abs().max() > 1e-2
+
+
+def test_llava_conversion_of_an_inner_siglip_layer(tiny_parts):
+    from model.build import build_vlm
+
+    vlm, processor = build_vlm(tiny_parts["siglip"], tiny_parts["llama"], vision_feature_layer=-2)
+    llava = _assert_llava_matches(vlm, processor)
+    # hidden_states[-2] is the same with or without the post-layernorm tie: only layer -1 needs it.
+    assert llava.config.vision_feature_layer == -2 and llava.config.vision_config.tie_last_hidden_states is False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,3 +313,13 @@ def test_stage_chain_follows_adapter_bases_and_merged_folders(tmp_path):
     assert [Path(entry["path"]).name for entry in chain] == ["pretrain", "sft", "dpo"]
     assert [entry["kind"] for entry in chain] == ["full model", "LoRA adapter", "LoRA adapter"]
     assert chain[0]["config"]["stage"] == "align" and chain[2]["metrics"]["global_step"] == 5
+    assert not any(entry["note"] for entry in chain)
+
+    # An adapter applied to other weights than its stage started from is pointed out.
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(pretrain)}))
+    (stale / "config.yaml").write_text(yaml.safe_dump({"model_name_or_path": str(sft)}))
+    chain = stage_chain(stale)
+    assert [Path(entry["path"]).name for entry in chain] == ["pretrain", "sft", "stale"]
+    assert "the adapter's base is" in chain[-1]["note"] and f"names `{sft}` as its input model" in chain[-1]["note"]
