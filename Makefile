@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo recipes lint bench clean
+.PHONY: install test demo recipes export lint bench clean
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ recipes: install
 	$(ACCELERATE) recipes/sft.py --config $(TINY)/sft.yaml
 	$(ACCELERATE) recipes/dpo.py --config $(TINY)/dpo.yaml
 	$(ACCELERATE) recipes/evaluate.py --config $(TINY)/evaluate.yaml
+	$(PY) recipes/export.py --config $(TINY)/export.yaml
+
+# Export the default run's final model (make demo's DPO adapter) in every format that applies, verified.
+export: install
+	@test -f runs/demo/dpo/adapter_config.json || { echo "no runs/demo/dpo yet: run make demo first"; exit 1; }
+	$(PY) recipes/export.py --config $(TINY)/export.yaml --model_name_or_path runs/demo/dpo --output_dir runs/demo/export
 
 lint: install
 	$(VENV)/bin/ruff check .
