@@ -16,6 +16,7 @@ import datasets
 import torch
 from datasets import Dataset, DatasetDict
 
+from align.data import load_dataset_local
 from align.metrics import load_metric
 from align.world import caption_rows
 from align.zoo import default_cache_dir
@@ -59,17 +60,25 @@ def load_training_pairs(
     split: str = "train",
     style: str = "short",
     limit: int | None = None,
+    rejects_path: str | os.PathLike | None = None,
 ) -> Dataset:
     """The image-caption rows of adapter pretraining: the world's captions of `split` by default, or any dataset in
     TRL's internal format (`images` + `messages`) saved with `save_to_disk` at `dataset_path` (a `Dataset`, or a
-    `DatasetDict` and its `split`). `limit` keeps the first rows."""
+    `DatasetDict` and its `split`), or a data file in one of `align.data.FORMATS` (TRL JSON/JSONL, LLaVA-Instruct,
+    ShareGPT), converted on load; rows refused by the conversion are listed in `rejects_path`. `limit` keeps the
+    first rows."""
     if dataset_path is None:
         world = load_world(world_path)
         if split not in world:
             raise ValueError(f"the world has no split {split!r}; it has {list(world)}")
         return caption_training_rows(world[split], style=style, limit=limit)
+    if os.path.isfile(dataset_path):
+        dataset, _ = load_dataset_local(dataset_path, kind="sft", rejects_path=rejects_path)
+        return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
     if not os.path.isdir(dataset_path):
-        raise ValueError(f"dataset_path {str(dataset_path)!r} is not a folder written by save_to_disk")
+        raise ValueError(
+            f"dataset_path {str(dataset_path)!r} is not a data file and not a folder written by save_to_disk"
+        )
     dataset = datasets.load_from_disk(str(dataset_path))
     if isinstance(dataset, DatasetDict):
         if split not in dataset:

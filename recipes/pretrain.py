@@ -86,8 +86,9 @@ class PretrainScriptArguments:
     )
     dataset_path: str | None = field(
         default=None,
-        metadata={"help": "A save_to_disk dataset in TRL's internal format (images + messages) to train on instead "
-                  "of the world's captions."},
+        metadata={"help": "Image-caption data to train on instead of the world's captions: a save_to_disk dataset "
+                  "in TRL's internal format (images + messages), or a TRL JSON/JSONL, LLaVA-Instruct or ShareGPT file "
+                  "(converted on load; refused rows in rejects_conversion.jsonl)."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of the world or dataset to train on."})
     train_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only."})
@@ -165,6 +166,7 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
     dataset = load_training_pairs(
         script_args.world_path, script_args.dataset_path, script_args.dataset_split,
         script_args.caption_style, script_args.train_samples,
+        rejects_path=os.path.join(training_args.output_dir, "rejects_conversion.jsonl"),
     )
     with training_args.main_process_first(desc="checking the images and caching their vision features"):
         data = prepare_stage_data(

@@ -57,6 +57,27 @@ def test_a_dataset_path_must_be_in_trl_format(tmp_path):
         load_training_pairs(dataset_path=tmp_path / "missing")
 
 
+def test_a_llava_file_is_converted_and_its_bad_rows_listed(tmp_path):
+    import json
+
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "red.png")
+    rows = [
+        {"id": "a", "image": "red.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "a red square."}]},
+        {"id": "b", "image": "gone.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "a blue circle."}]},
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(rows))
+    pairs = load_training_pairs(dataset_path=tmp_path / "llava.json", rejects_path=tmp_path / "rejects.jsonl")
+    assert len(pairs) == 1
+    user, assistant = pairs[0]["messages"]
+    assert [c["type"] for c in user["content"]][0] == "image" and assistant["content"][0]["text"] == "a red square."
+    (reject,) = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert reject["id"] == "b" and reject["reason"] == "missing image"
+
+
 def test_perfect_captions_score_one_and_wrong_ones_zero(world, tiny_parts):
     from model.build import build_vlm
 
