@@ -16,67 +16,29 @@ whose output already holds its `metrics.json` is skipped, so a killed demo conti
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from align.pipeline import RECIPES, Step, run_step
 from align.zoo import REPO_ROOT, ZooConfig, build_zoo, format_quality
 
-RECIPES = REPO_ROOT / "recipes"
 CONFIGS = RECIPES / "configs" / "tiny"
-
-
-@dataclass
-class Step:
-    """One recipe run: `python recipes/<script> --config <config> --output_dir <run_dir>/<name> <overrides>`."""
-
-    name: str
-    script: str
-    config: str
-    overrides: dict = field(default_factory=dict)
-
-    def command(self, run_dir: Path) -> list[str]:
-        cmd = [sys.executable, str(RECIPES / self.script), "--config", str(CONFIGS / self.config)]
-        cmd += ["--output_dir", str(run_dir / self.name)]
-        for key, value in self.overrides.items():
-            cmd += [f"--{key}", str(value)]
-        return cmd
 
 
 def pipeline(run_dir: Path, eval_questions: int) -> list[Step]:
     """The default pipeline; later stages read earlier stages' output folders."""
     evaluate = {"num_questions": eval_questions}
     return [
-        Step("stage1-prepend", "pretrain.py", "pretrain.yaml"),
-        Step("stage1-cross_attention", "pretrain.py", "pretrain_cross_attention.yaml"),
-        Step("sft", "sft.py", "sft_qlora.yaml", {"model_name_or_path": run_dir / "stage1-prepend"}),
-        Step("dpo", "dpo.py", "dpo_qlora.yaml", {"model_name_or_path": run_dir / "sft"}),
-        Step("eval-stage1", "evaluate.py", "evaluate.yaml", {"model_name_or_path": run_dir / "stage1-prepend", **evaluate}),
-        Step("eval-sft", "evaluate.py", "evaluate.yaml", {"model_name_or_path": run_dir / "sft", "load_in_4bit": True, **evaluate}),
-        Step("eval-dpo", "evaluate.py", "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", "load_in_4bit": True, **evaluate}),
+        Step("stage1-prepend", "pretrain.py", CONFIGS / "pretrain.yaml"),
+        Step("stage1-cross_attention", "pretrain.py", CONFIGS / "pretrain_cross_attention.yaml"),
+        Step("sft", "sft.py", CONFIGS / "sft_qlora.yaml", {"model_name_or_path": run_dir / "stage1-prepend"}),
+        Step("dpo", "dpo.py", CONFIGS / "dpo_qlora.yaml", {"model_name_or_path": run_dir / "sft"}),
+        Step("eval-stage1", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "stage1-prepend", **evaluate}),
+        Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", "load_in_4bit": True, **evaluate}),
+        Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", "load_in_4bit": True, **evaluate}),
     ]
-
-
-def run_step(step: Step, run_dir: Path, force: bool) -> dict:
-    out = run_dir / step.name
-    metrics_file = out / "metrics.json"
-    if metrics_file.exists() and not force:
-        print(f"[demo] {step.name}: done before, reusing {out}")
-        return json.loads(metrics_file.read_text())
-    print(f"[demo] {step.name}: {' '.join(step.command(run_dir)[1:])}", flush=True)
-    t0 = time.time()
-    log = run_dir / f"{step.name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(step.command(run_dir), cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"[demo] {step.name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    print(f"[demo] {step.name}: {time.time() - t0:.0f} s", flush=True)
-    return json.loads(metrics_file.read_text())
 
 
 def caption_table(results: dict[str, dict]) -> str:
@@ -108,7 +70,7 @@ def main(argv=None):
     print("\n## Tiny pretrained parts\n")
     print(format_quality(report))
 
-    results = {step.name: run_step(step, run_dir, args.force) for step in pipeline(run_dir, args.eval_questions)}
+    results = {step.name: run_step(step, run_dir, args.force, tag="demo") for step in pipeline(run_dir, args.eval_questions)}
 
     print("\n## Stage 1: captioning held-out images\n")
     print(caption_table({"prepend": results["stage1-prepend"], "cross-attention": results["stage1-cross_attention"]}))

@@ -74,17 +74,26 @@ class SFTScriptArguments(WorldDataArguments):
         default=0.0,
         metadata={"help": "Default data: weight of captioning turns (augmentation) against the conversations (weight 1)."},
     )
+    world_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "With `datasets:`, also mix in the default data (the world's conversations, refusals and "
+            "captions, weighted as above) with this weight against the datasets' total weight; 0: datasets only. "
+            "E.g. rejection-sampled answers mixed with the original SFT data."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("refusal_weight", "caption_weight"):
+        for name in ("refusal_weight", "caption_weight", "world_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def mix(parts: dict[str, tuple[Dataset, float]], size: int, seed: int) -> Dataset:
     """Sample in-memory SFT datasets to their weights' shares of `size` rows, as `build_mixture` does with local
-    ones (a source repeats when its share exceeds its rows), tagged with a `source` column and shuffled."""
+    ones (a source repeats when its share exceeds its rows), tagged with a `source` column (kept where a part has
+    one already) and shuffled."""
     parts = {name: (data, weight) for name, (data, weight) in parts.items() if weight > 0}
     names = list(parts)
     weights = [parts[name][1] for name in names]
@@ -94,7 +103,8 @@ def mix(parts: dict[str, tuple[Dataset, float]], size: int, seed: int) -> Datase
         if count == 0 or len(data) == 0:
             continue
         rows = data.select(sample_indices(len(data), count, np.random.default_rng([seed, i])))
-        sampled.append(rows.select_columns(["images", "messages"]).add_column("source", [name] * count))
+        rows = rows.select_columns(["images", "messages", *(["source"] if "source" in rows.column_names else [])])
+        sampled.append(rows if "source" in rows.column_names else rows.add_column("source", [name] * count))
         logger.info("mixture: %s gives %d rows (%.1f%%)", name, count, 100 * count / size)
     return datasets.concatenate_datasets(sampled).shuffle(seed=seed)
 
@@ -138,6 +148,12 @@ def sft_dataset(args: SFTScriptArguments, output_dir: str, seed: int, main_proce
     Raises:
         ValueError: when the data is missing, empty, or has no usable row.
     """
+    if args.datasets and args.world_weight > 0:
+        local = build_mixture(args, rejects_dir=output_dir if main_process else None, kind="sft")
+        world = checked(world_sft_mixture(args, seed), "sft", "shapes world", output_dir, write_rejects_file=False)
+        local_weight = sum(source.weight for source in args.datasets)
+        parts = {"datasets": (local, local_weight), "world": (world, args.world_weight)}
+        return mix(parts, args.mixture_size or len(local) + len(world), seed)
     if args.datasets:
         return build_mixture(args, rejects_dir=output_dir if main_process else None, kind="sft")
     return checked(world_sft_mixture(args, seed), "sft", "shapes world", output_dir, main_process)

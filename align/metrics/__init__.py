@@ -6,9 +6,25 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from pathlib import Path
 
-import evaluate
+
+def _import_evaluate_library():
+    # A script named evaluate.py (recipes/evaluate.py) shadows the `evaluate` library whenever its folder is on
+    # sys.path, which Python does for every script run from that folder: import the library with such folders
+    # left out.
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or os.curdir, "evaluate.py"))]
+    try:
+        return importlib.import_module("evaluate")
+    finally:
+        sys.path[:] = saved
+
+
+evaluate = _import_evaluate_library()
 
 METRICS_DIR = Path(__file__).resolve().parent
 METRICS = ("shapes_qa", "caption_match")

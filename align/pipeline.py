@@ -1,0 +1,89 @@
+"""Running recipes one after another, each in its own process exactly as a user launches them: `make demo` and the
+multi-round recipe are sequences of these steps.
+
+A step whose output folder already holds its `metrics.json` is skipped and its metrics reused, so a killed
+pipeline continues where it stopped. Each step's output goes to `<run_dir>/<name>.log`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from align.zoo import REPO_ROOT
+
+RECIPES = REPO_ROOT / "recipes"
+
+
+@dataclass
+class Step:
+    """One recipe run: `<launcher> recipes/<script> --config <config> --output_dir <run_dir>/<name> <overrides>`.
+
+    `launcher` is the command before the script, e.g. "python" (this interpreter) or
+    "accelerate launch --config_file recipes/accelerate/single.yaml".
+    """
+
+    name: str
+    script: str
+    config: str | Path
+    overrides: dict = field(default_factory=dict)
+    launcher: str = "python"
+
+    def command(self, run_dir: Path) -> list[str]:
+        launcher = [sys.executable] if self.launcher == "python" else shlex.split(self.launcher)
+        cmd = [*launcher, str(RECIPES / self.script), "--config", str(self.config)]
+        cmd += ["--output_dir", str(run_dir / self.name)]
+        for key, value in self.overrides.items():
+            cmd += [f"--{key}", str(value)]
+        return cmd
+
+
+def run_step(step: Step, run_dir: Path, force: bool = False, tag: str = "pipeline") -> dict:
+    """Run `step` (unless its `metrics.json` exists and not `force`) and return its metrics.
+
+    Raises:
+        SystemExit: when the step fails, with the last lines of its log.
+    """
+    out = run_dir / step.name
+    metrics_file = out / "metrics.json"
+    if metrics_file.exists() and not force:
+        print(f"[{tag}] {step.name}: done before, reusing {out}", flush=True)
+        return json.loads(metrics_file.read_text())
+    print(f"[{tag}] {step.name}: {' '.join(step.command(run_dir)[1:])}", flush=True)
+    start = time.time()
+    log = run_dir / f"{step.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(step.command(run_dir), cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"[{tag}] {step.name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+    print(f"[{tag}] {step.name}: {time.time() - start:.0f} s", flush=True)
+    return json.loads(metrics_file.read_text())
+
+
+def derived_config(base: str | Path, updates: dict, path: str | Path, header: str) -> Path:
+    """Write `base` (a recipe YAML) with `updates` applied to `path`, under a header comment; returns `path`.
+
+    The written file is the exact configuration a pipeline step ran with, so the step can be rerun by hand.
+    """
+    base = Path(base)
+    if not base.is_file():
+        raise ValueError(f"recipe config {base} does not exist")
+    config = yaml.safe_load(base.read_text()) or {}
+    config.update(updates)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    path.write_text(comment + yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+__all__ = ["RECIPES", "Step", "derived_config", "run_step"]

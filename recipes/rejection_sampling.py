@@ -1,0 +1,243 @@
+"""Rejection sampling: sample N answers per prompt from a policy, score them, keep the best for SFT and the
+(best, worst) pairs for DPO.
+
+    accelerate launch recipes/rejection_sampling.py --config recipes/configs/tiny/rejection_sampling.yaml
+    python recipes/rejection_sampling.py --config recipes/configs/tiny/rejection_sampling.yaml \
+        --model_name_or_path runs/tiny/sft --scorer combined --reward_model_name_or_path runs/tiny/reward
+
+The prompts are the zoo world's questions (`dataset_split`, from `prompt_offset`, `num_prompts` of them) or a local
+prompt set (`dataset_path`). Scorers: `verifier` (the world's answer checker; needs question records), `reward`
+(a reward model from recipes/reward.py) or `combined` (weighted sum). With a reward model and question records, the
+reward model's ranking is compared with the verifier's (`reward_verifier_agreement`). A killed run continues where
+it stopped when started again with the same settings. Writes to `output_dir`: `candidates.jsonl` (every prompt's
+candidates and scores), `sft/` and `dpo/` (`save_to_disk` datasets that recipes/sft.py and recipes/dpo.py read as
+`datasets:` entries), `metrics.json` (statistics: score distribution, kept rows, pass@1, pass@N, per category),
+`sampling_config.json` and `rejects.jsonl`.
+"""
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from accelerate import PartialState
+from trl import ModelConfig, TrlParser, get_quantization_config
+
+from align.data import load_dataset_local
+from align.evaluation import load_eval_questions, load_model_for_eval
+from align.rejection_sampling import (
+    SamplingSettings,
+    build_datasets,
+    collect,
+    sample_and_score,
+    statistics_of,
+)
+from align.scoring import SCORERS, RewardModelScorer, VerifierScorer, WeightedScorer
+from align.world import CATEGORIES
+from align.zoo import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RejectionSamplingArguments:
+    """Prompts, sampling, scoring and selection (the policy is `ModelConfig.model_name_or_path`)."""
+
+    output_dir: str = field(metadata={"help": "Run folder: candidates.jsonl, sft/, dpo/, metrics.json."})
+    world_path: str | None = field(
+        default=None, metadata={"help": "Shapes world folder (default: the zoo's, .cache/zoo/world)."}
+    )
+    dataset_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts: a world folder, a save_to_disk folder or a TRL JSON/JSONL file of prompt rows (with a "
+            "`record` per row for the verifier). Default: world_path."
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of the world / DatasetDict to sample on."})
+    prompt_offset: int = field(default=0, metadata={"help": "Skip this many prompts first (e.g. a new slice per round)."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Prompts to sample for (default: all after the offset)."})
+    categories: list[str] | None = field(
+        default=None, metadata={"help": f"Only questions of these categories (world prompts): any of {list(CATEGORIES)}."}
+    )
+    num_candidates: int = field(default=8, metadata={"help": "Candidates sampled per prompt (N)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Answer length limit in tokens."})
+    prompts_per_batch: int = field(
+        default=8, metadata={"help": "Prompts per generate call (each with num_candidates sequences)."}
+    )
+    scorer: str = field(default="verifier", metadata={"help": f"How candidates are ranked: one of {list(SCORERS)}."})
+    reward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward model (recipes/reward.py output) for the `reward` and `combined` scorers; with the "
+            "`verifier` scorer it is only compared with the verifier (agreement statistics)."
+        },
+    )
+    verifier_weight: float = field(default=1.0, metadata={"help": "`combined`: weight of the verifier's 0/1 score."})
+    reward_weight: float = field(default=0.1, metadata={"help": "`combined`: weight of the reward model's score."})
+    sft_threshold: float = field(
+        default=0.5,
+        metadata={"help": "Keep a prompt's best candidate for SFT when its score is at least this (verifier: 1 right, 0 wrong)."},
+    )
+    min_margin: float = field(
+        default=0.5, metadata={"help": "Keep the (best, worst) pair for DPO when their scores differ by at least this."}
+    )
+    reward_batch_size: int = field(default=32, metadata={"help": "Candidates per reward-model forward."})
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base VLM of an adapter policy (default: from adapter_config.json)."}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Start over when output_dir holds candidates sampled with other settings."}
+    )
+    seed: int = field(default=0, metadata={"help": "Sampling seed (each batch is seeded from it and its first prompt)."})
+
+    def __post_init__(self):
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {list(SCORERS)}, got {self.scorer!r}")
+        if self.scorer in ("reward", "combined") and not self.reward_model_name_or_path:
+            raise ValueError(f"scorer {self.scorer!r} needs reward_model_name_or_path")
+        if self.prompt_offset < 0:
+            raise ValueError(f"prompt_offset must be >= 0, got {self.prompt_offset}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1 or unset (all), got {self.num_prompts}")
+        unknown = set(self.categories or []) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"categories has unknown names {sorted(unknown)}; supported: {list(CATEGORIES)}")
+        if self.min_margin < 0 or self.reward_batch_size < 1:
+            raise ValueError(f"min_margin must be >= 0 and reward_batch_size >= 1, got {self.min_margin}, {self.reward_batch_size}")
+        self.settings()  # validates the sampling settings
+
+    def settings(self) -> SamplingSettings:
+        return SamplingSettings(
+            num_candidates=self.num_candidates, temperature=self.temperature, top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens, prompts_per_batch=self.prompts_per_batch, seed=self.seed,
+        )
+
+
+def load_prompts(args: RejectionSamplingArguments, output_dir: Path) -> datasets.Dataset:
+    """The prompt rows: world questions (with records) or a local prompt set; bad rows listed in rejects.jsonl."""
+    source = Path(args.dataset_path or args.world_path or default_cache_dir() / "world")
+    try:
+        prompts = load_eval_questions(source, split=args.dataset_split)
+    except ValueError as error:
+        if args.scorer == "verifier" or "record" not in str(error):
+            raise
+        prompts, report = load_dataset_local(source, kind="prompt", split=args.dataset_split)
+        report.write(output_dir / "rejects.jsonl")
+    if args.categories:
+        if "category" not in prompts.column_names:
+            raise ValueError(f"{source}: the prompts have no `category` column to filter on")
+        prompts = prompts.filter(lambda c: c in args.categories, input_columns="category")
+    end = len(prompts) if args.num_prompts is None else min(len(prompts), args.prompt_offset + args.num_prompts)
+    if args.prompt_offset >= end:
+        raise ValueError(f"{source}: no prompts from offset {args.prompt_offset} (it has {len(prompts)})")
+    return prompts.select(range(args.prompt_offset, end))
+
+
+def check_settings(output_dir: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse to mix candidates sampled under other settings into a resumed run (or clear them with overwrite)."""
+    path = output_dir / "sampling_config.json"
+    if path.exists() and json.loads(path.read_text()) != settings:
+        if not overwrite:
+            raise ValueError(
+                f"{output_dir} holds candidates sampled with other settings ({path}); use another output_dir or "
+                "--overwrite true to start over"
+            )
+        for old in output_dir.glob("candidates*.jsonl"):
+            old.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2))
+
+
+def main(script_args: RejectionSamplingArguments, model_args: ModelConfig):
+    # ----- logging and seed -------------------------------------------------------------------------------------
+    state = PartialState(cpu=not torch.accelerator.is_available())
+    logging.basicConfig(
+        level=logging.INFO if state.is_main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    datasets.disable_progress_bars()
+    transformers.set_seed(script_args.seed)
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is required: the policy, a VLM folder or a PEFT adapter folder")
+    output_dir = Path(script_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ----- prompts ----------------------------------------------------------------------------------------------
+    prompts = load_prompts(script_args, output_dir)
+    settings = {
+        **{k: v for k, v in asdict(script_args).items() if k not in ("output_dir", "overwrite", "reward_batch_size")},
+        "model_name_or_path": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
+        "prompts": len(prompts),
+    }
+    if state.is_main_process:
+        check_settings(output_dir, settings, script_args.overwrite)
+    state.wait_for_everyone()
+    logger.info("%d prompts, %d candidates each", len(prompts), script_args.num_candidates)
+
+    # ----- policy and scorers -----------------------------------------------------------------------------------
+    model, processor = load_model_for_eval(
+        model_args.model_name_or_path, base_model_name_or_path=script_args.base_model_name_or_path,
+        dtype=model_args.dtype, quantization_config=get_quantization_config(model_args), device=state.device,
+        attn_implementation=model_args.attn_implementation,
+    )
+    has_records = "record" in prompts.column_names
+    verifier = VerifierScorer() if has_records else None
+    reward = None
+    if script_args.reward_model_name_or_path:
+        reward = RewardModelScorer.from_pretrained(
+            script_args.reward_model_name_or_path, batch_size=script_args.reward_batch_size, device=state.device
+        )
+    if script_args.scorer == "verifier":
+        if verifier is None:
+            raise ValueError("the verifier scorer needs prompts with a `record` column (question records)")
+        scorer, reference = verifier, reward
+    elif script_args.scorer == "reward":
+        scorer, reference = reward, verifier
+    else:
+        parts = {"reward": reward} if verifier is None else {"verifier": verifier, "reward": reward}
+        weights = {"verifier": script_args.verifier_weight, "reward": script_args.reward_weight}
+        scorer, reference = WeightedScorer(parts, {k: weights[k] for k in parts}), None
+
+    # ----- sample and score (resumable, batches dealt over processes) -------------------------------------------
+    sample_and_score(
+        model, processor, prompts, scorer, script_args.settings(), output_dir, reference_scorer=reference,
+        process_index=state.process_index, num_processes=state.num_processes,
+    )
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+
+    # ----- select and save --------------------------------------------------------------------------------------
+    records = collect(output_dir, len(prompts))
+    sft, dpo = build_datasets(prompts, records, script_args.sft_threshold, script_args.min_margin)
+    for name, data in (("sft", sft), ("dpo", dpo)):
+        if (output_dir / name).exists():
+            shutil.rmtree(output_dir / name)
+        data.save_to_disk(str(output_dir / name))
+    stats = statistics_of(records, script_args.sft_threshold, script_args.min_margin)
+    stats["model_name_or_path"] = model_args.model_name_or_path
+    stats["scorer"] = script_args.scorer
+    (output_dir / "metrics.json").write_text(json.dumps(stats, indent=2))
+    summary = f"{stats['sft_rows']} SFT rows and {stats['dpo_pairs']} DPO pairs from {stats['prompts']} prompts"
+    if "pass@1" in stats:
+        n = script_args.num_candidates
+        summary += f"; pass@1 {stats['pass@1']:.3f}, pass@{n} {stats[f'pass@{n}']:.3f}"
+    if "reward_verifier_agreement" in stats:
+        summary += f"; reward model agrees with the verifier on {stats['reward_verifier_agreement']:.1%} of pairs"
+    logger.info("%s; wrote %s", summary, output_dir)
+    return stats
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((RejectionSamplingArguments, ModelConfig))
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

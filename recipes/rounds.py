@@ -1,0 +1,221 @@
+"""Multi-round post-training, as in Llama 3's: each round samples answers from the current policy, keeps the best,
+fine-tunes on them and runs DPO on the new pairs.
+
+    python recipes/rounds.py --config recipes/configs/tiny/rounds.yaml
+    python recipes/rounds.py --config recipes/configs/tiny/rounds.yaml --rounds 3 --launcher "accelerate launch --config_file recipes/accelerate/single.yaml"
+
+Round r (1..R), with the round r-1 policy (round 0: `policy`):
+
+    rejection sampling (recipes/rejection_sampling.py, a new slice of prompts each round)
+    -> SFT (recipes/sft.py) on the kept answers mixed with the original SFT data (refusals included)
+    -> DPO (recipes/dpo.py) on the new (best, worst) pairs
+    -> evaluation (recipes/evaluate.py) on the held-out questions
+
+Each stage runs in its own process from a config derived from the stage's own YAML (`*_config`), written into the
+round's folder next to its output, so any step can be rerun by hand. A step whose output holds its `metrics.json`
+is skipped: a killed run continues where it stopped. Writes `output_dir/metrics.json` (every round's sampling
+statistics and held-out accuracy) and `output_dir/scoreboard.md`.
+"""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import TrlParser
+
+from align.evaluation import scoreboard
+from align.pipeline import RECIPES, Step, derived_config, run_step
+
+logger = logging.getLogger(__name__)
+TINY = RECIPES / "configs" / "tiny"
+HEADER = "Derived by recipes/rounds.py from {base}; rerun this step with: python recipes/{script} --config <this file>"
+
+
+@dataclass
+class RoundsArguments:
+    """The rounds, the stage configs they derive from, and what changes per round."""
+
+    output_dir: str = field(metadata={"help": "Folder for every round's outputs, metrics.json and scoreboard.md."})
+    policy: str = field(metadata={"help": "The round-0 policy: a VLM folder or an adapter folder (e.g. a DPO run)."})
+    rounds: int = field(default=2, metadata={"help": "Number of rounds R."})
+    policy_load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load adapter policies over a 4-bit base to sample and evaluate (QLoRA runs)."}
+    )
+    rejection_sampling_config: str = field(
+        default=str(TINY / "rejection_sampling.yaml"), metadata={"help": "YAML of recipes/rejection_sampling.py."}
+    )
+    sft_config: str = field(default=str(TINY / "sft_qlora.yaml"), metadata={"help": "YAML of recipes/sft.py."})
+    dpo_config: str = field(default=str(TINY / "dpo_qlora.yaml"), metadata={"help": "YAML of recipes/dpo.py."})
+    evaluate_config: str = field(default=str(TINY / "evaluate.yaml"), metadata={"help": "YAML of recipes/evaluate.py."})
+    prompts_per_round: int = field(
+        default=400, metadata={"help": "Prompts sampled per round; round r takes the r-th slice of the prompt set."}
+    )
+    sampled_weight: float = field(
+        default=1.0, metadata={"help": "SFT mixture: weight of the rejection-sampled answers."}
+    )
+    original_weight: float = field(
+        default=1.0,
+        metadata={"help": "SFT mixture: weight of the original SFT data (conversations, refusals, captions)."},
+    )
+    sft_mixture_size: int | None = field(
+        default=None, metadata={"help": "Rows of each round's SFT mixture (default: as the SFT config's data gives)."}
+    )
+    sft_max_steps: int | None = field(default=None, metadata={"help": "Override the SFT config's max_steps."})
+    dpo_max_steps: int | None = field(default=None, metadata={"help": "Override the DPO config's max_steps."})
+    reward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A reward model for rejection sampling (its scorer, or only compared with the verifier)."},
+    )
+    scorer: str = field(default="verifier", metadata={"help": "Rejection-sampling scorer: verifier, reward or combined."})
+    num_questions: int | None = field(default=None, metadata={"help": "Held-out questions per evaluation (default: the evaluate config's)."})
+    initial_eval: str | None = field(
+        default=None,
+        metadata={"help": "metrics.json of the round-0 policy's evaluation to show as round 0 (default: evaluate it)."},
+    )
+    launcher: str = field(
+        default="python",
+        metadata={"help": "Command each stage runs under: python, or e.g. `accelerate launch --config_file ...`."},
+    )
+    seed: int = field(default=0, metadata={"help": "Round r's stages use seed + r."})
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.prompts_per_round < 1:
+            raise ValueError(f"prompts_per_round must be >= 1, got {self.prompts_per_round}")
+        if self.sampled_weight <= 0 or self.original_weight < 0:
+            raise ValueError(
+                f"sampled_weight must be > 0 and original_weight >= 0, got {self.sampled_weight}, {self.original_weight}"
+            )
+        for name in ("rejection_sampling_config", "sft_config", "dpo_config", "evaluate_config"):
+            if not Path(getattr(self, name)).is_file():
+                raise ValueError(f"{name}: {getattr(self, name)} does not exist")
+        if self.initial_eval is not None and not Path(self.initial_eval).is_file():
+            raise ValueError(f"initial_eval: {self.initial_eval} does not exist")
+
+
+def _step(args: RoundsArguments, run_dir: Path, name: str, script: str, base: str, updates: dict) -> Step:
+    config = derived_config(base, updates, run_dir / f"{name}.yaml", HEADER.format(base=base, script=script))
+    return Step(name, script, config, launcher=args.launcher)
+
+
+def evaluation_step(args: RoundsArguments, run_dir: Path, name: str, model: str, seed: int) -> Step:
+    updates = {"model_name_or_path": model, "load_in_4bit": args.policy_load_in_4bit, "seed": seed}
+    if args.num_questions is not None:
+        updates["num_questions"] = args.num_questions
+    return _step(args, run_dir, name, "evaluate.py", args.evaluate_config, updates)
+
+
+def sampling_step(args: RoundsArguments, number: int, policy: str) -> Step:
+    """Round `number`'s rejection sampling with `policy`, on the round's own slice of prompts."""
+    run_dir = Path(args.output_dir) / f"round{number}"
+    updates = {
+        "model_name_or_path": policy, "load_in_4bit": args.policy_load_in_4bit, "seed": args.seed + number,
+        "prompt_offset": (number - 1) * args.prompts_per_round, "num_prompts": args.prompts_per_round,
+        "scorer": args.scorer,
+    }
+    if args.reward_model_name_or_path:
+        updates["reward_model_name_or_path"] = args.reward_model_name_or_path
+    return _step(args, run_dir, "rejection_sampling", "rejection_sampling.py", args.rejection_sampling_config, updates)
+
+
+def sft_step(args: RoundsArguments, number: int, policy: str, sampled_rows: int) -> Step:
+    """Round `number`'s SFT of `policy` on the kept answers mixed with the original SFT data (the original data
+    alone when no answer was kept)."""
+    run_dir = Path(args.output_dir) / f"round{number}"
+    seed = args.seed + number
+    updates = {"model_name_or_path": policy, "seed": seed, "mixture_seed": seed}
+    if sampled_rows:
+        source = {"path": str(run_dir / "rejection_sampling" / "sft"), "weight": args.sampled_weight,
+                  "name": "rejection_sampled"}
+        updates.update(datasets=[source], world_weight=args.original_weight)
+    if args.sft_mixture_size is not None:
+        updates["mixture_size"] = args.sft_mixture_size
+    if args.sft_max_steps is not None:
+        updates["max_steps"] = args.sft_max_steps
+    return _step(args, run_dir, "sft", "sft.py", args.sft_config, updates)
+
+
+def dpo_step(args: RoundsArguments, number: int) -> Step:
+    """Round `number`'s DPO of its SFT output on the round's (best, worst) pairs."""
+    run_dir = Path(args.output_dir) / f"round{number}"
+    seed = args.seed + number
+    updates = {
+        "model_name_or_path": str(run_dir / "sft"), "seed": seed, "mixture_seed": seed,
+        "datasets": [{"path": str(run_dir / "rejection_sampling" / "dpo"), "name": "rejection_sampled_pairs"}],
+    }
+    if args.dpo_max_steps is not None:
+        updates["max_steps"] = args.dpo_max_steps
+    return _step(args, run_dir, "dpo", "dpo.py", args.dpo_config, updates)
+
+
+def run_round(args: RoundsArguments, number: int, policy: str) -> tuple[str, dict]:
+    """Run round `number` from `policy`; returns the round's policy and its stages' metrics."""
+    run_dir = Path(args.output_dir) / f"round{number}"
+    tag = f"round {number}"
+    metrics = {"rejection_sampling": run_step(sampling_step(args, number, policy), run_dir, tag=tag)}
+    sampled = metrics["rejection_sampling"]
+    if not sampled["sft_rows"]:
+        logger.warning("round %d: no sampled answer passed the threshold; SFT on the original data only", number)
+    metrics["sft"] = run_step(sft_step(args, number, policy, sampled["sft_rows"]), run_dir, tag=tag)
+    policy = str(run_dir / "sft")
+    if sampled["dpo_pairs"]:
+        metrics["dpo"] = run_step(dpo_step(args, number), run_dir, tag=tag)
+        policy = str(run_dir / "dpo")
+    else:
+        logger.warning("round %d: no pair met the margin; DPO skipped, the round's policy is its SFT output", number)
+    metrics["eval"] = run_step(evaluation_step(args, run_dir, "eval", policy, args.seed + number), run_dir, tag=tag)
+    return policy, metrics
+
+
+SAMPLING_KEYS = ("prompts", "sft_rows", "dpo_pairs", "any_correct", "pass@1", "reward_verifier_agreement")
+
+
+def main(args: RoundsArguments) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ----- round 0: the starting policy's evaluation ------------------------------------------------------------
+    if args.initial_eval:
+        initial = json.loads(Path(args.initial_eval).read_text())
+    else:
+        initial = run_step(evaluation_step(args, output_dir, "round0-eval", args.policy, args.seed), output_dir, tag="rounds")
+    results = {"round 0": initial}
+    summary = {"policy": args.policy, "rounds": []}
+
+    # ----- rounds -----------------------------------------------------------------------------------------------
+    policy = args.policy
+    for number in range(1, args.rounds + 1):
+        start_policy = policy
+        policy, metrics = run_round(args, number, policy)
+        sampled = metrics["rejection_sampling"]
+        kept = {key: sampled[key] for key in (*SAMPLING_KEYS, f"pass@{_candidates(sampled)}") if key in sampled}
+        summary["rounds"].append(
+            {"round": number, "start_policy": start_policy, "policy": policy, "rejection_sampling": kept,
+             "eval": metrics["eval"]}
+        )
+        results[f"round {number}"] = metrics["eval"]
+        logger.info("round %d: %s -> held-out accuracy %.1f%%", number, kept, 100 * metrics["eval"]["accuracy"])
+
+    # ----- save -------------------------------------------------------------------------------------------------
+    board = scoreboard(results)
+    summary["final_policy"] = policy
+    summary["initial_eval"] = initial
+    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / "scoreboard.md").write_text(board + "\n")
+    print(board)
+    return summary
+
+
+def _candidates(stats: dict) -> int:
+    return max(stats["candidates"] // max(stats["prompts"], 1), 1)
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((RoundsArguments,))
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

@@ -1,0 +1,119 @@
+"""recipes/rejection_sampling.py end to end: the script on a tiny VLM and world, its outputs and statistics, a run
+killed midway and continued (no prompt lost or repeated, the same candidates as an uninterrupted run), and clear
+errors for bad settings."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from align.data import load_dataset_local
+from tests.align.training_helpers import REPO, read_json, run_recipe, tiny_vlm, tiny_world
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rejection_sampling")
+    return {
+        "vlm": tiny_vlm(root / "vlm", tiny_parts["siglip"], tiny_parts["llama"]),
+        "world": tiny_world(root / "world", images=12),
+    }
+
+
+def config(setup, output_dir, **settings) -> dict:
+    return {
+        "model_name_or_path": setup["vlm"], "dtype": "float32", "world_path": setup["world"], "dataset_split": "train",
+        "output_dir": str(output_dir), "num_prompts": 12, "num_candidates": 3, "max_new_tokens": 6,
+        "prompts_per_batch": 4, "temperature": 1.0, "seed": 0, **settings,
+    }
+
+
+def candidates(output_dir) -> dict[int, list[str]]:
+    lines = (output_dir / "candidates.jsonl").read_text().splitlines()
+    return {r["index"]: r["candidates"] for r in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_outputs_statistics_and_datasets(setup, tmp_path):
+    out = tmp_path / "run"
+    run_recipe("rejection_sampling.py", config(setup, out), tmp_path)
+    records = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(12))
+    assert all(len(r["candidates"]) == 3 and r["verifier"] == r["scores"] for r in records)
+    assert all(set(s) <= {0.0, 1.0} for r in records for s in [r["scores"]])
+    stats = read_json(out / "metrics.json")
+    assert stats["prompts"] == 12 and stats["candidates"] == 36
+    correct = [sum(r["verifier"]) for r in records]
+    assert stats["any_correct"] == pytest.approx(sum(c > 0 for c in correct) / 12)
+    assert stats["pass@1"] == pytest.approx(sum(correct) / 36)
+    assert stats["sft_rows"] == sum(c > 0 for c in correct)
+    assert stats["dpo_pairs"] == sum(0 < c < 3 for c in correct)
+    sft, _ = load_dataset_local(out / "sft", kind="sft")
+    dpo, _ = load_dataset_local(out / "dpo", kind="preference")
+    assert len(sft) == stats["sft_rows"] and len(dpo) == stats["dpo_pairs"]
+
+
+@pytest.mark.slow
+def test_a_killed_run_continues_without_lost_or_repeated_prompts(setup, tmp_path):
+    settings = {"num_prompts": 48, "prompts_per_batch": 2, "max_new_tokens": 12}
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    path = killed / "config.yaml"
+    path.write_text(yaml.safe_dump(config(setup, killed, **settings)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, str(REPO / "recipes/rejection_sampling.py"), "--config", str(path)]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    file = killed / "candidates.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if file.exists() and len(file.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(file.read_text().splitlines())
+    assert 4 <= done_before < 48
+
+    result = run_recipe("rejection_sampling.py", config(setup, killed, **settings), tmp_path)
+    assert "resuming:" in result.stdout + result.stderr
+    indices = [json.loads(line)["index"] for line in file.read_text().splitlines()]
+    assert sorted(indices) == list(range(48))  # none lost, none twice
+
+    clean = tmp_path / "clean"
+    run_recipe("rejection_sampling.py", config(setup, clean, **settings), tmp_path)
+    assert candidates(killed) == candidates(clean)  # each batch is seeded on its own
+    assert read_json(killed / "metrics.json")["sft_rows"] == read_json(clean / "metrics.json")["sft_rows"]
+
+
+@pytest.mark.slow
+def test_other_settings_in_the_same_folder_are_refused(setup, tmp_path):
+    out = tmp_path / "run"
+    run_recipe("rejection_sampling.py", config(setup, out, num_prompts=4), tmp_path)
+    with pytest.raises(AssertionError, match="holds candidates sampled with other settings"):
+        run_recipe("rejection_sampling.py", config(setup, out, num_prompts=4, temperature=0.5), tmp_path)
+    run_recipe("rejection_sampling.py", config(setup, out, num_prompts=4, temperature=0.5), tmp_path, "--overwrite", "true")
+    assert read_json(out / "sampling_config.json")["temperature"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"scorer": "judge"}, "scorer must be one of"),
+        ({"scorer": "reward"}, "needs reward_model_name_or_path"),
+        ({"num_candidates": 1}, "num_candidates must be >= 2"),
+        ({"categories": ["colour"]}, "categories has unknown names"),
+    ],
+)
+def test_bad_settings_are_named(setup, tmp_path, override, message):
+    from tests.align.training_helpers import load_recipe
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config(setup, tmp_path / "run", **override)))
+    with pytest.raises(ValueError, match=message):
+        load_recipe("rejection_sampling").make_parser().parse_args_and_config(["--config", str(path)])

@@ -1,0 +1,79 @@
+"""recipes/rounds.py end to end: one round (rejection sampling -> SFT on the kept answers mixed with the original
+data -> DPO on the new pairs -> evaluation) on tiny stage configs, every stage a real recipe in its own process."""
+
+import pytest
+import yaml
+
+from tests.align.training_helpers import TINY_TRAINING, load_recipe, read_json, run_recipe, tiny_vlm, tiny_world
+
+
+def write(path, config: dict) -> str:
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rounds")
+    world = tiny_world(root / "world", images=12)
+    lora = {"use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "max_length": None, "max_steps": 2}
+    configs = {
+        # A random tiny policy rarely answers right: keep each prompt's best and pair it with its worst regardless.
+        "rejection_sampling_config": write(root / "rs.yaml", {
+            "dtype": "float32", "world_path": world, "dataset_split": "train", "output_dir": "unused",
+            "num_candidates": 3, "max_new_tokens": 6, "prompts_per_batch": 4, "sft_threshold": 0.0, "min_margin": 0.0,
+        }),
+        "sft_config": write(root / "sft.yaml", {
+            **TINY_TRAINING, **lora, "output_dir": "unused", "world_path": world, "assistant_only_loss": True,
+            "refusal_weight": 0.1,
+        }),
+        "dpo_config": write(root / "dpo.yaml", {
+            **TINY_TRAINING, **lora, "output_dir": "unused", "beta": 0.1, "precompute_ref_log_probs": True,
+        }),
+        "evaluate_config": write(root / "eval.yaml", {
+            "dtype": "float32", "world_path": world, "dataset_split": "train", "output_dir": "unused",
+            "num_questions": 6, "batch_size": 6, "max_new_tokens": 6,
+        }),
+    }
+    return {"root": root, "vlm": tiny_vlm(root / "vlm", tiny_parts["siglip"], tiny_parts["llama"]), **configs}
+
+
+@pytest.mark.slow
+def test_one_round_on_tiny_configs(setup, tmp_path):
+    out = tmp_path / "rounds"
+    config = {
+        "policy": setup["vlm"], "output_dir": str(out), "rounds": 1, "prompts_per_round": 8,
+        **{k: setup[k] for k in ("rejection_sampling_config", "sft_config", "dpo_config", "evaluate_config")},
+    }
+    run_recipe("rounds.py", config, tmp_path, timeout=900)
+    summary = read_json(out / "metrics.json")
+    (round1,) = summary["rounds"]
+    assert round1["start_policy"] == setup["vlm"] and round1["policy"] == str(out / "round1" / "dpo")
+    assert round1["rejection_sampling"]["prompts"] == 8 and round1["rejection_sampling"]["sft_rows"] == 8
+    assert round1["eval"]["total"] == 6 and summary["initial_eval"]["total"] == 6
+    board = (out / "scoreboard.md").read_text()
+    assert "| round 0 | 6 |" in board and "| round 1 | 6 |" in board
+
+    # The SFT mixed the kept answers with the original data; DPO trained on the round's pairs.
+    sft_log = (out / "round1" / "sft.log").read_text()
+    assert "mixture: rejection_sampled gives" in sft_log and "mixture: world gives" in sft_log
+    assert read_json(out / "round1" / "dpo" / "metrics.json")["rows"]["train"] == round1["rejection_sampling"]["dpo_pairs"]
+
+    # Every derived config re-parses into its recipe and names the round's inputs.
+    for name, script in (("rejection_sampling", "rejection_sampling"), ("sft", "sft"), ("dpo", "dpo"), ("eval", "evaluate")):
+        parsed = load_recipe(script).make_parser().parse_args_and_config(["--config", str(out / "round1" / f"{name}.yaml")])
+        assert parsed and all(p is not None for p in parsed)
+    sampling = yaml.safe_load((out / "round1" / "rejection_sampling.yaml").read_text())
+    assert sampling["model_name_or_path"] == setup["vlm"] and sampling["prompt_offset"] == 0
+
+    # A second run reuses every finished step.
+    again = run_recipe("rounds.py", config, tmp_path, timeout=300)
+    assert again.stdout.count("done before, reusing") == 5
+
+
+def test_bad_settings_are_named(setup, tmp_path):
+    path = tmp_path / "config.yaml"
+    for override, message in (({"rounds": 0}, "rounds must be >= 1"), ({"sft_config": "missing.yaml"}, "sft_config")):
+        path.write_text(yaml.safe_dump({"policy": setup["vlm"], "output_dir": str(tmp_path), **override}))
+        with pytest.raises(ValueError, match=message):
+            load_recipe("rounds").make_parser().parse_args_and_config(["--config", str(path)])
