@@ -88,6 +88,8 @@ class EvaluateArguments:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_questions is not None and self.num_questions < 1:
             raise ValueError(f"num_questions must be at least 1 or unset (all), got {self.num_questions}")
+        if self.base_llm is not None and not Path(self.base_llm).is_dir():
+            raise ValueError(f"base_llm {self.base_llm!r} is not a local folder (leave it unset to skip the text regression)")
 
 
 def main(script_args: EvaluateArguments, model_args: ModelConfig):

@@ -2,7 +2,8 @@
 
 Small enough to train and evaluate tiny VLMs on a CPU, with answers that are right or wrong beyond
 doubt. `build_world` writes the dataset; `caption_rows`, `prompt_rows` and `text_corpus` derive the
-views each training stage needs; `verify` scores a free-text answer against a question record.
+views each training stage needs; `verify` scores a free-text answer against a question record, and
+`record_for_question` turns a free-text question in the world's grammar into one.
 """
 
 from .dataset import (
@@ -23,6 +24,7 @@ from .language import (
     make_conversation,
     make_questions,
 )
+from .parse import question_category, record_for_question
 from .render import render
 from .scene import (
     COLORS,
@@ -61,6 +63,8 @@ __all__ = [
     "make_questions",
     "normalize",
     "prompt_rows",
+    "question_category",
+    "record_for_question",
     "relation_holds",
     "render",
     "text_corpus",
