@@ -42,6 +42,10 @@ recipes: install
 	$(ACCELERATE) recipes/sft.py --config $(TINY)/sft.yaml
 	$(ACCELERATE) recipes/dpo.py --config $(TINY)/dpo.yaml
 	$(ACCELERATE) recipes/evaluate.py --config $(TINY)/evaluate.yaml
+	$(ACCELERATE) recipes/reward.py --config $(TINY)/reward.yaml
+	$(ACCELERATE) recipes/rejection_sampling.py --config $(TINY)/rejection_sampling.yaml --reward_model_name_or_path runs/tiny/reward
+	$(ACCELERATE) recipes/augment.py --config $(TINY)/augment.yaml
+	$(PY) recipes/rounds.py --config $(TINY)/rounds.yaml --rounds 1 --launcher "$(ACCELERATE)"
 	$(PY) recipes/export.py --config $(TINY)/export.yaml
 
 # Export the default run's final model (make demo's DPO adapter) in every format that applies, verified.

@@ -1,0 +1,178 @@
+"""`VLMForRewardModeling`: the VLM's backbone with a scalar head, scoring a conversation (image + prompt + answer).
+
+Shaped like transformers' `*ForSequenceClassification` (e.g. `LlamaForSequenceClassification`): `model` is the
+`VLMModel` (vision towers, projectors, LLM without its LM head) and `score` a bias-free `Linear(text_hidden, 1)` read
+at each row's last real token, so a reward model loads with `AutoModelForSequenceClassification` once `import model`
+has registered it, and the TRL/PEFT conventions for reward models (`num_labels=1`, a `score` head trained in full
+under LoRA) hold unchanged.
+
+    reward = VLMForRewardModeling.from_vlm("runs/tiny/sft/merged")  # backbone weights from a VLM, head at zero
+    scores = reward(**processor(images=..., text=..., padding=True, return_tensors="pt")).logits  # [batch, 1]
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+from transformers import BitsAndBytesConfig
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_vlm import VLMConfig
+from .modeling_vlm import VLMForConditionalGeneration, VLMModel, VLMPreTrainedModel
+
+
+def last_token_indices(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[batch]` index of each row's last real token (the rightmost 1 of `attention_mask`), for left or right padding.
+
+    Read from the mask rather than from `pad_token_id` (transformers' `*ForSequenceClassification` way): the VLM's
+    tokenizers often pad with their end-of-turn token, which is exactly the last real token of a rendered answer.
+    """
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * (attention_mask != 0)).argmax(dim=-1)
+
+
+class VLMForRewardModeling(VLMPreTrainedModel):
+    """The VLM's `VLMModel` backbone + `score`, a scalar reward per sequence (`num_labels` is always 1).
+
+    Args:
+        config: the VLM's `VLMConfig`; `num_labels` is set to 1 and `architectures` to this class.
+        backbone: an existing `VLMModel` to wrap without copying (e.g. a VLM's `.model`, see `from_vlm`).
+    """
+
+    # A reward model saved by `from_vlm` or loaded from a plain VLM folder: the LM head is not part of it, and the
+    # head is new (initialised by `_init_weights`).
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+    _keys_to_ignore_on_load_missing = [r"^score\."]
+    # Quantising the LLM only (QLoRA): the towers, projectors, adapters and the head stay full precision.
+    modules_not_to_quantize = ("model.vision_towers", "model.projectors", "model.cross_attention", "score")
+
+    def __init__(self, config: VLMConfig, backbone: VLMModel | None = None):
+        config.num_labels = 1
+        config.architectures = [type(self).__name__]
+        super().__init__(config)
+        self.num_labels = 1
+        self.model = backbone if backbone is not None else VLMModel(config)
+        self.score = nn.Linear(config.text_config.hidden_size, 1, bias=False)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is getattr(self, "score", None):
+            # Zero head: before training every answer scores 0, so the Bradley-Terry loss starts at ln 2 and the
+            # pairwise accuracy at chance (ties), whatever the backbone.
+            init.zeros_(module.weight)
+
+    @classmethod
+    def from_vlm(
+        cls, path_or_model: str | os.PathLike | VLMForConditionalGeneration, **kwargs
+    ) -> VLMForRewardModeling:
+        """A reward model on a VLM's backbone, with a new (zero) head.
+
+        Args:
+            path_or_model: a saved VLM folder (its LM head is dropped on load), or a `VLMForConditionalGeneration`
+                whose `.model` is shared, not copied (its weights are the reward model's).
+            **kwargs: `from_pretrained` options for a folder (`dtype`, `quantization_config`, `attn_implementation`,
+                ...); none for a model instance.
+
+        Returns:
+            The `VLMForRewardModeling`.
+        """
+        if isinstance(path_or_model, VLMForConditionalGeneration):
+            if kwargs:
+                raise ValueError(f"from_vlm takes loading options only with a folder, got {sorted(kwargs)}")
+            backbone = path_or_model.model
+            reward = cls(copy.deepcopy(path_or_model.config), backbone=backbone)
+            return reward.to(backbone.get_input_embeddings().weight.device)
+        if not os.path.isdir(path_or_model):
+            raise ValueError(f"from_vlm needs a VLM folder or a VLMForConditionalGeneration, got {path_or_model!r}")
+        return cls.from_pretrained(path_or_model, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, quantization_config=None, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a bitsandbytes config without `llm_int8_skip_modules` gets
+        `modules_not_to_quantize`, so only the LLM is quantised (as `VLMForConditionalGeneration.from_pretrained`)."""
+        if isinstance(quantization_config, BitsAndBytesConfig) and quantization_config.llm_int8_skip_modules is None:
+            quantization_config = copy.deepcopy(quantization_config)
+            quantization_config.llm_int8_skip_modules = list(cls.modules_not_to_quantize)
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        return super().from_pretrained(*args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        cross_attention_states: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        r"""
+        The inputs of `VLMForConditionalGeneration.forward` (see `VLMModel.forward` for the visual ones).
+
+        Returns `logits` `[batch, 1]`: the score at each row's last real token (the rightmost 1 of
+        `attention_mask`; without a mask, the last position). With a mask and no `position_ids`, positions count
+        real tokens only, so a left-padded row scores exactly as the same row right-padded. `labels` (`[batch]`
+        floats) give transformers' regression loss (MSE), as `*ForSequenceClassification` with `num_labels=1`.
+        """
+        if position_ids is None and attention_mask is not None and past_key_values is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_features=image_features,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=bool(use_cache),  # scoring never decodes further; a cache would only cost memory
+            cross_attention_mask=cross_attention_mask,
+            cross_attention_states=cross_attention_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            last = last_token_indices(attention_mask).to(hidden_states.device)
+        else:
+            last = torch.full((batch,), hidden_states.shape[1] - 1, device=hidden_states.device)
+        pooled = hidden_states[torch.arange(batch, device=hidden_states.device), last]
+        logits = self.score(pooled.to(self.score.weight.dtype))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["VLMForRewardModeling", "last_token_indices"]
