@@ -6,7 +6,8 @@
 Builds the shapes world and the tiny pretrained parts (reusing what is built), then runs the real recipes
 in order, each in its own process exactly as a user launches them:
 
-    stage 1 (prepend and cross-attention) -> SFT (QLoRA) -> DPO (QLoRA) -> evaluate after each stage
+    stage 1 (prepend and cross-attention) -> SFT (QLoRA) -> DPO (QLoRA)
+    -> rounds of rejection sampling -> SFT -> DPO (recipes/rounds.py) -> evaluate after each stage
 
 and prints the quality figures of the parts, the stage-1 caption figures and a scoreboard (accuracy per
 question category after each stage), and writes `report.md` and `report.png` into the run folder. A step
@@ -27,7 +28,7 @@ from align.zoo import REPO_ROOT, ZooConfig, build_zoo, format_quality
 CONFIGS = RECIPES / "configs" / "tiny"
 
 
-def pipeline(run_dir: Path, eval_questions: int) -> list[Step]:
+def pipeline(run_dir: Path, eval_questions: int, force: bool = False) -> list[Step]:
     """The default pipeline; later stages read earlier stages' output folders."""
     evaluate = {"num_questions": eval_questions}
     return [
@@ -38,7 +39,25 @@ def pipeline(run_dir: Path, eval_questions: int) -> list[Step]:
         Step("eval-stage1", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "stage1-prepend", **evaluate}),
         Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", "load_in_4bit": True, **evaluate}),
         Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", "load_in_4bit": True, **evaluate}),
+        Step("rounds", "rounds.py", CONFIGS / "rounds.yaml", {
+            "policy": run_dir / "dpo", "policy_load_in_4bit": True, "sft_config": CONFIGS / "sft_qlora.yaml",
+            "dpo_config": CONFIGS / "dpo_qlora.yaml", "initial_eval": run_dir / "eval-dpo" / "metrics.json",
+            "num_questions": eval_questions, "force": force,
+        }),
     ]
+
+
+def sampling_table(rounds: dict) -> str:
+    """Markdown table of each round's rejection sampling: prompts, pass@1, pass@N, kept SFT rows and DPO pairs."""
+    lines = ["| round | prompts | pass@1 | pass@N | SFT rows kept | DPO pairs |", "|---|---:|---:|---:|---:|---:|"]
+    for entry in rounds["rounds"]:
+        stats = entry["rejection_sampling"]
+        pass_n = next((v for k, v in stats.items() if k.startswith("pass@") and k != "pass@1"), float("nan"))
+        lines.append(
+            f"| {entry['round']} | {stats['prompts']} | {stats.get('pass@1', float('nan')):.1%} | {pass_n:.1%} "
+            f"| {stats['sft_rows']} | {stats['dpo_pairs']} |"
+        )
+    return "\n".join(lines)
 
 
 def caption_table(results: dict[str, dict]) -> str:
@@ -70,18 +89,22 @@ def main(argv=None):
     print("\n## Tiny pretrained parts\n")
     print(format_quality(report))
 
-    results = {step.name: run_step(step, run_dir, args.force, tag="demo") for step in pipeline(run_dir, args.eval_questions)}
+    results = {step.name: run_step(step, run_dir, args.force, tag="demo") for step in pipeline(run_dir, args.eval_questions, args.force)}
 
     print("\n## Stage 1: captioning held-out images\n")
     print(caption_table({"prepend": results["stage1-prepend"], "cross-attention": results["stage1-cross_attention"]}))
     board = {"stage 1": results["eval-stage1"], "SFT (QLoRA)": results["eval-sft"], "DPO (QLoRA)": results["eval-dpo"]}
-    print("\n## Scoreboard: held-out accuracy per category (seed 0)\n")
-    print(scoreboard(board))
     curves = {
         "stage 1": load_log_history(run_dir / "stage1-prepend"),
         "SFT (QLoRA)": load_log_history(run_dir / "sft"),
         "DPO (QLoRA)": load_log_history(run_dir / "dpo"),
     }
+    for entry in results["rounds"]["rounds"]:
+        board[f"round {entry['round']}"] = entry["eval"]
+    print("\n## Rejection sampling per round (verifier-scored, on new training prompts)\n")
+    print(sampling_table(results["rounds"]))
+    print("\n## Scoreboard: held-out accuracy per category (seed 0)\n")
+    print(scoreboard(board))
     paths = write_report(run_dir, board, curves)
     print(f"\nreport: {paths['report']} and {paths['plot']}")
     print(f"make demo finished in {time.time() - t0:.0f} s")

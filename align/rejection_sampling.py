@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,16 +136,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def select(candidates: Sequence[str], scores: Sequence[float], threshold: float, min_margin: float) -> dict:
     """The best and worst candidate of one prompt and what they are kept for.
 
+    Among equal scores (a verifier's 0/1 ties often), the answer sampled most often wins: the best is the policy's
+    most frequent right answer, and the worst its most frequent wrong one, i.e. the mistake greedy decoding
+    makes, rather than a one-off garbled sample; further ties go to the first sampled.
+
     Returns:
-        `best`, `worst` (candidate indices; the first of equal scores), `sft` (the best scores >= `threshold`) and
-        `pair` (best - worst >= `min_margin` and the two texts differ).
+        `best`, `worst` (candidate indices), `sft` (the best scores >= `threshold`) and `pair` (best - worst >=
+        `min_margin` and the two texts differ).
     """
     if not candidates or len(candidates) != len(scores):
         raise ValueError(f"{len(scores)} scores for {len(candidates)} candidates")
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    worst = min(range(len(scores)), key=lambda i: (scores[i], i))
+    texts = [c.strip() for c in candidates]
+    frequency = Counter(texts)
+    best = max(range(len(scores)), key=lambda i: (scores[i], frequency[texts[i]], -i))
+    worst = min(range(len(scores)), key=lambda i: (scores[i], -frequency[texts[i]], i))
     keep_sft = scores[best] >= threshold
-    keep_pair = scores[best] - scores[worst] >= min_margin and candidates[best].strip() != candidates[worst].strip()
+    keep_pair = scores[best] - scores[worst] >= min_margin and texts[best] != texts[worst]
     return {"best": best, "worst": worst, "sft": keep_sft, "pair": keep_pair}
 
 

@@ -78,6 +78,7 @@ class RoundsArguments:
         metadata={"help": "Command each stage runs under: python, or e.g. `accelerate launch --config_file ...`."},
     )
     seed: int = field(default=0, metadata={"help": "Round r's stages use seed + r."})
+    force: bool = field(default=False, metadata={"help": "Rerun every step, even those whose metrics.json exists."})
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -96,6 +97,7 @@ class RoundsArguments:
 
 
 def _step(args: RoundsArguments, run_dir: Path, name: str, script: str, base: str, updates: dict) -> Step:
+    updates = {**updates, "output_dir": str(run_dir / name)}
     config = derived_config(base, updates, run_dir / f"{name}.yaml", HEADER.format(base=base, script=script))
     return Step(name, script, config, launcher=args.launcher)
 
@@ -154,18 +156,18 @@ def run_round(args: RoundsArguments, number: int, policy: str) -> tuple[str, dic
     """Run round `number` from `policy`; returns the round's policy and its stages' metrics."""
     run_dir = Path(args.output_dir) / f"round{number}"
     tag = f"round {number}"
-    metrics = {"rejection_sampling": run_step(sampling_step(args, number, policy), run_dir, tag=tag)}
+    metrics = {"rejection_sampling": run_step(sampling_step(args, number, policy), run_dir, args.force, tag=tag)}
     sampled = metrics["rejection_sampling"]
     if not sampled["sft_rows"]:
         logger.warning("round %d: no sampled answer passed the threshold; SFT on the original data only", number)
-    metrics["sft"] = run_step(sft_step(args, number, policy, sampled["sft_rows"]), run_dir, tag=tag)
+    metrics["sft"] = run_step(sft_step(args, number, policy, sampled["sft_rows"]), run_dir, args.force, tag=tag)
     policy = str(run_dir / "sft")
     if sampled["dpo_pairs"]:
-        metrics["dpo"] = run_step(dpo_step(args, number), run_dir, tag=tag)
+        metrics["dpo"] = run_step(dpo_step(args, number), run_dir, args.force, tag=tag)
         policy = str(run_dir / "dpo")
     else:
         logger.warning("round %d: no pair met the margin; DPO skipped, the round's policy is its SFT output", number)
-    metrics["eval"] = run_step(evaluation_step(args, run_dir, "eval", policy, args.seed + number), run_dir, tag=tag)
+    metrics["eval"] = run_step(evaluation_step(args, run_dir, "eval", policy, args.seed + number), run_dir, args.force, tag=tag)
     return policy, metrics
 
 
@@ -181,7 +183,9 @@ def main(args: RoundsArguments) -> dict:
     if args.initial_eval:
         initial = json.loads(Path(args.initial_eval).read_text())
     else:
-        initial = run_step(evaluation_step(args, output_dir, "round0-eval", args.policy, args.seed), output_dir, tag="rounds")
+        initial = run_step(
+            evaluation_step(args, output_dir, "round0-eval", args.policy, args.seed), output_dir, args.force, tag="rounds"
+        )
     results = {"round 0": initial}
     summary = {"policy": args.policy, "rounds": []}
 

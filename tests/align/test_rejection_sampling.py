@@ -50,6 +50,9 @@ def test_pass_at_k_by_hand():
 def test_select_threshold_margin_and_ties():
     choice = select(["a", "b", "c"], [0.0, 1.0, 1.0], threshold=0.5, min_margin=0.5)
     assert choice == {"best": 1, "worst": 0, "sft": True, "pair": True}  # first of equal bests
+    # Ties go to the answer sampled most often: the policy's usual right answer and its usual mistake.
+    choice = select(["x", "1", "2", "1", "two", "two", "1"], [0, 0, 1, 0, 1, 1, 0], threshold=0.5, min_margin=0.5)
+    assert (choice["best"], choice["worst"]) == (4, 1)
     assert not select(["a", "b"], [0.2, 0.4], threshold=0.5, min_margin=0.5)["sft"]
     assert not select(["a", "b"], [0.2, 0.4], threshold=0.5, min_margin=0.5)["pair"]  # margin 0.2 < 0.5
     assert select(["a", "b"], [0.2, 0.4], threshold=0.3, min_margin=0.2)["pair"]
