@@ -43,6 +43,8 @@ def pipeline(run_dir: Path, eval_questions: int, force: bool = False) -> list[St
             "policy": run_dir / "dpo", "policy_load_in_4bit": True, "sft_config": CONFIGS / "sft_qlora.yaml",
             "dpo_config": CONFIGS / "dpo_qlora.yaml", "initial_eval": run_dir / "eval-dpo" / "metrics.json",
             "num_questions": eval_questions, "force": force,
+            # Fewer prompts, candidates and steps than the tiny rounds config, to keep make demo within 15 minutes.
+            "prompts_per_round": 200, "num_candidates": 6, "sft_max_steps": 80, "dpo_max_steps": 80,
         }),
     ]
 

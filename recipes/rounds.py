@@ -51,6 +51,9 @@ class RoundsArguments:
     prompts_per_round: int = field(
         default=400, metadata={"help": "Prompts sampled per round; round r takes the r-th slice of the prompt set."}
     )
+    num_candidates: int | None = field(
+        default=None, metadata={"help": "Override the rejection-sampling config's num_candidates (N)."}
+    )
     sampled_weight: float = field(
         default=1.0, metadata={"help": "SFT mixture: weight of the rejection-sampled answers."}
     )
@@ -117,6 +120,8 @@ def sampling_step(args: RoundsArguments, number: int, policy: str) -> Step:
         "prompt_offset": (number - 1) * args.prompts_per_round, "num_prompts": args.prompts_per_round,
         "scorer": args.scorer,
     }
+    if args.num_candidates is not None:
+        updates["num_candidates"] = args.num_candidates
     if args.reward_model_name_or_path:
         updates["reward_model_name_or_path"] = args.reward_model_name_or_path
     return _step(args, run_dir, "rejection_sampling", "rejection_sampling.py", args.rejection_sampling_config, updates)

@@ -4,7 +4,14 @@ data -> DPO on the new pairs -> evaluation) on tiny stage configs, every stage a
 import pytest
 import yaml
 
-from tests.align.training_helpers import TINY_TRAINING, load_recipe, read_json, run_recipe, tiny_vlm, tiny_world
+from tests.align.training_helpers import (
+    TINY_TRAINING,
+    load_recipe,
+    read_json,
+    run_recipe,
+    tiny_vlm,
+    tiny_world,
+)
 
 
 def write(path, config: dict) -> str:
