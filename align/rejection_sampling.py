@@ -323,6 +323,9 @@ def collect(output_dir: str | os.PathLike, num_prompts: int) -> list[dict]:
 def _with_images(prompts: Dataset, indices: list[int], columns: dict, features: Features) -> Dataset:
     import datasets
 
+    if not indices:  # an Arrow take of no rows cannot be concatenated column-wise
+        features = Features({"images": prompts.features["images"], **features})
+        return Dataset.from_dict({name: [] for name in features}, features=features)
     images = prompts.select_columns(["images"]).select(indices).flatten_indices(keep_in_memory=True)
     return datasets.concatenate_datasets([images, Dataset.from_dict(columns, features=features)], axis=1)
 

@@ -31,12 +31,16 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import EvalPrediction, Trainer
-from trl import ModelConfig, RewardConfig, get_quantization_config
+from trl import ModelConfig, RewardConfig
 from trl.trainer.utils import disable_dropout_in_model
 
 from align.data import load_dataset_local, validate_rows, world_preference_rows
 from align.sft import WorldDataArguments
-from align.training import _dtype, _is_adapter_dir, _log_quantization, linear_counts, lora_config, merged_base
+from align.training import (
+    _is_adapter_dir,
+    load_model,
+    lora_config,
+)
 from model import VLMForRewardModeling, VLMProcessor, freeze_for_stage, pack_image_features
 
 logger = logging.getLogger(__name__)
@@ -304,19 +308,9 @@ def load_reward_model_for_training(path: str, model_args: ModelConfig) -> tuple[
     """A reward model to train, and its processor, on the VLM at `path` (a VLM folder, the LoRA output of a VLM run merged on load as
     `align.training.load_model` does, or a full reward model to train further), in full precision or with its LLM
     in 4 bit (`--load_in_4bit`; the split is logged)."""
-    if not Path(path).is_dir():
-        raise ValueError(f"model path {path!r} is not a directory; give a VLM folder (e.g. an SFT run's output)")
-    quantization = get_quantization_config(model_args)
-    kwargs = {"dtype": _dtype(model_args)}
-    if model_args.attn_implementation is not None:
-        kwargs["attn_implementation"] = model_args.attn_implementation
+    model = load_model(path, model_args, from_pretrained=VLMForRewardModeling.from_vlm)
     if _is_adapter_dir(path):
-        path = str(merged_base(path, **kwargs))
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-    model = VLMForRewardModeling.from_vlm(path, **kwargs)
-    if quantization is not None:
-        _log_quantization(linear_counts(model), quantization)
+        path = str(Path(path) / "merged")
     return model, VLMProcessor.from_pretrained(path)
 
 

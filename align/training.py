@@ -201,7 +201,7 @@ def merged_base(path: str, **kwargs) -> Path:
     return merged
 
 
-def load_model(path: str, model_args: ModelConfig) -> PreTrainedModel:
+def load_model(path: str, model_args: ModelConfig, from_pretrained=None) -> PreTrainedModel:
     """Load a VLM for training.
 
     Args:
@@ -211,6 +211,8 @@ def load_model(path: str, model_args: ModelConfig) -> PreTrainedModel:
             `--bnb_4bit_quant_type`, `--use_bnb_nested_quant`). Quantization covers the LLM only: the towers,
             projectors, cross-attention adapters and LM head stay in full precision
             (`VLMForConditionalGeneration.modules_not_to_quantize`); the split is logged.
+        from_pretrained: what builds the model from the (merged) folder and the load kwargs; default
+            `AutoModelForImageTextToText.from_pretrained` (e.g. `VLMForRewardModeling.from_vlm` for a reward model).
     """
     if not Path(path).is_dir():
         raise ValueError(f"model path {path!r} is not a directory; build a VLM first (python -m model.build ...)")
@@ -222,7 +224,7 @@ def load_model(path: str, model_args: ModelConfig) -> PreTrainedModel:
         path = str(merged_base(path, **kwargs))
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    model = (from_pretrained or AutoModelForImageTextToText.from_pretrained)(path, **kwargs)
     if quantization is not None:
         _log_quantization(linear_counts(model), quantization)
     return model

@@ -88,8 +88,6 @@ class EvaluateArguments:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_questions is not None and self.num_questions < 1:
             raise ValueError(f"num_questions must be at least 1 or unset (all), got {self.num_questions}")
-        if self.base_llm is not None and not Path(self.base_llm).is_dir():
-            raise ValueError(f"base_llm {self.base_llm!r} is not a local folder (leave it unset to skip the text regression)")
 
 
 def main(script_args: EvaluateArguments, model_args: ModelConfig):
@@ -104,6 +102,9 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
     transformers.set_seed(script_args.seed)
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required: a VLM folder or a PEFT adapter folder")
+    if script_args.base_llm and not Path(script_args.base_llm).is_dir():
+        # Checked here, not when parsing, so that a config naming the zoo's LLM parses before the zoo is built.
+        raise ValueError(f"base_llm {script_args.base_llm!r} is not a local folder (leave it unset to skip the text regression)")
 
     # ----- model and processor ----------------------------------------------------------------------------------
     model, processor = load_model_for_eval(

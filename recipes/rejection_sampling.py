@@ -220,7 +220,7 @@ def main(script_args: RejectionSamplingArguments, model_args: ModelConfig):
     for name, data in (("sft", sft), ("dpo", dpo)):
         if (output_dir / name).exists():
             shutil.rmtree(output_dir / name)
-        data.save_to_disk(str(output_dir / name))
+        data.save_to_disk(str(output_dir / name), num_shards=1 if len(data) == 0 else None)  # an empty one needs a shard to load
     stats = statistics_of(records, script_args.sft_threshold, script_args.min_margin)
     stats["model_name_or_path"] = model_args.model_name_or_path
     stats["scorer"] = script_args.scorer
