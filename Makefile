@@ -46,6 +46,7 @@ recipes: install
 	$(ACCELERATE) recipes/rejection_sampling.py --config $(TINY)/rejection_sampling.yaml --reward_model_name_or_path runs/tiny/reward
 	$(ACCELERATE) recipes/augment.py --config $(TINY)/augment.yaml
 	$(PY) recipes/rounds.py --config $(TINY)/rounds.yaml --rounds 1 --launcher "$(ACCELERATE)"
+	$(ACCELERATE) recipes/distill.py --config $(TINY)/distill.yaml
 	$(PY) recipes/export.py --config $(TINY)/export.yaml
 
 # Export the default run's final model (make demo's DPO adapter) in every format that applies, verified.
