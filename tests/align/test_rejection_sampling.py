@@ -6,6 +6,7 @@ import math
 
 import datasets
 import pytest
+import torch
 from PIL import Image
 
 from align.data import load_dataset_local
@@ -115,9 +116,8 @@ def test_sample_candidates_encodes_each_image_once(tiny):
     assert seen == [3, 3]  # one tower call per sampling round, one image per prompt (not 3 x 4)
 
 
-def test_sample_candidates_keeps_each_samples_images_with_two_images(tiny):
-    # Two images per prompt: with the features repeated per sample, each candidate sees its own sample's images.
-    # Checked against greedy decoding of each prompt alone (temperature -> 0 is greedy up to ties).
+def test_sample_candidates_keeps_each_samples_images_with_two_images(tiny, monkeypatch):
+    # Two images per prompt: each candidate must get its own sample's image features, in the sample's order.
     model, processor, _ = tiny
     image = lambda rgb: Image.new("RGB", (32, 32), rgb)  # noqa: E731
     item = {"type": "image", "text": None}
@@ -126,10 +126,21 @@ def test_sample_candidates_keeps_each_samples_images_with_two_images(tiny):
         {"images": [image((255, 0, 0)), image((0, 0, 255))], "prompt": prompt},
         {"images": [image((0, 255, 0)), image((255, 255, 0))], "prompt": prompt},
     ]
-    settings = SamplingSettings(num_candidates=2, max_new_tokens=4, temperature=1e-4)
-    together = sample_candidates(model, processor, rows, settings, seed=0)
-    alone = [sample_candidates(model, processor, [row], settings, seed=0)[0] for row in rows]
-    assert together == alone
+    seen = {}
+    generate = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    answers = sample_candidates(model, processor, rows, SamplingSettings(num_candidates=3, max_new_tokens=2), seed=0)
+    assert [len(a) for a in answers] == [3, 3] and seen["input_ids"].shape[0] == 6
+    with torch.no_grad():
+        pixels = processor(images=[r["images"] for r in rows], text=["<image><image>"] * 2, return_tensors="pt")
+        features = model.model.get_vision_features(pixels["pixel_values"])[0]  # [4 images, T, D]
+    expected = torch.stack([features[i] for s in (0, 1) for _ in range(3) for i in (2 * s, 2 * s + 1)])
+    torch.testing.assert_close(seen["image_features"], expected)
 
 
 def test_settings_are_checked():
