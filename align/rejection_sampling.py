@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, Features, Value
 
-from align.data.world import _assistant
+from align.data.world import _assistant, with_images
 from align.evaluation import _model_device, _tokenizer, decode_completions, stop_token_ids
 from align.scoring import Scorer, WeightedScorer, ranking_agreement
 from align.world.dataset import MESSAGES_FEATURE
@@ -320,16 +320,6 @@ def collect(output_dir: str | os.PathLike, num_prompts: int) -> list[dict]:
     return sorted(records, key=lambda r: r["index"])
 
 
-def _with_images(prompts: Dataset, indices: list[int], columns: dict, features: Features) -> Dataset:
-    import datasets
-
-    if not indices:  # an Arrow take of no rows cannot be concatenated column-wise
-        features = Features({"images": prompts.features["images"], **features})
-        return Dataset.from_dict({name: [] for name in features}, features=features)
-    images = prompts.select_columns(["images"]).select(indices).flatten_indices(keep_in_memory=True)
-    return datasets.concatenate_datasets([images, Dataset.from_dict(columns, features=features)], axis=1)
-
-
 def build_datasets(prompts: Dataset, records: Sequence[dict], threshold: float, min_margin: float) -> tuple[Dataset, Dataset]:
     """The SFT rows (the prompt and its best answer, where it scores >= `threshold`) and the DPO pairs (best as
     chosen, worst as rejected, where they differ by >= `min_margin`), with the prompt's images, `category`,
@@ -364,8 +354,8 @@ def build_datasets(prompts: Dataset, records: Sequence[dict], threshold: float, 
          "margin": Value("float32"), **extra_features}
     )
     empty = lambda f: {name: [] for name in f}  # noqa: E731
-    sft = _with_images(prompts, sft_idx, dict(sft_cols) or empty(sft_features), sft_features)
-    dpo = _with_images(prompts, dpo_idx, dict(dpo_cols) or empty(dpo_features), dpo_features)
+    sft = with_images(prompts, sft_idx, dict(sft_cols) or empty(sft_features), sft_features)
+    dpo = with_images(prompts, dpo_idx, dict(dpo_cols) or empty(dpo_features), dpo_features)
     return sft, dpo
 
 

@@ -16,7 +16,7 @@ from datasets import Dataset, Features, Value
 
 from align.world import verify
 from align.world.dataset import MESSAGES_FEATURE
-from align.world.language import article, number_word, phrase, plural
+from align.world.language import article, count_sentence, phrase
 from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,16 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
-def _with_images(world_split: Dataset, indices: list[int], columns: dict, features: Features) -> Dataset:
-    # The images are taken over as stored (an Arrow take of the PNG bytes), never decoded and re-encoded.
-    images = world_split.select_columns(["images"]).select(indices).flatten_indices(keep_in_memory=True)
+def with_images(source: Dataset, indices: list[int], columns: dict, features: Features) -> Dataset:
+    """The `images` of `source`'s rows `indices` next to new `columns` (one value per index) of `features`.
+
+    The images are taken over as stored (an Arrow take of the PNG bytes), never decoded and re-encoded. With no
+    indices the result is an empty dataset with the same columns.
+    """
+    if not indices:  # an Arrow take of no rows cannot be concatenated column-wise
+        features = Features({"images": source.features["images"], **features})
+        return Dataset.from_dict({name: [] for name in features}, features=features)
+    images = source.select_columns(["images"]).select(indices).flatten_indices(keep_in_memory=True)
     return datasets.concatenate_datasets([images, Dataset.from_dict(columns, features=features)], axis=1)
 
 
@@ -94,7 +101,7 @@ def refusal_rows(world_split: Dataset, n: int, seed: int = 0) -> Dataset:
         picked += rng.sample(pool, min(len(pool), n - len(picked)))
     messages = [[_user(question), _assistant(rng.choice(REFUSALS))] for _, question in picked]
     features = Features({"messages": MESSAGES_FEATURE})
-    return _with_images(world_split, [row for row, _ in picked], {"messages": messages}, features)
+    return with_images(world_split, [row for row, _ in picked], {"messages": messages}, features)
 
 
 def _other(rng: random.Random, preferred, fallback, exclude: str) -> str:
@@ -106,14 +113,6 @@ def _wrong_count(rng: random.Random, n: int) -> int:
     if n == 0 or rng.random() < 0.5:
         return n + (1 if rng.random() < 0.85 else 2)
     return n - (1 if rng.random() < 0.85 or n < 2 else 2)
-
-
-def _count_sentence(n: int, noun: str) -> str:
-    if n == 0:
-        return f"There are no {plural(noun)}."
-    if n == 1:
-        return f"There is one {noun}."
-    return f"There are {number_word(n)} {plural(noun)}."
 
 
 def wrong_answer(record: dict, scene: dict, rng: random.Random, long: bool) -> str:
@@ -135,7 +134,7 @@ def wrong_answer(record: dict, scene: dict, rng: random.Random, long: bool) -> s
         return re.sub(rf"\b(a|an) {answer}\.$", f"{article(wrong)} {wrong}.", record["answer_long"])
     if answer_type == "number":
         wrong = _wrong_count(rng, int(answer))
-        return _count_sentence(wrong, phrase(record["query"] or {})) if long else str(wrong)
+        return count_sentence(wrong, phrase(record["query"] or {})) if long else str(wrong)
     if answer_type == "yes_no" and category == "existence":
         noun = phrase(record["query"])
         if not long:
@@ -221,4 +220,4 @@ def world_preference_rows(world_split: Dataset, seed: int = 0, per_image: int = 
         "prompt": prompts, "chosen": chosen, "rejected": rejected, "category": categories, "record": records,
         "image_id": ids,
     }
-    return _with_images(world_split, indices, columns, features)
+    return with_images(world_split, indices, columns, features)

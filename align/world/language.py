@@ -105,6 +105,15 @@ def reference(scene: Scene, obj: SceneObject, levels) -> dict | None:
     return None
 
 
+def count_sentence(n: int, noun: str) -> str:
+    """The sentence answer to a count question: "There are no red circles." / "There is one ..." / "There are two ..."."""
+    if n == 0:
+        return f"There are no {plural(noun)}."
+    if n == 1:
+        return f"There is one {noun}."
+    return f"There are {number_word(n)} {plural(noun)}."
+
+
 def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -205,13 +214,9 @@ def _count_questions(scene: Scene, rng: random.Random, config: WorldConfig) -> l
         n = scene.count(query)
         noun = phrase(query)
         template = rng.choice(["How many {p} are there?", "How many {p} are in the image?", "How many {p} can you see?"])
-        if n == 0:
-            long = f"There are no {plural(noun)}."
-        elif n == 1:
-            long = f"There is one {noun}."
-        else:
-            long = f"There are {number_word(n)} {plural(noun)}."
-        records.append(_record("count", template.format(p=plural(noun)), str(n), long, "number", query=query))
+        records.append(
+            _record("count", template.format(p=plural(noun)), str(n), count_sentence(n, noun), "number", query=query)
+        )
     return records
 
 

@@ -20,9 +20,8 @@ from .language import (
     REFUSAL,
     _record,
     article,
-    number_word,
+    count_sentence,
     phrase,
-    plural,
 )
 from .scene import SIZES, Scene, SceneObject, WorldConfig, relation_holds
 
@@ -140,14 +139,8 @@ def _count(question: str, slots: dict, scene: Scene, config: WorldConfig) -> dic
     query = _query(slots["p"], config, plural_noun=True)
     if query is None:
         return None
-    n, noun = scene.count(query), phrase(query)
-    if n == 0:
-        long = f"There are no {plural(noun)}."
-    elif n == 1:
-        long = f"There is one {noun}."
-    else:
-        long = f"There are {number_word(n)} {plural(noun)}."
-    return _record("count", question, str(n), long, "number", query=query)
+    n = scene.count(query)
+    return _record("count", question, str(n), count_sentence(n, phrase(query)), "number", query=query)
 
 
 def _existence(question: str, slots: dict, scene: Scene, config: WorldConfig) -> dict | None:
