@@ -121,3 +121,28 @@ def test_bad_settings_are_named(setup, tmp_path, override, message):
     path.write_text(yaml.safe_dump(config(setup, tmp_path / "run", **override)))
     with pytest.raises(ValueError, match=message):
         load_recipe("rejection_sampling").make_parser().parse_args_and_config(["--config", str(path)])
+
+
+@pytest.mark.slow
+def test_prompts_without_records_are_ranked_by_a_reward_model(setup, tmp_path):
+    from PIL import Image
+
+    from model import VLMForRewardModeling, VLMProcessor
+
+    reward = tmp_path / "reward"
+    VLMForRewardModeling.from_vlm(setup["vlm"]).save_pretrained(reward)
+    VLMProcessor.from_pretrained(setup["vlm"]).save_pretrained(reward)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "red.png")
+    rows = [{"images": ["red.png"], "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]}
+            for q in ("What color is the square?", "How many squares are there?")]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    settings = {"dataset_path": str(tmp_path / "prompts.jsonl"), "num_prompts": None, "scorer": "reward",
+                "reward_model_name_or_path": str(reward), "sft_threshold": -1.0, "min_margin": 0.0}
+    run_recipe("rejection_sampling.py", config(setup, out, **settings), tmp_path)
+    records = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["reward"] == r["scores"] and "verifier" not in r for r in records)
+    stats = read_json(out / "metrics.json")
+    assert stats["sft_rows"] == 2 and "pass@1" not in stats  # no records: nothing to verify against
+    with pytest.raises(AssertionError, match="needs prompts with a `record` column|every row needs a `record`"):
+        run_recipe("rejection_sampling.py", config(setup, tmp_path / "v", **{**settings, "scorer": "verifier"}), tmp_path)
