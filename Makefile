@@ -47,6 +47,7 @@ recipes: install
 	$(ACCELERATE) recipes/augment.py --config $(TINY)/augment.yaml
 	$(PY) recipes/rounds.py --config $(TINY)/rounds.yaml --rounds 1 --launcher "$(ACCELERATE)"
 	$(ACCELERATE) recipes/distill.py --config $(TINY)/distill.yaml
+	$(PY) recipes/students.py --config $(TINY)/students.yaml --launcher "$(ACCELERATE)"
 	$(PY) recipes/export.py --config $(TINY)/export.yaml
 
 # Export the default run's final model (make demo's DPO adapter) in every format that applies, verified.

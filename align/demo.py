@@ -8,9 +8,11 @@ in order, each in its own process exactly as a user launches them:
 
     stage 1 (prepend and cross-attention) -> SFT (QLoRA) -> DPO (QLoRA)
     -> rounds of rejection sampling -> SFT -> DPO (recipes/rounds.py) -> evaluate after each stage
+    -> students of the final policy: pruned to 1/8 and 3/8 of its LLM and ternary, each distilled and trained on
+       the labels only (recipes/students.py)
 
-and prints the quality figures of the parts, the stage-1 caption figures and a scoreboard (accuracy per
-question category after each stage), and writes `report.md` and `report.png` into the run folder. A step
+and prints the quality figures of the parts, the stage-1 caption figures, a scoreboard (accuracy per question
+category after each stage) and the student table, and writes `report.md` and `report.png` into the run folder. A step
 whose output already holds its `metrics.json` is skipped, so a killed demo continues where it stopped.
 """
 
@@ -22,31 +24,52 @@ import sys
 import time
 from pathlib import Path
 
-from align.pipeline import RECIPES, Step, run_step
+from align.pipeline import RECIPES, Step, run_parallel, run_step, threads_per_job
 from align.zoo import REPO_ROOT, ZooConfig, build_zoo, format_quality
 
 CONFIGS = RECIPES / "configs" / "tiny"
 
 
-def pipeline(run_dir: Path, eval_questions: int, force: bool = False) -> list[Step]:
-    """The default pipeline; later stages read earlier stages' output folders."""
+def pipeline(run_dir: Path, eval_questions: int, force: bool = False) -> list[list[Step]]:
+    """The default pipeline as groups of independent steps; a group starts when the groups before it are done, and
+    its steps run side by side (two at a time, one CPU thread each: `align.pipeline.run_parallel`)."""
     evaluate = {"num_questions": eval_questions}
     return [
-        Step("stage1-prepend", "pretrain.py", CONFIGS / "pretrain.yaml"),
-        Step("stage1-cross_attention", "pretrain.py", CONFIGS / "pretrain_cross_attention.yaml"),
-        Step("sft", "sft.py", CONFIGS / "sft_qlora.yaml", {"model_name_or_path": run_dir / "stage1-prepend"}),
-        Step("dpo", "dpo.py", CONFIGS / "dpo_qlora.yaml", {"model_name_or_path": run_dir / "sft"}),
-        Step("eval-stage1", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "stage1-prepend", **evaluate}),
-        Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", "load_in_4bit": True, **evaluate}),
-        Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", "load_in_4bit": True, **evaluate}),
-        Step("rounds", "rounds.py", CONFIGS / "rounds.yaml", {
+        # Stage 1 fills the vision-feature cache; the cross-attention run then reads the same features (one writer).
+        [Step("stage1-prepend", "pretrain.py", CONFIGS / "pretrain.yaml")],
+        [
+            Step("sft", "sft.py", CONFIGS / "sft_qlora.yaml", {"model_name_or_path": run_dir / "stage1-prepend"}),
+            Step("stage1-cross_attention", "pretrain.py", CONFIGS / "pretrain_cross_attention.yaml"),
+        ],
+        [
+            Step("dpo", "dpo.py", CONFIGS / "dpo_qlora.yaml", {"model_name_or_path": run_dir / "sft"}),
+            Step("eval-stage1", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "stage1-prepend", **evaluate}),
+            Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", "load_in_4bit": True, **evaluate}),
+        ],
+        [Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", "load_in_4bit": True, **evaluate})],
+        [Step("rounds", "rounds.py", CONFIGS / "rounds.yaml", {
             "policy": run_dir / "dpo", "policy_load_in_4bit": True, "sft_config": CONFIGS / "sft_qlora.yaml",
             "dpo_config": CONFIGS / "dpo_qlora.yaml", "initial_eval": run_dir / "eval-dpo" / "metrics.json",
             "num_questions": eval_questions, "force": force,
             # Fewer prompts, candidates and steps than the tiny rounds config, to keep make demo within 15 minutes.
-            "prompts_per_round": 200, "num_candidates": 6, "sft_max_steps": 80, "dpo_max_steps": 80,
-        }),
+            "prompts_per_round": 160, "num_candidates": 6, "sft_max_steps": 60, "dpo_max_steps": 60,
+        })],
     ]
+
+
+def run_group(steps: list[Step], run_dir: Path, force: bool) -> dict:
+    """Run a group of independent steps, two at a time with one CPU thread each (one step: all threads)."""
+    parallel = min(2, len(steps))
+    for step in steps:
+        step.threads = threads_per_job(parallel)
+    jobs = [lambda step=step: run_step(step, run_dir, force, tag="demo") for step in steps]
+    return dict(zip((step.name for step in steps), run_parallel(jobs, parallel)))
+
+
+def students_step(run_dir: Path, teacher: str, eval_questions: int, force: bool = False) -> Step:
+    """The students of the post-trained `teacher` (the final policy of the rounds)."""
+    overrides = {"teacher": teacher, "num_questions": eval_questions, "force": force, "parallel": 2}
+    return Step("students", "students.py", CONFIGS / "students.yaml", overrides)
 
 
 def sampling_table(rounds: dict) -> str:
@@ -91,7 +114,11 @@ def main(argv=None):
     print("\n## Tiny pretrained parts\n")
     print(format_quality(report))
 
-    results = {step.name: run_step(step, run_dir, args.force, tag="demo") for step in pipeline(run_dir, args.eval_questions, args.force)}
+    results = {}
+    for group in pipeline(run_dir, args.eval_questions, args.force):
+        results.update(run_group(group, run_dir, args.force))
+    teacher = results["rounds"]["final_policy"]
+    results["students"] = run_step(students_step(run_dir, teacher, args.eval_questions, args.force), run_dir, args.force, tag="demo")
 
     print("\n## Stage 1: captioning held-out images\n")
     print(caption_table({"prepend": results["stage1-prepend"], "cross-attention": results["stage1-cross_attention"]}))
@@ -107,7 +134,10 @@ def main(argv=None):
     print(sampling_table(results["rounds"]))
     print("\n## Scoreboard: held-out accuracy per category (seed 0)\n")
     print(scoreboard(board))
-    paths = write_report(run_dir, board, curves)
+    heading = "Students of the final policy: distilled vs labels only, same steps (seed 0)"
+    students = (run_dir / "students" / "students.md").read_text().rstrip()
+    print(f"\n## {heading}\n\n{students}")
+    paths = write_report(run_dir, board, curves, sections={heading: students})
     print(f"\nreport: {paths['report']} and {paths['plot']}")
     print(f"make demo finished in {time.time() - t0:.0f} s")
 

@@ -8,10 +8,13 @@ pipeline continues where it stopped. Each step's output goes to `<run_dir>/<name
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +30,8 @@ class Step:
     """One recipe run: `<launcher> recipes/<script> --config <config> --output_dir <run_dir>/<name> <overrides>`.
 
     `launcher` is the command before the script, e.g. "python" (this interpreter) or
-    "accelerate launch --config_file recipes/accelerate/single.yaml".
+    "accelerate launch --config_file recipes/accelerate/single.yaml". `threads` caps the process's CPU threads
+    (OMP/MKL), for steps that run side by side (`run_parallel`).
     """
 
     name: str
@@ -35,6 +39,12 @@ class Step:
     config: str | Path
     overrides: dict = field(default_factory=dict)
     launcher: str = "python"
+    threads: int | None = None
+
+    def environment(self) -> dict[str, str]:
+        if self.threads is None:
+            return dict(os.environ)
+        return {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
 
     def command(self, run_dir: Path) -> list[str]:
         launcher = [sys.executable] if self.launcher == "python" else shlex.split(self.launcher)
@@ -61,12 +71,37 @@ def run_step(step: Step, run_dir: Path, force: bool = False, tag: str = "pipelin
     log = run_dir / f"{step.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        proc = subprocess.run(step.command(run_dir), cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            step.command(run_dir), cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT, env=step.environment()
+        )
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise SystemExit(f"[{tag}] {step.name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
     print(f"[{tag}] {step.name}: {time.time() - start:.0f} s", flush=True)
     return json.loads(metrics_file.read_text())
+
+
+def threads_per_job(parallel: int) -> int | None:
+    """CPU threads for each of `parallel` processes sharing this machine (None: one process, no cap)."""
+    return None if parallel <= 1 else max(1, (os.cpu_count() or 1) // parallel)
+
+
+def run_parallel(jobs: list[Callable[[], object]], parallel: int = 1) -> list:
+    """Run `jobs` (each typically one or more `run_step` calls of independent steps), `parallel` at a time; returns
+    their results in order. A failed job's exception is raised once the running jobs have finished.
+
+    On a small CPU machine, tiny models use threads poorly: two single-threaded recipe processes side by side do
+    nearly twice the work of one two-threaded process (their start-up, mostly imports, is single-threaded too), so
+    independent steps, e.g. a student's distilled and labels-only runs, are run this way (`Step.threads`).
+    """
+    if parallel <= 1 or len(jobs) <= 1:
+        return [job() for job in jobs]
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    try:
+        futures = [pool.submit(job) for job in jobs]
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def derived_config(base: str | Path, updates: dict, path: str | Path, header: str) -> Path:
@@ -86,4 +121,4 @@ def derived_config(base: str | Path, updates: dict, path: str | Path, header: st
     return path
 
 
-__all__ = ["RECIPES", "Step", "derived_config", "run_step"]
+__all__ = ["RECIPES", "Step", "derived_config", "run_parallel", "run_step", "threads_per_job"]

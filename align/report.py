@@ -151,6 +151,7 @@ def write_report(
     scoreboard: dict[str, dict],
     curves: dict[str, list[dict]] | None = None,
     title: str = "vlm-align run report",
+    sections: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write `report.md` (scoreboard table, plot, per-stage notes) and `report.png` into `run_dir`.
 
@@ -160,6 +161,7 @@ def write_report(
             pipeline order.
         curves: stage name -> trainer log history (`load_log_history`); stages without training may be left out.
         title: the report's heading.
+        sections: further sections, heading -> markdown body (e.g. the student table), after the stages.
 
     Returns:
         {"report": path of report.md, "plot": path of report.png}.
@@ -184,6 +186,8 @@ def write_report(
         *stage_notes(scoreboard, curves),
         "",
     ]
+    for heading, body in (sections or {}).items():
+        lines += [f"## {heading}", "", body.rstrip(), ""]
     report = run_dir / REPORT_NAME
     report.write_text("\n".join(lines), encoding="utf-8")
     return {"report": report, "plot": plot}

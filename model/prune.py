@@ -876,16 +876,7 @@ def prune_model(
         del student
     _, sizes, kept, scores, metrics, student, adapter_map = best
 
-    before = {
-        "llm_non_embedding": count_params(entries, teacher, head_dim),
-        "llm": count_params(entries, teacher, head_dim, embeddings=True),
-        "model": model.num_parameters(),
-    }
-    after = {
-        "llm_non_embedding": count_params(entries, sizes, head_dim),
-        "llm": count_params(entries, sizes, head_dim, embeddings=True),
-        "model": student.num_parameters(),
-    }
+    before, after = parameter_counts(model), parameter_counts(student)
     report = {
         "sizes": asdict(sizes),
         "teacher_sizes": asdict(teacher),
@@ -925,6 +916,21 @@ def prune_model(
     if adapter_map is not None:
         logger.info("cross-attention adapters (student slot <- teacher layer): %s", adapter_map)
     return student, report
+
+
+def parameter_counts(model: PreTrainedModel) -> dict[str, int]:
+    """Parameters of a causal LM or a VLM as `prune_plan.json` reports them: the LLM's non-embedding ones (decoder
+    layers and final norm, what `target_params` is a fraction of), the LLM's with token embeddings and LM head, and
+    the whole model's."""
+    parts = llm_parts(model)
+    layout = layout_for(parts.text_config)
+    entries = llm_entries(model, layout, parts.decoder_prefix, parts.head_prefix)
+    sizes, head_dim = PruneSizes.of(parts.text_config), head_dim_of(parts.text_config)
+    return {
+        "llm_non_embedding": count_params(entries, sizes, head_dim),
+        "llm": count_params(entries, sizes, head_dim, embeddings=True),
+        "model": model.num_parameters(),
+    }
 
 
 def load_teacher(path: str) -> tuple[PreTrainedModel, object]:

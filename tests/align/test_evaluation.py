@@ -226,9 +226,11 @@ def test_report_writes_markdown_and_png(tmp_path):
     curves = {"stage 1": [{"loss": 3.0, "step": 5}, {"loss": 2.0, "step": 10}], "SFT": load_log_history(tmp_path / "sft")}
     assert curves["SFT"] == state["log_history"] and load_log_history(tmp_path / "nothing") == []
 
-    paths = write_report(tmp_path / "run", {"stage 1": stage1, "SFT": sft}, curves)
+    students = "| model | LLM parameters |\n|---|---:|\n| teacher | 1,000 |"
+    paths = write_report(tmp_path / "run", {"stage 1": stage1, "SFT": sft}, curves, sections={"Students": students})
     report = paths["report"].read_text()
     assert "| SFT | 6 | 83.3% ± 15.2 |" in report and "![" in report
+    assert report.rstrip().endswith("## Students\n\n" + students)
     assert "- **SFT**: 83.3% ± 15.2 on 6 questions; +66.7 points over stage 1" in report
     assert "training loss 2.500 → 1.500 over 2 steps" in report
     png = paths["plot"].read_bytes()

@@ -1,0 +1,59 @@
+"""align.pipeline: steps run as processes with an optional thread cap, and independent jobs run side by side."""
+
+import threading
+import time
+
+import pytest
+
+from align.pipeline import Step, run_parallel, threads_per_job
+
+
+def test_run_parallel_keeps_order_and_overlaps_jobs():
+    running, peak, lock = 0, 0, threading.Lock()
+
+    def job(value):
+        def run():
+            nonlocal running, peak
+            with lock:
+                running += 1
+                peak = max(peak, running)
+            time.sleep(0.05)
+            with lock:
+                running -= 1
+            return value
+
+        return run
+
+    assert run_parallel([job(i) for i in range(5)], parallel=2) == [0, 1, 2, 3, 4]
+    assert peak == 2
+    peak = 0
+    assert run_parallel([job(i) for i in range(3)], parallel=1) == [0, 1, 2] and peak == 1
+
+
+def test_run_parallel_raises_and_starts_nothing_more_after_a_failure():
+    started = []
+
+    def fail():
+        started.append("fail")
+        raise SystemExit("step failed")
+
+    def slow(name):
+        def run():
+            started.append(name)
+            time.sleep(0.1)
+            return name
+
+        return run
+
+    with pytest.raises(SystemExit, match="step failed"):
+        run_parallel([fail, slow("a"), slow("b"), slow("c"), slow("d")], parallel=2)
+    assert "d" not in started  # queued jobs were cancelled once the failure was seen
+
+
+def test_step_threads_cap_the_process_environment(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert threads_per_job(1) is None and threads_per_job(2) == 1 and threads_per_job(8) == 1
+    capped = Step("x", "sft.py", "c.yaml", threads=1).environment()
+    assert capped["OMP_NUM_THREADS"] == "1" and capped["MKL_NUM_THREADS"] == "1"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert "OMP_NUM_THREADS" not in Step("x", "sft.py", "c.yaml").environment()

@@ -1,0 +1,111 @@
+"""recipes/students.py end to end on tiny parts: a pruned student and a ternary student of a tiny teacher VLM, each
+distilled and trained on the labels only, evaluated, and tabled; every step a real recipe in its own process."""
+
+import json
+
+import pytest
+import yaml
+from transformers import AutoModelForImageTextToText
+
+from model import BitLinear
+from tests.align.training_helpers import (
+    TINY_TRAINING,
+    load_recipe,
+    read_json,
+    run_recipe,
+    tiny_vlm,
+    tiny_world,
+)
+
+
+def write(path, config: dict) -> str:
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("students")
+    world = tiny_world(root / "world", images=8)
+    return {
+        "teacher": tiny_vlm(root / "teacher", tiny_parts["siglip"], tiny_parts["llama"]),
+        "world": world,
+        "distill_config": write(root / "distill.yaml", {
+            **TINY_TRAINING, "output_dir": "unused", "world_path": world, "assistant_only_loss": True,
+            "max_length": None, "max_steps": 3, "alpha": 0.5, "refusal_weight": 0.25,
+        }),
+        "evaluate_config": write(root / "eval.yaml", {
+            "dtype": "float32", "world_path": world, "dataset_split": "train", "output_dir": "unused",
+            "num_questions": 6, "batch_size": 6, "max_new_tokens": 6,
+        }),
+    }
+
+
+@pytest.mark.slow
+def test_pruned_and_ternary_students_distilled_and_labels_only(setup, tmp_path):
+    out = tmp_path / "students"
+    config = {
+        "teacher": setup["teacher"], "output_dir": str(out), "targets": [0.5], "ternary": True, "max_steps": 2,
+        "parallel": 2,
+        "world_path": setup["world"], **{k: setup[k] for k in ("distill_config", "evaluate_config")},
+    }
+    run_recipe("students.py", config, tmp_path, timeout=900)
+    summary = read_json(out / "metrics.json")
+    assert summary["teacher"]["eval"]["total"] == 6
+    pruned, ternary = summary["students"]["pruned to 0.5"], summary["students"]["ternary (b1.58)"]
+
+    # The pruned student: about half the teacher LLM's non-embedding parameters, an ordinary checkpoint.
+    teacher_params = summary["teacher"]["parameters"]
+    assert 0.4 < pruned["parameters"]["llm_non_embedding"] / teacher_params["llm_non_embedding"] <= 0.5
+    assert ternary["parameters"] == teacher_params and ternary["init"] == setup["teacher"]
+    plan = read_json(out / "pruned-0.5" / "pruned" / "prune_plan.json")
+    assert plan["teacher"] == setup["teacher"] and plan["params_after"] == pruned["parameters"]
+    calibration = (out / "calibration.jsonl").read_text().splitlines()
+    assert calibration and all("text" in json.loads(line) for line in calibration)
+
+    # Both ways trained the same steps from the same start; only the distilled run had a teacher.
+    for student_dir, init in ((out / "pruned-0.5", str(out / "pruned-0.5" / "pruned")), (out / "ternary", setup["teacher"])):
+        distilled = yaml.safe_load((student_dir / "distilled.yaml").read_text())
+        labels_only = yaml.safe_load((student_dir / "labels-only.yaml").read_text())
+        assert distilled["model_name_or_path"] == labels_only["model_name_or_path"] == init
+        assert distilled["max_steps"] == labels_only["max_steps"] == 2
+        assert distilled["alpha"] == 0.5 and labels_only["alpha"] == 0.0
+        assert read_json(student_dir / "distilled" / "metrics.json")["teacher"] == setup["teacher"]
+        assert read_json(student_dir / "labels-only" / "metrics.json")["teacher"] is None
+        for way in ("distilled", "labels-only"):
+            assert read_json(student_dir / f"eval-{way}" / "metrics.json")["total"] == 6
+    assert pruned["distilled"]["total"] == pruned["labels_only"]["total"] == 6
+    student = AutoModelForImageTextToText.from_pretrained(out / "ternary" / "distilled")
+    assert isinstance(student.model.language_model.layers[0].mlp.up_proj, BitLinear)
+
+    # The table: the teacher and each student both ways, with parameters.
+    table = (out / "students.md").read_text()
+    assert table.startswith("| model | LLM parameters | LLM non-embedding | questions | overall |")
+    for row in ("teacher", "pruned to 0.5, distilled", "pruned to 0.5, labels only", "ternary (b1.58), distilled",
+                "ternary (b1.58), labels only"):
+        assert f"| {row} | " in table, row
+    assert f"| pruned to 0.5, distilled | {pruned['parameters']['llm']:,} | " in table
+
+    # A second run reuses every finished step (4 trainings, 5 evaluations, the pruning).
+    again = run_recipe("students.py", config, tmp_path, timeout=300)
+    assert again.stdout.count("done before, reusing") == 9
+    assert "done before, reusing it" in again.stderr + again.stdout
+
+
+def test_bad_settings_are_named(setup, tmp_path):
+    path = tmp_path / "config.yaml"
+    for override, message in (
+        ({"targets": [1.5]}, "targets: each fraction must be in"),
+        ({"targets": [], "ternary": False}, "nothing to make"),
+        ({"distill_config": "missing.yaml"}, "distill_config"),
+        ({"alpha": 0.0}, "alpha must be in"),
+        ({"parallel": 0}, "parallel must be >= 1"),
+    ):
+        path.write_text(yaml.safe_dump({"teacher": setup["teacher"], "output_dir": str(tmp_path), **override}))
+        with pytest.raises(ValueError, match=message):
+            load_recipe("students").make_parser().parse_args_and_config(["--config", str(path)])
+    path.write_text(yaml.safe_dump({"teacher": str(tmp_path / "nowhere"), "output_dir": str(tmp_path)}))
+    recipe = load_recipe("students")
+    (args,) = recipe.make_parser().parse_args_and_config(["--config", str(path)])
+    with pytest.raises(ValueError, match="teacher: .* is not a directory"):
+        recipe.main(args)
