@@ -52,7 +52,7 @@ def pipeline(run_dir: Path, eval_questions: int, force: bool = False) -> list[li
             "dpo_config": CONFIGS / "dpo_qlora.yaml", "initial_eval": run_dir / "eval-dpo" / "metrics.json",
             "num_questions": eval_questions, "force": force,
             # Fewer prompts, candidates and steps than the tiny rounds config, to keep make demo within 15 minutes.
-            "prompts_per_round": 160, "num_candidates": 6, "sft_max_steps": 60, "dpo_max_steps": 60,
+            "prompts_per_round": 150, "num_candidates": 6, "sft_max_steps": 50, "dpo_max_steps": 50,
         })],
     ]
 
@@ -66,9 +66,13 @@ def run_group(steps: list[Step], run_dir: Path, force: bool) -> dict:
     return dict(zip((step.name for step in steps), run_parallel(jobs, parallel)))
 
 
-def students_step(run_dir: Path, teacher: str, eval_questions: int, force: bool = False) -> Step:
-    """The students of the post-trained `teacher` (the final policy of the rounds)."""
-    overrides = {"teacher": teacher, "num_questions": eval_questions, "force": force, "parallel": 2}
+def students_step(run_dir: Path, rounds: dict, eval_questions: int, force: bool = False) -> Step:
+    """The students of the final policy of the rounds; its evaluation in the last round is the teacher's row."""
+    last = rounds["rounds"][-1]["round"]
+    overrides = {
+        "teacher": rounds["final_policy"], "teacher_eval": run_dir / "rounds" / f"round{last}" / "eval" / "metrics.json",
+        "num_questions": eval_questions, "force": force, "parallel": 2,
+    }
     return Step("students", "students.py", CONFIGS / "students.yaml", overrides)
 
 
@@ -117,8 +121,8 @@ def main(argv=None):
     results = {}
     for group in pipeline(run_dir, args.eval_questions, args.force):
         results.update(run_group(group, run_dir, args.force))
-    teacher = results["rounds"]["final_policy"]
-    results["students"] = run_step(students_step(run_dir, teacher, args.eval_questions, args.force), run_dir, args.force, tag="demo")
+    students = students_step(run_dir, results["rounds"], args.eval_questions, args.force)
+    results["students"] = run_step(students, run_dir, args.force, tag="demo")
 
     print("\n## Stage 1: captioning held-out images\n")
     print(caption_table({"prepend": results["stage1-prepend"], "cross-attention": results["stage1-cross_attention"]}))
