@@ -59,6 +59,11 @@ class ZooConfig:
     test_images: int = field(default=500, metadata={"help": "Images in the test split."})
     image_size: int = field(default=64, metadata={"help": "Rendered image side in pixels."})
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size, special tokens included."})
+    tokenizer_answer_lines: bool = field(
+        default=False,
+        metadata={"help": "Also train the tokenizer on each image's answers one per line, so answers at the start of "
+                  "a chat turn become whole tokens (`tokenizer_documents`)."},
+    )
     siglip_steps: int = field(default=SiglipPartConfig.steps, metadata={"help": "SigLIP training steps."})
     llama_steps: int = field(default=LlamaPartConfig.steps, metadata={"help": "Llama training steps."})
     llama_layers: int = field(default=LlamaPartConfig.num_layers, metadata={"help": "Llama decoder layers."})
@@ -137,6 +142,19 @@ def lm_documents(world: datasets.DatasetDict, split: str, tokenizer=None) -> lis
     return docs
 
 
+def tokenizer_documents(world: datasets.DatasetDict, split: str, answer_lines: bool = False) -> list[str]:
+    """The tokenizer's training text: the LM documents and, with `answer_lines`, each image's answers one per line.
+
+    In the chat format an answer starts a line (after `<|assistant|>\n`), where byte-level BPE sees a word without
+    its leading space; the LM documents hold answers only after "Answer: ", so no merge covers line-initial words and
+    the default tokenizer spells every answer in pieces ("b", "lu", "e"; "y" starts both "yes" and "yellow").
+    """
+    documents = lm_documents(world, split)
+    if answer_lines:
+        documents += ["\n".join(r["answer"] for r in json.loads(qs)) for qs in world[split]["questions"]]
+    return documents
+
+
 def build_zoo(cfg: ZooConfig) -> dict:
     """Build (or reuse) world, tokenizer, SigLIP encoder and Llama LLM under `cfg.root`; return the quality figures."""
     root = cfg.root
@@ -154,11 +172,14 @@ def build_zoo(cfg: ZooConfig) -> dict:
     report["world"] = part.manifest
     world = datasets.load_from_disk(str(root / "world"))
 
-    part = _Part(root, "tokenizer", _fingerprint(part.fingerprint, cfg.vocab_size), cfg.force)
+    # The default fingerprint is left as it was before `tokenizer_answer_lines` existed, so built zoos stay valid.
+    extra = ("line-initial-answers",) if cfg.tokenizer_answer_lines else ()
+    part = _Part(root, "tokenizer", _fingerprint(part.fingerprint, cfg.vocab_size, *extra), cfg.force)
     if not part.valid:
         logger.info("training a %d-token BPE tokenizer", cfg.vocab_size)
         out = part.start()
-        tokenizer = train_tokenizer(lm_documents(world, "train"), vocab_size=cfg.vocab_size)
+        documents = tokenizer_documents(world, "train", cfg.tokenizer_answer_lines)
+        tokenizer = train_tokenizer(documents, vocab_size=cfg.vocab_size)
         tokenizer.save_pretrained(out)
         part.finish({"vocab_size": len(tokenizer)})
     report["tokenizer"] = part.manifest

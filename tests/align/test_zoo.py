@@ -90,3 +90,27 @@ def test_vlm_builds_from_zoo_parts_and_trains_on_world_rows(zoo, fusion):
     assert out.loss.isfinite()
     out.loss.backward()
     assert any(p.grad is not None for p in vlm.model.projectors.parameters())
+
+
+def test_tokenizer_answer_lines_make_line_initial_answers_whole_tokens(zoo):
+    import datasets
+
+    from align.zoo import lm_documents, tokenizer_documents
+    from model.tokenizer import train_tokenizer
+
+    cfg, _ = zoo
+    world = datasets.load_from_disk(str(cfg.root / "world"))
+    plain, with_answers = tokenizer_documents(world, "train"), tokenizer_documents(world, "train", answer_lines=True)
+    assert plain == lm_documents(world, "train") and len(with_answers) == len(plain) + len(world["train"])
+    first_answers = [json.loads(q)[0]["answer"] for q in world["train"]["questions"]]
+    assert with_answers[len(plain)].split("\n")[0] == first_answers[0]
+
+    # In the chat format an answer starts a line: only the tokenizer trained on answer lines keeps it whole.
+    default, answer_lines = train_tokenizer(plain, vocab_size=400), train_tokenizer(with_answers, vocab_size=400)
+    assert default.tokenize("\nyes") == ["Ċ", "y", "es"] and answer_lines.tokenize("\nyes") == ["Ċ", "yes"]
+
+    # The option is part of the tokenizer's fingerprint, so it rebuilds the tokenizer and the parts after it.
+    report = build_zoo(ZooConfig(cache_dir=str(cfg.root.parent / "zoo-answer-lines"), tokenizer_answer_lines=True, **TINY))
+    assert report["tokenizer"]["fingerprint"] != zoo[1]["tokenizer"]["fingerprint"]
+    tokenizer = AutoTokenizer.from_pretrained(cfg.root.parent / "zoo-answer-lines" / "tokenizer")
+    assert tokenizer.tokenize("\nyes") == ["Ċ", "yes"]

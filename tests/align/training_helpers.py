@@ -163,3 +163,9 @@ def load_recipe(name: str):
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def write_yaml(path: Path, config: dict) -> str:
+    """Write a recipe config; returns its path as a string (what a pipeline's `*_config` field takes)."""
+    path.write_text(yaml.safe_dump(config))
+    return str(path)

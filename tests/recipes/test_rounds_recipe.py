@@ -11,12 +11,8 @@ from tests.align.training_helpers import (
     run_recipe,
     tiny_vlm,
     tiny_world,
+    write_yaml,
 )
-
-
-def write(path, config: dict) -> str:
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +22,18 @@ def setup(tiny_parts, tmp_path_factory):
     lora = {"use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "max_length": None, "max_steps": 2}
     configs = {
         # A random tiny policy rarely answers right: keep each prompt's best and pair it with its worst regardless.
-        "rejection_sampling_config": write(root / "rs.yaml", {
+        "rejection_sampling_config": write_yaml(root / "rs.yaml", {
             "dtype": "float32", "world_path": world, "dataset_split": "train", "output_dir": "unused",
             "num_candidates": 3, "max_new_tokens": 6, "prompts_per_batch": 4, "sft_threshold": 0.0, "min_margin": 0.0,
         }),
-        "sft_config": write(root / "sft.yaml", {
+        "sft_config": write_yaml(root / "sft.yaml", {
             **TINY_TRAINING, **lora, "output_dir": "unused", "world_path": world, "assistant_only_loss": True,
             "refusal_weight": 0.1,
         }),
-        "dpo_config": write(root / "dpo.yaml", {
+        "dpo_config": write_yaml(root / "dpo.yaml", {
             **TINY_TRAINING, **lora, "output_dir": "unused", "beta": 0.1, "precompute_ref_log_probs": True,
         }),
-        "evaluate_config": write(root / "eval.yaml", {
+        "evaluate_config": write_yaml(root / "eval.yaml", {
             "dtype": "float32", "world_path": world, "dataset_split": "train", "output_dir": "unused",
             "num_questions": 6, "batch_size": 6, "max_new_tokens": 6,
         }),

@@ -15,12 +15,8 @@ from tests.align.training_helpers import (
     run_recipe,
     tiny_vlm,
     tiny_world,
+    write_yaml,
 )
-
-
-def write(path, config: dict) -> str:
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +26,11 @@ def setup(tiny_parts, tmp_path_factory):
     return {
         "teacher": tiny_vlm(root / "teacher", tiny_parts["siglip"], tiny_parts["llama"]),
         "world": world,
-        "distill_config": write(root / "distill.yaml", {
+        "distill_config": write_yaml(root / "distill.yaml", {
             **TINY_TRAINING, "output_dir": "unused", "world_path": world, "assistant_only_loss": True,
             "max_length": None, "max_steps": 3, "alpha": 0.5, "refusal_weight": 0.25,
         }),
-        "evaluate_config": write(root / "eval.yaml", {
+        "evaluate_config": write_yaml(root / "eval.yaml", {
             "dtype": "float32", "world_path": world, "dataset_split": "train", "output_dir": "unused",
             "num_questions": 6, "batch_size": 6, "max_new_tokens": 6,
         }),
