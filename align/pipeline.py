@@ -81,6 +81,18 @@ def run_step(step: Step, run_dir: Path, force: bool = False, tag: str = "pipelin
     return json.loads(metrics_file.read_text())
 
 
+def derived_step(
+    run_dir: Path, name: str, script: str, base: str | Path, updates: dict, pipeline: str, launcher: str = "python",
+    threads: int | None = None,
+) -> Step:
+    """A step of a pipeline recipe (`pipeline`, e.g. "rounds.py"): `base` with `updates` and `output_dir:
+    <run_dir>/<name>` written to `<run_dir>/<name>.yaml` (`derived_config`), run by `script` from that file."""
+    updates = {**updates, "output_dir": str(Path(run_dir) / name)}
+    header = f"Derived by recipes/{pipeline} from {base}; rerun this step with: python recipes/{script} --config <this file>"
+    config = derived_config(base, updates, Path(run_dir) / f"{name}.yaml", header)
+    return Step(name, script, config, launcher=launcher, threads=threads)
+
+
 def threads_per_job(parallel: int) -> int | None:
     """CPU threads for each of `parallel` processes sharing this machine (None: one process, no cap)."""
     return None if parallel <= 1 else max(1, (os.cpu_count() or 1) // parallel)
@@ -121,4 +133,4 @@ def derived_config(base: str | Path, updates: dict, path: str | Path, header: st
     return path
 
 
-__all__ = ["RECIPES", "Step", "derived_config", "run_parallel", "run_step", "threads_per_job"]
+__all__ = ["RECIPES", "Step", "derived_config", "derived_step", "run_parallel", "run_step", "threads_per_job"]

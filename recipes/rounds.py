@@ -25,11 +25,10 @@ from pathlib import Path
 from trl import TrlParser
 
 from align.evaluation import scoreboard
-from align.pipeline import RECIPES, Step, derived_config, run_step
+from align.pipeline import RECIPES, Step, derived_step, run_step
 
 logger = logging.getLogger(__name__)
 TINY = RECIPES / "configs" / "tiny"
-HEADER = "Derived by recipes/rounds.py from {base}; rerun this step with: python recipes/{script} --config <this file>"
 
 
 @dataclass
@@ -100,9 +99,7 @@ class RoundsArguments:
 
 
 def _step(args: RoundsArguments, run_dir: Path, name: str, script: str, base: str, updates: dict) -> Step:
-    updates = {**updates, "output_dir": str(run_dir / name)}
-    config = derived_config(base, updates, run_dir / f"{name}.yaml", HEADER.format(base=base, script=script))
-    return Step(name, script, config, launcher=args.launcher)
+    return derived_step(run_dir, name, script, base, updates, "rounds.py", launcher=args.launcher)
 
 
 def evaluation_step(args: RoundsArguments, run_dir: Path, name: str, model: str, seed: int) -> Step:

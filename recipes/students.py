@@ -25,15 +25,19 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
+from transformers import AutoProcessor
 from trl import TrlParser
 
-from align.evaluation import is_adapter_dir
-from align.pipeline import RECIPES, Step, derived_config, run_parallel, run_step, threads_per_job
+from align.evaluation import is_adapter_dir, scoreboard
+from align.pipeline import RECIPES, Step, derived_step, run_parallel, run_step, threads_per_job
+from align.training import merged_base
+from align.zoo import default_cache_dir, lm_documents
+from model.prune import PLAN_FILE, PruneArguments, load_teacher, parameter_counts
+from model.prune import main as prune_main
 
 logger = logging.getLogger(__name__)
 TINY = RECIPES / "configs" / "tiny"
-HEADER = "Derived by recipes/students.py from {base}; rerun this step with: python recipes/{script} --config <this file>"
-PLAN_FILE = "prune_plan.json"
 
 
 @dataclass
@@ -100,8 +104,6 @@ def teacher_folder(teacher: str) -> str:
     """A folder holding the whole teacher: the teacher itself, or its LoRA adapter merged into `<teacher>/merged`."""
     if not is_adapter_dir(teacher):
         return teacher
-    from align.training import merged_base
-
     return str(merged_base(teacher))
 
 
@@ -111,11 +113,6 @@ def write_calibration(args: StudentsArguments, teacher: str, path: Path) -> Path
     if args.calibration_file:
         return Path(args.calibration_file)
     if not path.is_file() or args.force:
-        import datasets
-        from transformers import AutoProcessor
-
-        from align.zoo import default_cache_dir, lm_documents
-
         world = datasets.load_from_disk(args.world_path or str(default_cache_dir() / "world"))
         processing = AutoProcessor.from_pretrained(teacher)
         documents = lm_documents(world, args.calibration_split, getattr(processing, "tokenizer", processing))
@@ -134,9 +131,6 @@ def prune(args: StudentsArguments, teacher: str, calibration: Path, target: floa
     if plan.is_file() and not args.force:
         logger.info("pruned student %s: done before, reusing it", output)
         return json.loads(plan.read_text())
-    from model.prune import PruneArguments
-    from model.prune import main as prune_main
-
     logger.info("pruning %s to %.3f of its LLM's non-embedding parameters: %s", teacher, target, output)
     return prune_main(
         PruneArguments(teacher=teacher, output=str(output), calibration_file=str(calibration), target_params=target)
@@ -144,9 +138,8 @@ def prune(args: StudentsArguments, teacher: str, calibration: Path, target: floa
 
 
 def _step(args: StudentsArguments, run_dir: Path, name: str, script: str, base: str, updates: dict) -> Step:
-    updates = {**updates, "output_dir": str(run_dir / name)}
-    config = derived_config(base, updates, run_dir / f"{name}.yaml", HEADER.format(base=base, script=script))
-    return Step(name, script, config, launcher=args.launcher, threads=threads_per_job(args.parallel))
+    threads = threads_per_job(args.parallel)
+    return derived_step(run_dir, name, script, base, updates, "students.py", launcher=args.launcher, threads=threads)
 
 
 def train_and_evaluate(args: StudentsArguments, run_dir: Path, name: str, updates: dict) -> dict:
@@ -182,8 +175,6 @@ def both_ways(args: StudentsArguments, run_dir: Path, student: dict, teacher: st
 def student_table(summary: dict) -> str:
     """Markdown table: LLM parameters and held-out accuracy per category of the teacher and of each student,
     distilled and trained on the labels only."""
-    from align.evaluation import scoreboard
-
     board, params = {"teacher": summary["teacher"]["eval"]}, {"teacher": summary["teacher"]["parameters"]}
     for name, student in summary["students"].items():
         for way, label in (("distilled", "distilled"), ("labels_only", "labels only")):
@@ -231,8 +222,6 @@ def main(args: StudentsArguments) -> dict:
             "sizes": plan["sizes"],
         }
     if teacher_params is None:
-        from model.prune import load_teacher, parameter_counts
-
         teacher_params = parameter_counts(load_teacher(teacher)[0])
     if args.ternary:
         students["ternary (b1.58)"] = {"dir": output_dir / "ternary", "init": teacher, "ternary": True, "parameters": teacher_params}
