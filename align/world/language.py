@@ -31,6 +31,17 @@ SPATIAL_QUESTIONS = 2
 UNANSWERABLE_QUESTIONS = 1
 ZERO_COUNT_PROBABILITY = 0.3
 
+# The question templates (align/world/parse.py reads questions back with the same ones).
+COLOR_TEMPLATES = ("What color is the {ref}?", "What is the color of the {ref}?", "Which color is the {ref}?")
+SHAPE_TEMPLATES = ("What shape is the {ref}?", "What is the shape of the {ref}?", "Which shape is the {ref}?")
+COUNT_TEMPLATES = ("How many {p} are there?", "How many {p} are in the image?", "How many {p} can you see?")
+EXISTENCE_TEMPLATES = (
+    "Is there {a} {n}?", "Is there {a} {n} in the image?", "Can you see {a} {n}?", "Does the image contain {a} {n}?",
+)
+SPATIAL_YES_NO_TEMPLATE = "Is the {rx} {words} the {ry}?"
+SPATIAL_CHOICE_TEMPLATE = "{lead} {words}, the {rx} or the {ry}?"
+CHOICE_LEADS = ("Which is", "Which object is")
+
 # Shortest first: the first level that picks exactly one object names it.
 COLOR_REFERENCES = (("shape",), ("size",), ("size", "shape"))
 SHAPE_REFERENCES = (("color",), ("size",), ("size", "color"))
@@ -176,7 +187,7 @@ def _color_questions(scene: Scene, rng: random.Random) -> list[dict]:
     records = []
     for obj, query in rng.sample(named, min(COLOR_QUESTIONS, len(named))):
         ref = phrase(query)
-        template = rng.choice(["What color is the {ref}?", "What is the color of the {ref}?", "Which color is the {ref}?"])
+        template = rng.choice(COLOR_TEMPLATES)
         records.append(
             _record("color", template.format(ref=ref), obj.color, f"The {ref} is {obj.color}.", "color",
                     objects=[obj.id], query=query)
@@ -189,7 +200,7 @@ def _shape_questions(scene: Scene, rng: random.Random) -> list[dict]:
     records = []
     for obj, query in rng.sample(named, min(SHAPE_QUESTIONS, len(named))):
         ref = phrase(query)
-        template = rng.choice(["What shape is the {ref}?", "What is the shape of the {ref}?", "Which shape is the {ref}?"])
+        template = rng.choice(SHAPE_TEMPLATES)
         records.append(
             _record("shape", template.format(ref=ref), obj.shape, f"The {ref} is {article(obj.shape)} {obj.shape}.",
                     "shape", objects=[obj.id], query=query)
@@ -213,7 +224,7 @@ def _count_questions(scene: Scene, rng: random.Random, config: WorldConfig) -> l
         query = rng.choice(pool)
         n = scene.count(query)
         noun = phrase(query)
-        template = rng.choice(["How many {p} are there?", "How many {p} are in the image?", "How many {p} can you see?"])
+        template = rng.choice(COUNT_TEMPLATES)
         records.append(
             _record("count", template.format(p=plural(noun)), str(n), count_sentence(n, noun), "number", query=query)
         )
@@ -253,9 +264,7 @@ def _existence_questions(scene: Scene, rng: random.Random, config: WorldConfig) 
         rng.shuffle(pair)
         for query, present in pair:
             noun = phrase(query)
-            template = rng.choice(
-                ["Is there {a} {n}?", "Is there {a} {n} in the image?", "Can you see {a} {n}?", "Does the image contain {a} {n}?"]
-            )
+            template = rng.choice(EXISTENCE_TEMPLATES)
             long = f"Yes, there is {article(noun)} {noun}." if present else f"No, there is no {noun}."
             records.append(
                 _record("existence", template.format(a=article(noun), n=noun), "yes" if present else "no", long,
@@ -292,16 +301,16 @@ def _spatial_questions(scene: Scene, rng: random.Random) -> list[dict]:
                 else f"No, the {rx} is {_SPATIAL_YES_NO[opposite][0]} the {ry}."
             )
             records.append(
-                _record("spatial", f"Is the {rx} {words} the {ry}?", "yes" if holds else "no", long, "yes_no",
+                _record("spatial", SPATIAL_YES_NO_TEMPLATE.format(rx=rx, words=words, ry=ry), "yes" if holds else "no", long, "yes_no",
                         objects=[x.id, y.id], relation=relation)
             )
         else:
             relation = rng.choice(["further_left", "further_right"] if axis == "horizontal" else ["higher", "lower"])
             words, predicate = _SPATIAL_CHOICE[relation]
             winner = rx if relation_holds(x, y, predicate, scene.spatial_px) else ry
-            lead = rng.choice(["Which is", "Which object is"])
+            lead = rng.choice(CHOICE_LEADS)
             records.append(
-                _record("spatial", f"{lead} {words}, the {rx} or the {ry}?", f"the {winner}",
+                _record("spatial", SPATIAL_CHOICE_TEMPLATE.format(lead=lead, words=words, rx=rx, ry=ry), f"the {winner}",
                         f"The {winner} is {words}.", "choice", choices=[f"the {rx}", f"the {ry}"],
                         objects=[x.id, y.id], relation=relation)
             )

@@ -17,25 +17,20 @@ from .language import (
     _SPATIAL_YES_NO,
     _UNANSWERABLE_ABOUT_IMAGE,
     _UNANSWERABLE_ABOUT_OBJECT,
+    CHOICE_LEADS,
+    COLOR_TEMPLATES,
+    COUNT_TEMPLATES,
+    EXISTENCE_TEMPLATES,
     REFUSAL,
+    SHAPE_TEMPLATES,
+    SPATIAL_CHOICE_TEMPLATE,
+    SPATIAL_YES_NO_TEMPLATE,
     _record,
     article,
     count_sentence,
     phrase,
 )
 from .scene import SIZES, Scene, SceneObject, WorldConfig, relation_holds
-
-# The question templates of language.py (those written inline there are repeated here; the round-trip test of
-# tests/align/test_world_parse.py fails when the two drift apart).
-COLOR_TEMPLATES = ("What color is the {ref}?", "What is the color of the {ref}?", "Which color is the {ref}?")
-SHAPE_TEMPLATES = ("What shape is the {ref}?", "What is the shape of the {ref}?", "Which shape is the {ref}?")
-COUNT_TEMPLATES = ("How many {p} are there?", "How many {p} are in the image?", "How many {p} can you see?")
-EXISTENCE_TEMPLATES = (
-    "Is there {a} {n}?", "Is there {a} {n} in the image?", "Can you see {a} {n}?", "Does the image contain {a} {n}?",
-)
-SPATIAL_YES_NO_TEMPLATE = "Is the {rx} {words} the {ry}?"
-SPATIAL_CHOICE_TEMPLATE = "{lead} {words}, the {rx} or the {ry}?"
-CHOICE_LEADS = ("Which is", "Which object is")
 
 _NOUN = r"[a-z]+(?: [a-z]+)*?"
 
