@@ -10,28 +10,20 @@ processes the questions are sharded and the main process scores and writes. Writ
 `metrics.json`, `eval_table.md`, `predictions.jsonl` and `eval_config.json`.
 """
 
-import os
-import sys
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-# This script shares its name with the `evaluate` library, and Python puts the script's folder first on sys.path,
-# where `import evaluate` (in align.metrics) would find this file instead of the library.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import datasets
+import torch
+import transformers
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from trl import ModelConfig, TrlParser, get_quantization_config
 
-import json  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import datasets  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-from accelerate.utils import gather_object  # noqa: E402
-from trl import ModelConfig, TrlParser, get_quantization_config  # noqa: E402
-
-from align.evaluation import (  # noqa: E402
+from align.evaluation import (
     category_table,
     generate_answers,
     load_eval_questions,
@@ -41,7 +33,7 @@ from align.evaluation import (  # noqa: E402
     text_regression,
     text_regression_table,
 )
-from align.zoo import default_cache_dir, lm_documents  # noqa: E402
+from align.zoo import default_cache_dir, lm_documents
 
 logger = logging.getLogger(__name__)
 

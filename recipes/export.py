@@ -13,22 +13,14 @@ process, comparing logits and greedy generations with the source model; the resu
 and a failed check exits with status 1.
 """
 
-import os
-import sys
+import json
+import logging
+from dataclasses import dataclass, field
 
-# Python puts the script's folder first on sys.path, where `import evaluate` (in align.metrics, reached through
-# align.evaluation) would find recipes/evaluate.py instead of the library.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+from transformers import set_seed
+from trl import TrlParser
 
-import json  # noqa: E402
-import logging  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-from transformers import set_seed  # noqa: E402
-from trl import TrlParser  # noqa: E402
-
-from align.export import DTYPES, FORMATS, QLORA_MERGE_BASES, export, parse_formats, verify_export  # noqa: E402
+from align.export import DTYPES, FORMATS, QLORA_MERGE_BASES, export, parse_formats, verify_export
 
 logger = logging.getLogger(__name__)
 

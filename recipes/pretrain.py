@@ -20,24 +20,17 @@ caption figures before and after training when `eval_captions` is set) to `outpu
 with `--resume_from_checkpoint last` (the newest checkpoint in `output_dir`) or a checkpoint folder.
 """
 
+import logging
 import os
-import sys
+from dataclasses import dataclass, field
 
-# `recipes/evaluate.py` shares its name with the `evaluate` library, and Python puts a script's folder first on
-# sys.path, where `import evaluate` (in align.metrics) would find that recipe instead of the library.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+from transformers import set_seed
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
-import logging  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-from transformers import set_seed  # noqa: E402
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser  # noqa: E402
-
-from align.captioning import CAPTION_STYLES, evaluate_captions, load_training_pairs, load_world  # noqa: E402
-from align.training import resolve_checkpoint, run_metrics, setup_logging, write_outputs  # noqa: E402
-from model import FUSIONS, PROJECTORS, STAGES, freeze_for_stage  # noqa: E402
-from model.pretrain import (  # noqa: E402
+from align.captioning import CAPTION_STYLES, evaluate_captions, load_training_pairs, load_world
+from align.training import resolve_checkpoint, run_metrics, setup_logging, write_outputs
+from model import FUSIONS, PROJECTORS, STAGES, freeze_for_stage
+from model.pretrain import (
     FEATURE_CACHE_MODES,
     load_or_build_vlm,
     prepare_stage_data,
