@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from align.evaluation import load_model_for_eval
+from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
 
 logger = logging.getLogger(__name__)
 
 QUESTIONS = {"color": "What color is the {shape}?", "shape": "What shape is the {color} object?"}
-VALUES = {
-    "color": ("red", "green", "blue", "yellow", "purple", "orange"),
-    "shape": ("circle", "square", "triangle"),
-}
+VALUES = {"color": DEFAULT_COLORS, "shape": DEFAULT_SHAPES}
+# Closed answer sets of the question categories the in-context probe asks (the default world's values).
+CONTEXT_VALUES = {**VALUES, "count": tuple(str(n) for n in range(7)), "existence": ("yes", "no")}
 
 
 def single_object_rows(world: datasets.Dataset, limit: int | None) -> list[dict]:
@@ -152,22 +152,105 @@ def format_probe(result: dict) -> str:
     return "\n".join(lines)
 
 
+def context_prompt(question: str, caption: str | None) -> str:
+    """A question in the LLM's pretraining format (`align.world.dataset.text_corpus`), after the caption if given."""
+    return (f"{caption}\n" if caption else "") + f"Question: {question} Answer:"
+
+
+@torch.no_grad()
+def closed_set_text_answers(lm, tokenizer, items: list[tuple[str, tuple[str, ...]]]) -> list[int]:
+    """For each `(prompt, values)`: the index of the value the LLM finds most likely after the prompt (as " value",
+    the pretraining spelling). One right-padded batch holds every prompt-value pair."""
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, spans = [], []
+    for prompt, values in items:
+        prompt_ids = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for value in values:
+            candidate = tokenizer(" " + value, add_special_tokens=False)["input_ids"]
+            rows.append(prompt_ids + candidate)
+            spans.append((len(prompt_ids), candidate))
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=lm.device)
+    logprobs = torch.log_softmax(lm(input_ids=ids).logits.float(), dim=-1)
+    scores = [
+        logprobs[i, torch.arange(start - 1, start - 1 + len(candidate)), torch.tensor(candidate)].sum().item()
+        for i, (start, candidate) in enumerate(spans)
+    ]
+    answers, offset = [], 0
+    for _, values in items:
+        chunk = scores[offset : offset + len(values)]
+        answers.append(max(range(len(values)), key=chunk.__getitem__))
+        offset += len(values)
+    return answers
+
+
+def context_probe(lm, tokenizer, world: datasets.Dataset, images: int | None = None) -> dict:
+    """Per category of `CONTEXT_VALUES`: the LLM's closed-set accuracy on the questions of `world`'s first `images`
+    images with the detailed caption before the question and without it, and the majority answer's accuracy."""
+    outcomes: dict[str, dict[str, list]] = {}
+    rows = world if images is None else world.select(range(min(images, len(world))))
+    for row in rows:
+        records = [r for r in json.loads(row["questions"]) if r["answer"] in CONTEXT_VALUES.get(r["category"], ())]
+        if not records:
+            continue
+        items = [
+            (context_prompt(r["question"], caption), CONTEXT_VALUES[r["category"]])
+            for caption in (row["caption_detailed"], None) for r in records
+        ]
+        answers = closed_set_text_answers(lm, tokenizer, items)
+        for i, record in enumerate(records):
+            values = CONTEXT_VALUES[record["category"]]
+            entry = outcomes.setdefault(record["category"], {"answers": [], "with": [], "without": []})
+            entry["answers"].append(record["answer"])
+            entry["with"].append(values[answers[i]] == record["answer"])
+            entry["without"].append(values[answers[len(records) + i]] == record["answer"])
+    if not outcomes:
+        raise ValueError(f"no questions of the categories {sorted(CONTEXT_VALUES)} in the given images")
+    result = {}
+    for category, entry in outcomes.items():
+        n = len(entry["answers"])
+        result[category] = {
+            "questions": n,
+            "majority": Counter(entry["answers"]).most_common(1)[0][1] / n,
+            "without_caption": sum(entry["without"]) / n,
+            "with_caption": sum(entry["with"]) / n,
+        }
+    return result
+
+
+def format_context_probe(result: dict) -> str:
+    lines = [
+        "| category | questions | majority answer | LLM, question only | LLM, caption + question |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for category, r in result.items():
+        lines.append(
+            f"| {category} | {r['questions']} | {r['majority']:.1%} | {r['without_caption']:.1%} | {r['with_caption']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="A VLM folder or an adapter folder.")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="A VLM folder or an adapter folder: the probes along its path.")
+    target.add_argument("--llm", help="An LLM folder with its tokenizer: does it answer from a caption in context?")
     parser.add_argument("--load_in_4bit", action="store_true", help="Load an adapter's base in 4 bit (QLoRA runs).")
     parser.add_argument("--world", default=None, help="Shapes world folder (default: the zoo's).")
-    parser.add_argument("--split", default="train", help="World split the images come from.")
+    parser.add_argument("--split", default=None, help="World split the images come from (default: train; test for --llm).")
     parser.add_argument("--attribute", choices=sorted(QUESTIONS), default="color")
-    parser.add_argument("--images", type=int, default=1000, help="Single-object images to use (at most).")
+    parser.add_argument("--images", type=int, default=None,
+                        help="Images to use, at most (default: 1000 single-object images; 300 images for --llm).")
     parser.add_argument("--holdout", type=float, default=0.3, help="Share of the images the probes are scored on.")
     parser.add_argument("--output", default=None, help="Write the figures as JSON here.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 < args.holdout < 1:
         parser.error(f"--holdout must be in (0, 1), got {args.holdout}")
-    if args.images < 4:
+    if args.images is not None and args.images < 4:
         parser.error(f"--images must be at least 4, got {args.images}")
+    split = args.split or ("test" if args.llm else "train")
 
     from align.zoo import default_cache_dir
 
@@ -175,17 +258,34 @@ def main(argv=None) -> dict:
     if not Path(world_path).is_dir():
         parser.error(f"--world: {world_path} is not a folder (build the zoo with `python -m align.zoo`)")
     world = datasets.load_from_disk(world_path)
-    if args.split not in world:
-        parser.error(f"--split: {world_path} has no split {args.split!r} (it has {sorted(world)})")
+    if split not in world:
+        parser.error(f"--split: {world_path} has no split {split!r} (it has {sorted(world)})")
+    if args.llm:
+        return _main_llm(args, world[split])
     quantization = None
     if args.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     model, processor = load_model_for_eval(args.model, quantization_config=quantization)
-    rows = single_object_rows(world[args.split], args.images)
+    rows = single_object_rows(world[split], args.images or 1000)
     result = {"model": args.model, **probe_model(model, processor, rows, args.attribute, args.holdout)}
     print(format_probe(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    return result
+
+
+
+def _main_llm(args, world: datasets.Dataset) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(args.llm).is_dir():
+        raise SystemExit(f"--llm: {args.llm} is not a folder (an LLM saved with save_pretrained, with its tokenizer)")
+    tokenizer = AutoTokenizer.from_pretrained(args.llm)
+    lm = AutoModelForCausalLM.from_pretrained(args.llm).eval()
+    result = {"llm": args.llm, "categories": context_probe(lm, tokenizer, world, args.images or 300)}
+    print(format_context_probe(result["categories"]))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
     return result

@@ -2,11 +2,20 @@
 
 import json
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from align.probe import VALUES, fit_probe, main, single_object_rows
+from align.probe import (
+    CONTEXT_VALUES,
+    VALUES,
+    context_probe,
+    fit_probe,
+    format_context_probe,
+    main,
+    single_object_rows,
+)
 from tests.align.training_helpers import tiny_vlm, tiny_world
 
 
@@ -50,3 +59,68 @@ def test_bad_arguments_are_named(setup):
         main(["--model", setup["vlm"], "--world", setup["world"], "--split", "nowhere"])
     with pytest.raises(SystemExit):
         main(["--model", setup["vlm"], "--world", setup["world"], "--holdout", "1.5"])
+
+
+class _CopyLM(torch.nn.Module):
+    """A language model with a known answer: it predicts, with equal odds, any token already in its context."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids):
+        seen = torch.nn.functional.one_hot(input_ids, self.vocab_size).cummax(dim=1).values
+        return SimpleNamespace(logits=10.0 * seen.float())
+
+
+def _word_tokenizer(world):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>", "<s>", "[UNK]"}
+    for row in world:
+        for text in [row["caption_detailed"], *(f"Question: {r['question']} Answer: {r['answer']}" for r in json.loads(row["questions"]))]:
+            words.update(word for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text))
+    for values in CONTEXT_VALUES.values():
+        words.update(values)
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(sorted(words))}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", unk_token="[UNK]")
+
+
+def test_context_probe_on_a_model_that_copies_from_its_context(setup):
+    import datasets
+
+    world = datasets.load_from_disk(setup["world"])["train"]
+    single = world.filter(lambda row: len(json.loads(row["scene"])["objects"]) == 1)
+    tokenizer = _word_tokenizer(world)
+    result = context_probe(_CopyLM(len(tokenizer)), tokenizer, single)
+
+    colors = [r["answer"] for row in single for r in json.loads(row["questions"]) if r["category"] == "color"]
+    assert result["color"]["questions"] == len(colors) > 0
+    # With one object, the caption names exactly one color: copying it is right every time.
+    assert result["color"]["with_caption"] == 1.0
+    # Without the caption no color is in context, every value ties, and the first one ("red") is the answer.
+    assert result["color"]["without_caption"] == pytest.approx(colors.count(CONTEXT_VALUES["color"][0]) / len(colors))
+    assert result["color"]["majority"] == pytest.approx(Counter(colors).most_common(1)[0][1] / len(colors))
+    assert "| color |" in format_context_probe(result)
+
+
+def test_context_probe_command_on_a_tiny_llm(setup, tiny_parts, tmp_path, capsys):
+    import datasets
+
+    output = tmp_path / "context.json"
+    result = main(["--llm", tiny_parts["llama"], "--world", setup["world"], "--split", "train", "--images", "6", "--output", str(output)])
+    rows = datasets.load_from_disk(setup["world"])["train"].select(range(6))
+    records = [r for row in rows for r in json.loads(row["questions"]) if r["answer"] in CONTEXT_VALUES.get(r["category"], ())]
+    assert sum(c["questions"] for c in result["categories"].values()) == len(records)
+    for category, figures in result["categories"].items():
+        answers = [r["answer"] for r in records if r["category"] == category]
+        assert figures["majority"] == pytest.approx(Counter(answers).most_common(1)[0][1] / len(answers))
+        for key in ("with_caption", "without_caption"):
+            assert (figures[key] * len(answers)) == pytest.approx(round(figures[key] * len(answers)))
+    assert json.loads(output.read_text())["llm"] == tiny_parts["llama"]
+    assert "| category | questions |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--llm", str(tmp_path / "missing"), "--world", setup["world"]])
