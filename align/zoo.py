@@ -24,7 +24,7 @@ import datasets
 import torch
 from transformers import AutoTokenizer, HfArgumentParser, LlamaForCausalLM, SiglipModel
 
-from align.world import WorldConfig, build_world, text_corpus
+from align.world import WorldConfig, build_world, object_documents, text_corpus
 from model.parts import (
     LlamaPartConfig,
     SiglipPartConfig,
@@ -63,6 +63,11 @@ class ZooConfig:
         default=False,
         metadata={"help": "Also train the tokenizer on each image's answers one per line, so answers at the start of "
                   "a chat turn become whole tokens (`tokenizer_documents`)."},
+    )
+    llm_object_documents: bool = field(
+        default=False,
+        metadata={"help": "Also pretrain the LLM on one short description-then-Q&A document per object "
+                  "(`align.world.object_documents`), from which it learns to answer from its context."},
     )
     siglip_steps: int = field(default=SiglipPartConfig.steps, metadata={"help": "SigLIP training steps."})
     llama_steps: int = field(default=LlamaPartConfig.steps, metadata={"help": "Llama training steps."})
@@ -128,10 +133,11 @@ class _Part:
         return self.manifest
 
 
-def lm_documents(world: datasets.DatasetDict, split: str, tokenizer=None) -> list[str]:
-    """Plain-text documents (captions, Q&A lines) and, given a tokenizer, the conversations in its chat format
-    without their image items: the LLM learns the world's language and the chat markers, not the images."""
-    docs = text_corpus(world[split])
+def lm_documents(world: datasets.DatasetDict, split: str, tokenizer=None, objects: bool = False) -> list[str]:
+    """Plain-text documents (captions, Q&A lines; with `objects`, also `object_documents`) and, given a tokenizer,
+    the conversations in its chat format without their image items: the LLM learns the world's language and the
+    chat markers, not the images."""
+    docs = text_corpus(world[split]) + (object_documents(world[split]) if objects else [])
     if tokenizer is not None:
         for messages in world[split]["messages"]:
             text_only = [
@@ -149,7 +155,7 @@ def tokenizer_documents(world: datasets.DatasetDict, split: str, answer_lines: b
     its leading space; the LM documents hold answers only after "Answer: ", so no merge covers line-initial words and
     the default tokenizer spells every answer in pieces ("b", "lu", "e"; "y" starts both "yes" and "yellow").
     """
-    documents = lm_documents(world, split)
+    documents = text_corpus(world[split])
     if answer_lines:
         documents += ["\n".join(r["answer"] for r in json.loads(qs)) for qs in world[split]["questions"]]
     return documents
@@ -214,11 +220,14 @@ def build_zoo(cfg: ZooConfig) -> dict:
     report["siglip"] = part.manifest
 
     llama_cfg = cfg.llama()
-    part = _Part(root, "llama", _fingerprint(part.fingerprint, asdict(llama_cfg)), cfg.force)
+    # As for the tokenizer, the option enters the fingerprint only when on, so built zoos stay valid.
+    extra = ("object-documents",) if cfg.llm_object_documents else ()
+    part = _Part(root, "llama", _fingerprint(part.fingerprint, asdict(llama_cfg), *extra), cfg.force)
     if not part.valid:
         logger.info("pretraining the Llama LLM (%d steps)", llama_cfg.steps)
         out = part.start()
-        model, history = pretrain_llama(lm_documents(world, "train", tokenizer), tokenizer, llama_cfg, str(out / "trainer"))
+        documents = lm_documents(world, "train", tokenizer, objects=cfg.llm_object_documents)
+        model, history = pretrain_llama(documents, tokenizer, llama_cfg, str(out / "trainer"))
         shutil.rmtree(out / "trainer", ignore_errors=True)
         held_out = lm_documents(world, "test", tokenizer)
         torch.manual_seed(llama_cfg.seed)

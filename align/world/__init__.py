@@ -13,6 +13,7 @@ from .dataset import (
     caption_rows,
     generate_split,
     make_example,
+    object_documents,
     prompt_rows,
     text_corpus,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "record_for_question",
     "relation_holds",
     "render",
+    "object_documents",
     "text_corpus",
     "verify",
 ]

@@ -10,7 +10,15 @@ from collections.abc import Iterable
 import datasets
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
 
-from .language import CATEGORIES, caption_messages, make_captions, make_conversation, make_questions
+from .language import (
+    CATEGORIES,
+    COLOR_TEMPLATES,
+    SHAPE_TEMPLATES,
+    caption_messages,
+    make_captions,
+    make_conversation,
+    make_questions,
+)
 from .render import render
 from .scene import WorldConfig, generate_scene, image_rng
 
@@ -162,4 +170,27 @@ def text_corpus(ds: Dataset | DatasetDict) -> list[str]:
             lines = [f"Question: {r['question']} Answer: {r['answer']}" for r in json.loads(questions)]
             documents.append("\n".join([detailed, *lines]))
             documents.append(short)
+    return documents
+
+
+def object_documents(ds: Dataset, seed: int = 0) -> list[str]:
+    """One short document per object of every scene: the object described alone ("a small red square."), then its
+    color and its shape asked and answered with the world's templates.
+
+    Each answer is the one color or shape word of the document, so a language model trained on them learns to
+    answer from the description in its context, the read-out a VLM's LLM later needs for visual tokens in that
+    place. In the detailed-caption documents of `text_corpus` the same skill also needs the question's object found
+    among several, and a tiny LLM does not pick it up from those alone (`python -m align.probe --llm`).
+    """
+    rng = random.Random(seed)
+    documents = []
+    for scene in ds["scene"]:
+        for obj in json.loads(scene)["objects"]:
+            color, shape = obj["color"], obj["shape"]
+            color_question = rng.choice(COLOR_TEMPLATES).format(ref=shape)
+            shape_question = rng.choice(SHAPE_TEMPLATES).format(ref=f"{color} object")
+            documents.append(
+                f"a {obj['size']} {color} {shape}.\nQuestion: {color_question} Answer: {color}\n"
+                f"Question: {shape_question} Answer: {shape}"
+            )
     return documents

@@ -13,11 +13,14 @@ from trl.data_utils import is_conversational, prepare_multimodal_messages
 from align.world import (
     CATEGORIES,
     Scene,
+    SceneObject,
     WorldConfig,
     build_world,
     caption_rows,
     make_example,
+    object_documents,
     prompt_rows,
+    record_for_question,
     render,
     text_corpus,
     verify,
@@ -137,6 +140,24 @@ def test_text_corpus(world):
         questions = json.loads(row["questions"])
         assert lines[1:] == [f"Question: {q['question']} Answer: {q['answer']}" for q in questions]
     assert len(text_corpus(world)) == 2 * sum(SIZES.values())
+
+
+def test_object_documents_answer_from_the_description(world):
+    ds = world["train"]
+    docs = object_documents(ds)
+    objects = [o for scene in ds["scene"] for o in json.loads(scene)["objects"]]
+    assert len(docs) == len(objects) and docs == object_documents(ds)  # one per object, deterministic
+    for obj, document in zip(objects, docs):
+        description, color_line, shape_line = document.split("\n")
+        assert description == f"a {obj['size']} {obj['color']} {obj['shape']}."
+        # Each question names the other attribute, and its answer is the one word of the description it asks for.
+        assert obj["shape"] in color_line.split(" Answer: ")[0] and color_line.endswith(f"Answer: {obj['color']}")
+        assert obj["color"] in shape_line.split(" Answer: ")[0] and shape_line.endswith(f"Answer: {obj['shape']}")
+        # The world's own parser reads the question back, answered from a scene of that one object.
+        fields = {key: obj[key] for key in ("id", "shape", "color", "size", "x0", "y0", "width")}
+        scene = Scene(image_size=64, background="gray", spatial_px=3, objects=[SceneObject(**fields)])
+        question = color_line.split(" Answer: ")[0].removeprefix("Question: ")
+        assert record_for_question(scene, question)["answer"] == obj["color"]
 
 
 def run_cli(*args):

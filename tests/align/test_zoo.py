@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -95,13 +96,14 @@ def test_vlm_builds_from_zoo_parts_and_trains_on_world_rows(zoo, fusion):
 def test_tokenizer_answer_lines_make_line_initial_answers_whole_tokens(zoo):
     import datasets
 
-    from align.zoo import lm_documents, tokenizer_documents
+    from align.world import text_corpus
+    from align.zoo import tokenizer_documents
     from model.tokenizer import train_tokenizer
 
     cfg, _ = zoo
     world = datasets.load_from_disk(str(cfg.root / "world"))
     plain, with_answers = tokenizer_documents(world, "train"), tokenizer_documents(world, "train", answer_lines=True)
-    assert plain == lm_documents(world, "train") and len(with_answers) == len(plain) + len(world["train"])
+    assert plain == text_corpus(world["train"]) and len(with_answers) == len(plain) + len(world["train"])
     first_answers = [json.loads(q)[0]["answer"] for q in world["train"]["questions"]]
     assert with_answers[len(plain)].split("\n")[0] == first_answers[0]
 
@@ -114,3 +116,27 @@ def test_tokenizer_answer_lines_make_line_initial_answers_whole_tokens(zoo):
     assert report["tokenizer"]["fingerprint"] != zoo[1]["tokenizer"]["fingerprint"]
     tokenizer = AutoTokenizer.from_pretrained(cfg.root.parent / "zoo-answer-lines" / "tokenizer")
     assert tokenizer.tokenize("\nyes") == ["Ċ", "yes"]
+
+
+def test_llm_object_documents_option(zoo):
+    import datasets
+
+    from align.world import object_documents, text_corpus
+    from align.zoo import lm_documents
+
+    cfg, report = zoo
+    world = datasets.load_from_disk(str(cfg.root / "world"))
+    assert lm_documents(world, "train") == text_corpus(world["train"])
+    with_objects = lm_documents(world, "train", objects=True)
+    assert with_objects == text_corpus(world["train"]) + object_documents(world["train"])
+
+    # The option is part of the LLM's fingerprint only when on: it rebuilds the LLM and leaves the other parts.
+    other = cfg.root.parent / "zoo-object-documents"
+    for name in ("world", "tokenizer", "siglip"):
+        shutil.copytree(cfg.root / name, other / name)
+    rebuilt = build_zoo(ZooConfig(cache_dir=str(other), llm_object_documents=True, **TINY))
+    assert rebuilt["llama"]["fingerprint"] != report["llama"]["fingerprint"]
+    for name in ("world", "tokenizer", "siglip"):
+        assert rebuilt[name]["fingerprint"] == report[name]["fingerprint"]
+        assert rebuilt[name]["seconds"] == report[name]["seconds"]  # reused, not rebuilt
+    assert build_zoo(ZooConfig(cache_dir=str(cfg.root), **TINY))["llama"] == report["llama"]
