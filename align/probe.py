@@ -173,8 +173,10 @@ def closed_set_text_answers(lm, tokenizer, items: list[tuple[str, tuple[str, ...
     width = max(map(len, rows))
     ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=lm.device)
     logprobs = torch.log_softmax(lm(input_ids=ids).logits.float(), dim=-1)
+    device = logprobs.device
     scores = [
-        logprobs[i, torch.arange(start - 1, start - 1 + len(candidate)), torch.tensor(candidate)].sum().item()
+        logprobs[i, torch.arange(start - 1, start - 1 + len(candidate), device=device), torch.tensor(candidate, device=device)]
+        .sum().item()
         for i, (start, candidate) in enumerate(spans)
     ]
     answers, offset = [], 0
@@ -274,7 +276,6 @@ def main(argv=None) -> dict:
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
     return result
-
 
 
 def _main_llm(args, world: datasets.Dataset) -> dict:

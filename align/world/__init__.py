@@ -63,12 +63,12 @@ __all__ = [
     "make_example",
     "make_questions",
     "normalize",
+    "object_documents",
     "prompt_rows",
     "question_category",
     "record_for_question",
     "relation_holds",
     "render",
-    "object_documents",
     "text_corpus",
     "verify",
 ]
