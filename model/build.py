@@ -135,6 +135,7 @@ def build_vlm(
     fusion: str = "prepend",
     projector: str = "mlp",
     projector_depth: int = 2,
+    projector_queries: int = 16,
     pool: int = 1,
     cross_attention_every: int = 4,
     ternary: bool = False,
@@ -147,8 +148,9 @@ def build_vlm(
         vision: path(s) of the vision tower(s), each with its image processor, in encoder order.
         text: path of the causal LLM with its tokenizer.
         fusion: "prepend" (LLaVA) or "cross_attention" (Flamingo / Llama 3.2 Vision).
-        projector: "mlp" or "attention".
-        projector_depth: self-attention blocks of the attention projector.
+        projector: "mlp", "attention" or "resampler".
+        projector_depth: blocks of the attention and resampler projectors.
+        projector_queries: visual tokens per image and tower of the resampler projector.
         pool: average-pool the patch grid by this factor per side.
         cross_attention_every: one cross-attention adapter every this many decoder layers.
         ternary: build the LLM's decoder linears as BitNet b1.58 layers.
@@ -205,6 +207,7 @@ def build_vlm(
         fusion=fusion,
         projector=projector,
         projector_depth=projector_depth,
+        projector_queries=projector_queries,
         pool=pool,
         cross_attention_every=cross_attention_every,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -236,7 +239,8 @@ class BuildArguments:
     output: str = field(metadata={"help": "Directory the VLM and its processor are written to."})
     fusion: str = field(default="prepend", metadata={"help": f"How images reach the LLM: {sorted(FUSIONS)}."})
     projector: str = field(default="mlp", metadata={"help": f"Projector: {sorted(PROJECTORS)}."})
-    projector_depth: int = field(default=2, metadata={"help": "Self-attention blocks of the attention projector."})
+    projector_depth: int = field(default=2, metadata={"help": "Blocks of the attention and resampler projectors."})
+    projector_queries: int = field(default=16, metadata={"help": "Visual tokens per image of the resampler projector."})
     pool: int = field(default=1, metadata={"help": "Average-pool the patch grid by this factor per side."})
     cross_attention_every: int = field(
         default=4, metadata={"help": "One cross-attention adapter every this many decoder layers."}
@@ -259,6 +263,7 @@ def main(args: BuildArguments) -> None:
         fusion=args.fusion,
         projector=args.projector,
         projector_depth=args.projector_depth,
+        projector_queries=args.projector_queries,
         pool=args.pool,
         cross_attention_every=args.cross_attention_every,
         ternary=args.ternary,

@@ -60,8 +60,10 @@ class VLMConfig(PreTrainedConfig):
             `"prepend"`: visual tokens replace the image placeholders in the LLM input (LLaVA).
             `"cross_attention"`: gated cross-attention adapters before every `cross_attention_every`-th decoder
             layer (Flamingo / Llama 3.2 Vision).
-        projector (`str`, defaults to `"mlp"`): `"mlp"` or `"attention"`, see `model.projectors.PROJECTORS`.
-        projector_depth (`int`, defaults to 2): self-attention blocks of the `"attention"` projector.
+        projector (`str`, defaults to `"mlp"`): `"mlp"`, `"attention"` or `"resampler"`, see
+            `model.projectors.PROJECTORS`.
+        projector_depth (`int`, defaults to 2): blocks of the `"attention"` and `"resampler"` projectors.
+        projector_queries (`int`, defaults to 16): visual tokens per image and tower of the `"resampler"` projector.
         pool (`int`, defaults to 1): average-pool the patch grid by this factor per side before projecting.
         cross_attention_every (`int`, defaults to 4): one adapter before decoder layers k-1, 2k-1, ... (at least one).
         image_token_id (`int`, *optional*): the image placeholder token.
@@ -81,6 +83,7 @@ class VLMConfig(PreTrainedConfig):
     fusion: str = "prepend"
     projector: str = "mlp"
     projector_depth: int = 2
+    projector_queries: int = 16
     pool: int = 1
     cross_attention_every: int = 4
     image_token_id: int | None = None
@@ -113,8 +116,12 @@ class VLMConfig(PreTrainedConfig):
             raise ValueError(f"pool must be >= 1, got {self.pool}")
         if self.cross_attention_every < 1:
             raise ValueError(f"cross_attention_every must be >= 1, got {self.cross_attention_every}")
-        if self.projector == "attention" and self.projector_depth < 1:
-            raise ValueError(f"projector_depth must be >= 1 for the attention projector, got {self.projector_depth}")
+        if self.projector in ("attention", "resampler") and self.projector_depth < 1:
+            raise ValueError(
+                f"projector_depth must be >= 1 for the {self.projector} projector, got {self.projector_depth}"
+            )
+        if self.projector == "resampler" and self.projector_queries < 1:
+            raise ValueError(f"projector_queries must be >= 1 for the resampler projector, got {self.projector_queries}")
         for index, vision_config in enumerate(self.vision_configs):
             grid = _grid_side(vision_config)
             if grid % self.pool:
@@ -147,9 +154,15 @@ class VLMConfig(PreTrainedConfig):
         """Patch features of tower `index` per image, CLS dropped, before pooling."""
         return _grid_side(self.vision_configs[index]) ** 2
 
-    def vision_tokens_per_image(self, index: int) -> int:
-        """Visual tokens of tower `index` per image, CLS dropped and pooled."""
+    def vision_patches_after_pool(self, index: int) -> int:
+        """Patch features of tower `index` per image that reach its projector (CLS dropped, pooled)."""
         return (_grid_side(self.vision_configs[index]) // self.pool) ** 2
+
+    def vision_tokens_per_image(self, index: int) -> int:
+        """Visual tokens of tower `index` per image: its pooled patches, or the resampler's queries."""
+        if self.projector == "resampler":
+            return self.projector_queries
+        return self.vision_patches_after_pool(index)
 
     @property
     def num_vision_tokens(self) -> int:

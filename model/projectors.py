@@ -65,13 +65,83 @@ class AttentionProjector(nn.Module):
         return self.proj(self.norm(features))
 
 
-def build_mlp_projector(vision_config, text_config, depth: int = 2) -> MLPProjector:
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm block: latents attend to a context (SDPA), then a GELU MLP; both residual."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm_latents = nn.LayerNorm(hidden_size)
+        self.norm_context = nn.LayerNorm(hidden_size)
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.norm_2 = nn.LayerNorm(hidden_size)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_ratio * hidden_size), nn.GELU(), nn.Linear(mlp_ratio * hidden_size, hidden_size)
+        )
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, num_latents, width = latents.shape
+        head_dim = width // self.num_heads
+        query = self.q(self.norm_latents(latents)).view(batch, num_latents, self.num_heads, head_dim).transpose(1, 2)
+        key, value = (
+            self.kv(self.norm_context(context)).view(batch, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        )
+        attended = F.scaled_dot_product_attention(query, key, value)
+        latents = latents + self.out(attended.transpose(1, 2).reshape(batch, num_latents, width))
+        return latents + self.mlp(self.norm_2(latents))
+
+
+class ResamplerProjector(nn.Module):
+    """Learned queries cross-attend to the patch features: `num_queries` visual tokens per image, whatever the grid.
+
+    Qwen-VL's position-aware vision-language adapter (learned queries, positions added to the patches' keys;
+    arXiv:2308.12966, section 2.1), with Idefics2's stacked resampler blocks (arXiv:2405.02246). Each query can
+    gather the few patches an object covers, instead of the LLM having to find them among all the patch tokens.
+    """
+
+    def __init__(
+        self, vision_hidden_size: int, text_hidden_size: int, num_patches: int, num_queries: int, depth: int,
+        num_heads: int,
+    ):
+        super().__init__()
+        self.context_proj = nn.Linear(vision_hidden_size, text_hidden_size)
+        self.position = nn.Parameter(torch.empty(1, num_patches, text_hidden_size))
+        self.queries = nn.Parameter(torch.empty(1, num_queries, text_hidden_size))
+        self.blocks = nn.ModuleList(CrossAttentionBlock(text_hidden_size, num_heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(text_hidden_size)
+        self.proj = nn.Linear(text_hidden_size, text_hidden_size)
+        self.reset_embeddings()
+
+    @torch.no_grad()
+    def reset_embeddings(self) -> None:
+        """Small random queries and positions (the model's `_init_weights` calls this too)."""
+        nn.init.normal_(self.position, std=0.02)
+        nn.init.normal_(self.queries, std=0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[1] != self.position.shape[1]:
+            raise ValueError(
+                f"the resampler was built for {self.position.shape[1]} patches per image, got {features.shape[1]}"
+            )
+        context = self.context_proj(features) + self.position
+        latents = self.queries.expand(features.shape[0], -1, -1)
+        for block in self.blocks:
+            latents = block(latents, context)
+        return self.proj(self.norm(latents))
+
+
+def build_mlp_projector(vision_config, text_config, depth: int = 2, **_) -> MLPProjector:
     """Build a LLaVA-1.5 MLP projector.
 
     Args:
         vision_config: the tower's config (`hidden_size`).
         text_config: the LLM's config (`hidden_size`).
-        depth: unused (the MLP has a fixed depth); accepted so every builder has one signature.
+        depth: unused (the MLP has a fixed depth); accepted so every builder has one signature, as are the
+            resampler's `num_patches` and `num_queries`.
 
     Returns:
         An `MLPProjector` mapping `[..., vision_hidden]` to `[..., text_hidden]`.
@@ -79,7 +149,7 @@ def build_mlp_projector(vision_config, text_config, depth: int = 2) -> MLPProjec
     return MLPProjector(vision_config.hidden_size, text_config.hidden_size)
 
 
-def build_attention_projector(vision_config, text_config, depth: int = 2) -> AttentionProjector:
+def build_attention_projector(vision_config, text_config, depth: int = 2, **_) -> AttentionProjector:
     """Build an attention projector: `depth` self-attention blocks at the vision width, then a linear map.
 
     Args:
@@ -92,6 +162,29 @@ def build_attention_projector(vision_config, text_config, depth: int = 2) -> Att
     """
     return AttentionProjector(
         vision_config.hidden_size, text_config.hidden_size, depth, getattr(vision_config, "num_attention_heads", 1)
+    )
+
+
+def build_resampler_projector(
+    vision_config, text_config, depth: int = 2, num_patches: int | None = None, num_queries: int = 16
+) -> ResamplerProjector:
+    """Build a resampler projector: `num_queries` learned queries through `depth` cross-attention blocks.
+
+    Args:
+        vision_config: the tower's config (`hidden_size`).
+        text_config: the LLM's config (`hidden_size`, `num_attention_heads`).
+        depth: cross-attention blocks.
+        num_patches: patch features per image after pooling (one learned position each).
+        num_queries: visual tokens per image.
+
+    Returns:
+        A `ResamplerProjector` mapping `[batch, num_patches, vision_hidden]` to `[batch, num_queries, text_hidden]`.
+    """
+    if num_patches is None:
+        raise ValueError("the resampler projector needs num_patches (patch features per image after pooling)")
+    return ResamplerProjector(
+        vision_config.hidden_size, text_config.hidden_size, num_patches, num_queries, depth,
+        text_config.num_attention_heads,
     )
 
 
@@ -138,21 +231,26 @@ class VisionProjectors(nn.Module):
 PROJECTORS = {
     "mlp": build_mlp_projector,
     "attention": build_attention_projector,
+    "resampler": build_resampler_projector,
 }
 
 
-def build_projector(name: str, vision_config, text_config, depth: int = 2) -> nn.Module:
+def build_projector(
+    name: str, vision_config, text_config, depth: int = 2, num_patches: int | None = None, num_queries: int = 16
+) -> nn.Module:
     """Build the projector registered under `name` for one vision tower.
 
     Args:
         name: a key of `PROJECTORS`.
         vision_config: the tower's config.
         text_config: the LLM's config.
-        depth: blocks of the attention projector.
+        depth: blocks of the attention and resampler projectors.
+        num_patches: patch features per image after pooling (the resampler's positions).
+        num_queries: visual tokens per image of the resampler.
 
     Returns:
         The projector module.
     """
     if name not in PROJECTORS:
         raise ValueError(f"unknown projector {name!r}; supported: {sorted(PROJECTORS)}")
-    return PROJECTORS[name](vision_config, text_config, depth=depth)
+    return PROJECTORS[name](vision_config, text_config, depth=depth, num_patches=num_patches, num_queries=num_queries)

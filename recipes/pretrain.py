@@ -55,7 +55,8 @@ class PretrainScriptArguments:
     )
     fusion: str = field(default="prepend", metadata={"help": f"How images reach the LLM: {sorted(FUSIONS)}."})
     projector: str = field(default="mlp", metadata={"help": f"Projector of a new VLM: {sorted(PROJECTORS)}."})
-    projector_depth: int = field(default=2, metadata={"help": "Self-attention blocks of the attention projector."})
+    projector_depth: int = field(default=2, metadata={"help": "Blocks of the attention and resampler projectors."})
+    projector_queries: int = field(default=16, metadata={"help": "Visual tokens per image of the resampler projector."})
     pool: int = field(default=1, metadata={"help": "Average-pool the patch grid by this factor per side."})
     cross_attention_every: int = field(
         default=4, metadata={"help": "One cross-attention adapter every this many decoder layers."}
@@ -139,6 +140,7 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
         fusion=script_args.fusion,
         projector=script_args.projector,
         projector_depth=script_args.projector_depth,
+        projector_queries=script_args.projector_queries,
         pool=script_args.pool,
         cross_attention_every=script_args.cross_attention_every,
         vision_feature_layer=script_args.vision_feature_layer,

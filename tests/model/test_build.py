@@ -73,6 +73,15 @@ def test_saved_vlm_loads_with_the_auto_classes(tiny_parts, tmp_path):
         torch.testing.assert_close(reloaded(**batch).logits, vlm(**batch).logits)
 
 
+def test_resampler_build_gives_the_processor_its_query_count(tiny_parts):
+    vlm, processor = build_vlm(tiny_parts["siglip"], tiny_parts["llama"], projector="resampler", projector_queries=5)
+    assert processor.num_image_tokens == vlm.config.num_image_tokens == 5
+    batch = _batch(processor)
+    assert (batch["input_ids"] == vlm.config.image_token_id).sum(1).tolist() == [5, 5]
+    with torch.no_grad():
+        assert vlm(**batch).logits.shape[:2] == batch["input_ids"].shape
+
+
 def test_several_encoders_round_trip(tiny_parts, tmp_path):
     vlm, processor = build_vlm([tiny_parts["siglip"], tiny_parts["clip"]], tiny_parts["llama"])
     assert processor.num_image_tokens == 16 + 9  # SigLIP 4x4 patches + CLIP 3x3 patches (CLS dropped)
@@ -141,7 +150,7 @@ def test_dual_encoder_checkpoint_is_reduced_to_its_vision_tower(tiny_parts, tmp_
     ("kwargs", "message"),
     [
         ({"fusion": "late"}, r"unknown fusion 'late'; supported: \['cross_attention', 'prepend'\]"),
-        ({"projector": "qformer"}, r"unknown projector 'qformer'; supported: \['attention', 'mlp'\]"),
+        ({"projector": "qformer"}, r"unknown projector 'qformer'; supported: \['attention', 'mlp', 'resampler'\]"),
         ({"fusion": "cross_attention", "cross_attention_every": 8}, "needs at least that many decoder layers.*has 4"),
     ],
 )

@@ -239,6 +239,46 @@ def test_attention_projector_runs_blocks_at_the_vision_width(tiny_parts, tiny_to
     assert clip_projector.blocks[0].qkv.weight.grad.abs().sum() > 0
 
 
+def test_resampler_gives_its_queries_as_tokens_and_attends_to_each_patch(tmp_path, tiny_parts, tiny_tokenizer):
+    model = build(tiny_parts, tiny_tokenizer, towers=("siglip", "clip"), projector="resampler", projector_queries=3,
+                  projector_depth=2, pool=1, cross_attention_every=2)
+    assert model.config.num_image_tokens == 3 + 3  # the queries of each tower, whatever its patch grid
+    siglip_projector = model.model.projectors[0]
+    assert siglip_projector.position.shape == (1, 16, 32) and len(siglip_projector.blocks) == 2
+    assert siglip_projector.queries.abs().max() > 0  # initialised, not left empty
+    # each query reads every patch: changing one patch moves all three tokens of that tower and none of the other's
+    features = [torch.randn(1, 16, 32), torch.randn(1, 9, 24)]
+    edited = [features[0].clone(), features[1]]
+    edited[0][0, 5] += 1.0
+    with torch.no_grad():
+        before, after = model.model.project_vision_features(features), model.model.project_vision_features(edited)
+    assert before.shape == (1, 6, 32)
+    assert ((after - before)[0, :3].abs().amax(-1) > 0).all() and torch.equal(after[0, 3:], before[0, 3:])
+    with pytest.raises(ValueError, match="built for 16 patches per image, got 4"):
+        siglip_projector(torch.randn(1, 4, 32))
+
+    ids = torch.tensor([encode(tiny_tokenizer, model, "<image> a red circle.")])
+    model.train()
+    out = model(input_ids=ids, pixel_values=images(1, ("siglip", "clip")), labels=ids)
+    out.loss.backward()
+    assert siglip_projector.queries.grad.abs().sum() > 0 and siglip_projector.position.grad.abs().sum() > 0
+
+    model.eval().save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert loaded.config.projector_queries == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.project_vision_features(features), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(projector="resampler", projector_queries=0), "projector_queries must be >= 1"),
+    (dict(projector="resampler", projector_depth=0), "projector_depth must be >= 1 for the resampler"),
+])
+def test_resampler_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        VLMConfig(**settings)
+
+
 # --------------------------------------------------------------------------------------------------- build, save, load
 
 
