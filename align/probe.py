@@ -17,6 +17,19 @@ and the majority baseline. A probe far above the majority at the last position w
 the majority means the information reaches the answer position but is not read out; a probe at the majority
 already on the projected tokens points at the projector. Prints a table and writes it with the figures as JSON
 (`--output`).
+
+    python -m align.probe --readout --model runs/demo/stage1-prepend --steps 300 --reset_projector
+
+The read-out probe asks how fast the adapters can learn to answer from the image: only the projectors (and
+cross-attention adapters) train, on the attribute question of the single-object training images with the loss on
+the answer (TRL's vision collator, as in SFT), the towers and the LLM frozen; every `--eval_every` steps the
+closed-set accuracy on the held-out images is measured. `--reset_projector` starts from freshly initialised
+projectors, to compare projector designs on one LLM or LLMs under one projector.
+
+    python -m align.probe --llm .cache/zoo/llama
+
+The in-context probe (`--llm`): does the text LLM alone answer from the image's detailed caption put before the
+question, in its own pretraining format?
 """
 
 from __future__ import annotations
@@ -233,6 +246,114 @@ def format_context_probe(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _adapter_modules(vlm) -> list[torch.nn.Module]:
+    """The projectors, and the cross-attention adapters of a cross-attention VLM."""
+    return [module for module in (vlm.model.projectors, getattr(vlm.model, "cross_attention", None)) if module is not None]
+
+
+def reset_adapters(vlm) -> None:
+    """Initialise a VLM's projectors and cross-attention adapters afresh, as `build_vlm` does (the model's own
+    `_init_weights`; cross-attention gates closed again)."""
+    for module in _adapter_modules(vlm):
+        for submodule in module.modules():
+            # Loaded weights are marked initialised, and transformers' init functions skip those.
+            submodule._is_hf_initialized = False
+            for parameter in submodule.parameters(recurse=False):
+                parameter._is_hf_initialized = False
+            vlm._init_weights(submodule)
+
+
+def readout_curve(
+    vlm, processor, rows: list[dict], attribute: str, steps: int = 300, eval_every: int = 100, lr: float = 1e-3,
+    batch_size: int = 16, holdout: float = 0.3, seed: int = 0, reset: bool = False,
+) -> dict:
+    """Train only the adapters of `vlm` to answer the `attribute` question of the first `1 - holdout` share of
+    `rows` (single-object images), and measure the closed-set accuracy on the rest every `eval_every` steps.
+
+    Returns:
+        `attribute`, `train_images`, `test_images`, `majority` (the training majority's share of the held-out
+        answers), `trainable_parameters`, `reset`, and `curve`: `[{"step", "accuracy", "loss"}]` from step 0, where
+        `loss` is the mean training loss since the previous point (None at step 0).
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    if steps < 1 or eval_every < 1 or batch_size < 1:
+        raise ValueError(f"steps, eval_every and batch_size must be positive, got {steps}, {eval_every}, {batch_size}")
+    values = VALUES[attribute]
+    other = "shape" if attribute == "color" else "color"
+    cut = int(len(rows) * (1 - holdout))
+    if cut < 2 or cut >= len(rows):
+        raise ValueError(f"need single-object images on both sides of the holdout split, got {len(rows)} images")
+    train, test = rows[:cut], rows[cut:]
+
+    def question(row: dict) -> str:
+        return QUESTIONS[attribute].format(**{other: row["object"][other]})
+
+    torch.manual_seed(seed)
+    if reset:
+        reset_adapters(vlm)
+    vlm.requires_grad_(False)
+    parameters = [parameter for module in _adapter_modules(vlm) for parameter in module.parameters()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    # The SFT recipe's masking: TRL's collator with the loss on the assistant turn only.
+    template = None if has_generation_markers(processor.chat_template) else get_training_chat_template(processor)
+    collator = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True, chat_template=template)
+    order = torch.Generator().manual_seed(seed)
+
+    def accuracy() -> float:
+        vlm.eval()
+        right = sum(values[closed_set_answer(vlm, processor, question(row), row["image"], values)] == row["object"][attribute]
+                    for row in test)
+        return right / len(test)
+
+    majority = Counter(row["object"][attribute] for row in train).most_common(1)[0][0]
+    curve, losses = [{"step": 0, "accuracy": accuracy(), "loss": None}], []
+    for step in range(1, steps + 1):
+        vlm.train()
+        picks = torch.randint(len(train), (batch_size,), generator=order).tolist()
+        examples = [
+            {"images": [train[i]["image"]], "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question(train[i])}]},
+                {"role": "assistant", "content": [{"type": "text", "text": train[i]["object"][attribute]}]},
+            ]}
+            for i in picks
+        ]
+        batch = collator(examples).to(vlm.device)
+        loss = vlm(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            curve.append({"step": step, "accuracy": accuracy(), "loss": sum(losses) / len(losses)})
+            logger.info("read-out step %d: held-out accuracy %.3f, loss %.3f", step, curve[-1]["accuracy"], curve[-1]["loss"])
+            losses = []
+    vlm.eval()
+    return {
+        "attribute": attribute, "train_images": len(train), "test_images": len(test),
+        "majority": sum(row["object"][attribute] == majority for row in test) / len(test),
+        "trainable_parameters": sum(p.numel() for p in parameters), "reset": reset, "curve": curve,
+    }
+
+
+def format_readout(result: dict) -> str:
+    lines = [
+        f"Read-out probe: {result['attribute']}, adapters only ({result['trainable_parameters']:,} parameters"
+        f"{', freshly initialised' if result['reset'] else ''}), {result['train_images']} training / "
+        f"{result['test_images']} held-out single-object images; majority {result['majority']:.1%}",
+        "",
+        "| step | held-out accuracy | training loss |",
+        "|---:|---:|---:|",
+    ]
+    for point in result["curve"]:
+        loss = "" if point["loss"] is None else f"{point['loss']:.3f}"
+        lines.append(f"| {point['step']} | {point['accuracy']:.1%} | {loss} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_mutually_exclusive_group(required=True)
@@ -246,12 +367,26 @@ def main(argv=None) -> dict:
                         help="Images to use, at most (default: 1000 single-object images; 300 images for --llm).")
     parser.add_argument("--holdout", type=float, default=0.3, help="Share of the images the probes are scored on.")
     parser.add_argument("--output", default=None, help="Write the figures as JSON here.")
+    readout = parser.add_argument_group("read-out probe (--readout): train the adapters, measure the accuracy")
+    readout.add_argument("--readout", action="store_true", help="Run the read-out probe instead of the linear probes.")
+    readout.add_argument("--steps", type=int, default=300, help="Training steps of the read-out probe.")
+    readout.add_argument("--eval_every", type=int, default=100, help="Measure the held-out accuracy every N steps.")
+    readout.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the adapters.")
+    readout.add_argument("--batch_size", type=int, default=16, help="Questions per training step.")
+    readout.add_argument("--reset_projector", action="store_true",
+                         help="Start from freshly initialised projectors (and closed cross-attention adapters).")
+    readout.add_argument("--seed", type=int, default=0, help="Seed of the initialisation and the batches.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 < args.holdout < 1:
         parser.error(f"--holdout must be in (0, 1), got {args.holdout}")
     if args.images is not None and args.images < 4:
         parser.error(f"--images must be at least 4, got {args.images}")
+    if args.readout and (args.llm or args.load_in_4bit):
+        parser.error("--readout trains a full VLM's adapters: give --model a VLM folder (not --llm, no --load_in_4bit)")
+    for name in ("steps", "eval_every", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     split = args.split or ("test" if args.llm else "train")
 
     from align.zoo import default_cache_dir
@@ -271,8 +406,18 @@ def main(argv=None) -> dict:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     model, processor = load_model_for_eval(args.model, quantization_config=quantization)
     rows = single_object_rows(world[split], args.images or 1000)
-    result = {"model": args.model, **probe_model(model, processor, rows, args.attribute, args.holdout)}
-    print(format_probe(result))
+    if args.readout:
+        if hasattr(model, "peft_config"):
+            raise SystemExit(f"--readout: {args.model} is an adapter; give a full VLM folder (a stage-1 output or a "
+                             "merged export), whose projectors train")
+        result = {"model": args.model, **readout_curve(
+            model, processor, rows, args.attribute, steps=args.steps, eval_every=args.eval_every, lr=args.lr,
+            batch_size=args.batch_size, holdout=args.holdout, seed=args.seed, reset=args.reset_projector,
+        )}
+        print(format_readout(result))
+    else:
+        result = {"model": args.model, **probe_model(model, processor, rows, args.attribute, args.holdout)}
+        print(format_probe(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
     return result

@@ -14,6 +14,8 @@ from align.probe import (
     fit_probe,
     format_context_probe,
     main,
+    readout_curve,
+    reset_adapters,
     single_object_rows,
 )
 from tests.align.training_helpers import tiny_vlm, tiny_world
@@ -59,6 +61,61 @@ def test_bad_arguments_are_named(setup):
         main(["--model", setup["vlm"], "--world", setup["world"], "--split", "nowhere"])
     with pytest.raises(SystemExit):
         main(["--model", setup["vlm"], "--world", setup["world"], "--holdout", "1.5"])
+
+
+def test_readout_trains_only_the_adapters_and_the_answer_loss_falls(setup):
+    import datasets
+
+    from align.evaluation import load_model_for_eval
+
+    model, processor = load_model_for_eval(setup["vlm"])
+    rows = single_object_rows(datasets.load_from_disk(setup["world"])["train"], 40)
+    snapshot = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    result = readout_curve(model, processor, rows, "color", steps=30, eval_every=15, lr=1e-2, batch_size=8)
+
+    changed = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, snapshot[name])}
+    assert changed and all(name.startswith("model.projectors.") for name in changed)
+    assert [point["step"] for point in result["curve"]] == [0, 15, 30] and result["curve"][0]["loss"] is None
+    assert result["curve"][2]["loss"] < result["curve"][1]["loss"]
+    tests = result["test_images"]
+    assert result["train_images"] + tests == len(rows)
+    for point in result["curve"]:
+        assert (point["accuracy"] * tests) == pytest.approx(round(point["accuracy"] * tests))
+    assert result["trainable_parameters"] == sum(p.numel() for p in model.model.projectors.parameters())
+    assert not any(parameter.requires_grad for parameter in model.model.language_model.parameters())
+
+
+def test_reset_adapters_reinitialises_projectors_and_closes_gates(tiny_parts):
+    from model import build_vlm
+
+    for fusion in ("prepend", "cross_attention"):
+        vlm, _ = build_vlm(tiny_parts["siglip"], tiny_parts["llama"], fusion=fusion, cross_attention_every=2)
+        adapters = [vlm.model.projectors] + ([vlm.model.cross_attention] if fusion == "cross_attention" else [])
+        with torch.no_grad():
+            for module in adapters:
+                for parameter in module.parameters():
+                    parameter.fill_(0.5)
+        llm = {name: p.clone() for name, p in vlm.model.language_model.named_parameters()}
+        reset_adapters(vlm)
+        is_gate = ("attn_gate", "mlp_gate")
+        weights = [p for module in adapters for name, p in module.named_parameters() if not name.endswith(is_gate)]
+        assert all(not torch.all(p == 0.5) for p in weights)
+        gates = [p for module in adapters for name, p in module.named_parameters() if name.endswith(is_gate)]
+        assert (len(gates) > 0) == (fusion == "cross_attention") and all(torch.all(g == 0) for g in gates)
+        assert all(torch.equal(p, llm[name]) for name, p in vlm.model.language_model.named_parameters())
+
+
+def test_readout_command_writes_its_curve(setup, tmp_path, capsys):
+    output = tmp_path / "readout.json"
+    result = main(["--readout", "--model", setup["vlm"], "--world", setup["world"], "--images", "40", "--steps", "4",
+                   "--eval_every", "2", "--reset_projector", "--attribute", "shape", "--output", str(output)])
+    assert [point["step"] for point in result["curve"]] == [0, 2, 4] and result["reset"] is True
+    assert json.loads(output.read_text())["attribute"] == "shape"
+    assert "| 4 |" in capsys.readouterr().out
+    for bad in (["--llm", setup["vlm"]], ["--model", setup["vlm"], "--steps", "0"],
+                ["--model", setup["vlm"], "--load_in_4bit"]):
+        with pytest.raises(SystemExit):
+            main(["--readout", "--world", setup["world"], *bad])
 
 
 class _CopyLM(torch.nn.Module):
