@@ -440,7 +440,20 @@ def to_llava(vlm, processor):
         "model.projectors.0.": "model.multi_modal_projector.",
     }
     state = {}
-    for key, value in vlm.state_dict().items():
+    source = vlm.state_dict()
+    # LLaVA's projector has no input standardisation: fold ours into its first linear layer, exactly
+    # (W((x - m) / s) + b = (W / s) x + (b - W (m / s))); average pooling is refused above, so the order is free.
+    stats = vlm.model.projectors.feature_statistics(0)
+    for key in [k for k in source if k.startswith("model.projectors.feature_")]:
+        del source[key]
+    if stats is not None and stats[2] > 0:
+        mean, std = stats[0].double(), stats[1].double()
+        weight = source["model.projectors.0.linear_1.weight"].double()
+        source["model.projectors.0.linear_1.bias"] = (
+            source["model.projectors.0.linear_1.bias"].double() - weight @ (mean / std)
+        ).to(vlm.lm_head.weight.dtype)
+        source["model.projectors.0.linear_1.weight"] = (weight / std).to(vlm.lm_head.weight.dtype)
+    for key, value in source.items():
         for old, new in renames.items():
             if key.startswith(old):
                 key = new + key[len(old) :]

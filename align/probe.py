@@ -253,7 +253,8 @@ def _adapter_modules(vlm) -> list[torch.nn.Module]:
 
 def reset_adapters(vlm) -> None:
     """Initialise a VLM's projectors and cross-attention adapters afresh, as `build_vlm` does (the model's own
-    `_init_weights`; cross-attention gates closed again)."""
+    `_init_weights`; cross-attention gates closed again); the projectors' feature standardisation is kept."""
+    statistics = {k: v.clone() for k, v in vlm.model.projectors.state_dict().items() if k.startswith("feature_")}
     for module in _adapter_modules(vlm):
         for submodule in module.modules():
             # Loaded weights are marked initialised, and transformers' init functions skip those.
@@ -261,14 +262,17 @@ def reset_adapters(vlm) -> None:
             for parameter in submodule.parameters(recurse=False):
                 parameter._is_hf_initialized = False
             vlm._init_weights(submodule)
+    vlm.model.projectors.load_state_dict(statistics, strict=False)
 
 
 def readout_curve(
     vlm, processor, rows: list[dict], attribute: str, steps: int = 300, eval_every: int = 100, lr: float = 1e-3,
-    batch_size: int = 16, holdout: float = 0.3, seed: int = 0, reset: bool = False,
+    batch_size: int = 16, holdout: float = 0.3, seed: int = 0, reset: bool = False, llm_lr: float | None = None,
 ) -> dict:
     """Train only the adapters of `vlm` to answer the `attribute` question of the first `1 - holdout` share of
     `rows` (single-object images), and measure the closed-set accuracy on the rest every `eval_every` steps.
+    With `llm_lr`, the LLM (decoder and head) trains too, in full at that learning rate: whether the whole VLM
+    learns to read the image when the LLM can adapt to the visual tokens.
 
     Returns:
         `attribute`, `train_images`, `test_images`, `majority` (the training majority's share of the held-out
@@ -295,9 +299,14 @@ def readout_curve(
         reset_adapters(vlm)
     vlm.requires_grad_(False)
     parameters = [parameter for module in _adapter_modules(vlm) for parameter in module.parameters()]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    groups = [{"params": parameters, "lr": lr}]
+    if llm_lr is not None:
+        llm = [parameter for module in (vlm.model.language_model, vlm.lm_head) for parameter in module.parameters()]
+        groups.append({"params": list({id(p): p for p in llm}.values()), "lr": llm_lr})  # a tied head once
+    for group in groups:
+        for parameter in group["params"]:
+            parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     # The SFT recipe's masking: TRL's collator with the loss on the assistant turn only.
     template = None if has_generation_markers(processor.chat_template) else get_training_chat_template(processor)
     collator = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True, chat_template=template)
@@ -335,14 +344,17 @@ def readout_curve(
     return {
         "attribute": attribute, "train_images": len(train), "test_images": len(test),
         "majority": sum(row["object"][attribute] == majority for row in test) / len(test),
-        "trainable_parameters": sum(p.numel() for p in parameters), "reset": reset, "curve": curve,
+        "trainable_parameters": sum(p.numel() for group in groups for p in group["params"]), "reset": reset,
+        "llm_lr": llm_lr, "standardized": bool(vlm.model.projectors.standardized), "curve": curve,
     }
 
 
 def format_readout(result: dict) -> str:
+    what = "adapters only" if result.get("llm_lr") is None else f"adapters and the LLM (LLM lr {result['llm_lr']:g})"
+    standardized = {True: "standardised features", False: "raw features"}.get(result.get("standardized"), "")
     lines = [
-        f"Read-out probe: {result['attribute']}, adapters only ({result['trainable_parameters']:,} parameters"
-        f"{', freshly initialised' if result['reset'] else ''}), {result['train_images']} training / "
+        f"Read-out probe: {result['attribute']}, {what} ({result['trainable_parameters']:,} parameters"
+        f"{', freshly initialised' if result['reset'] else ''}; {standardized}), {result['train_images']} training / "
         f"{result['test_images']} held-out single-object images; majority {result['majority']:.1%}",
         "",
         "| step | held-out accuracy | training loss |",
@@ -375,6 +387,8 @@ def main(argv=None) -> dict:
     readout.add_argument("--batch_size", type=int, default=16, help="Questions per training step.")
     readout.add_argument("--reset_projector", action="store_true",
                          help="Start from freshly initialised projectors (and closed cross-attention adapters).")
+    readout.add_argument("--llm_lr", type=float, default=None,
+                         help="Train the LLM too (in full) at this learning rate; by default it stays frozen.")
     readout.add_argument("--seed", type=int, default=0, help="Seed of the initialisation and the batches.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -382,6 +396,8 @@ def main(argv=None) -> dict:
         parser.error(f"--holdout must be in (0, 1), got {args.holdout}")
     if args.images is not None and args.images < 4:
         parser.error(f"--images must be at least 4, got {args.images}")
+    if args.llm_lr is not None and (not args.readout or args.llm_lr <= 0):
+        parser.error(f"--llm_lr needs --readout and a positive value, got {args.llm_lr}")
     if args.readout and (args.llm or args.load_in_4bit):
         parser.error("--readout trains a full VLM's adapters: give --model a VLM folder (not --llm, no --load_in_4bit)")
     for name in ("steps", "eval_every", "batch_size"):
@@ -413,6 +429,7 @@ def main(argv=None) -> dict:
         result = {"model": args.model, **readout_curve(
             model, processor, rows, args.attribute, steps=args.steps, eval_every=args.eval_every, lr=args.lr,
             batch_size=args.batch_size, holdout=args.holdout, seed=args.seed, reset=args.reset_projector,
+            llm_lr=args.llm_lr,
         )}
         print(format_readout(result))
     else:

@@ -245,6 +245,9 @@ class VLMPreTrainedModel(PreTrainedModel):
             # Zero gates: the model starts as exactly the base LLM (Flamingo, mllama).
             init.zeros_(module.attn_gate)
             init.zeros_(module.mlp_gate)
+        if isinstance(module, VisionProjectors):
+            # Identity until fitted; a checkpoint saved before the standardisation existed loads as the identity.
+            module.reset_feature_statistics()
         if isinstance(module, ResamplerProjector):
             init.normal_(module.position, std=0.02)
             init.normal_(module.queries, std=0.02)
@@ -270,11 +273,14 @@ class VLMModel(VLMPreTrainedModel):
             _drop_pooling_head(tower)
         self.vision_towers = nn.ModuleList(vision_towers)
         self.projectors = VisionProjectors(
-            build_projector(
-                config.projector, vision_config, config.text_config, depth=config.projector_depth,
-                num_patches=config.vision_patches_after_pool(index), num_queries=config.projector_queries,
-            )
-            for index, vision_config in enumerate(config.vision_configs)
+            [
+                build_projector(
+                    config.projector, vision_config, config.text_config, depth=config.projector_depth,
+                    num_patches=config.vision_patches_after_pool(index), num_queries=config.projector_queries,
+                )
+                for index, vision_config in enumerate(config.vision_configs)
+            ],
+            feature_sizes=[vision_config.hidden_size for vision_config in config.vision_configs],
         )
         self.language_model = language_model if language_model is not None else AutoModel.from_config(config.text_config)
         if config.ternary:

@@ -35,7 +35,7 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from .build import _as_dtype, build_vlm
 from .feature_cache import FeatureCache, encoder_fingerprint, image_hash
-from .modeling_vlm import VLMForConditionalGeneration, pack_image_features
+from .modeling_vlm import VLMForConditionalGeneration, pack_image_features, unpack_image_features
 from .processing_vlm import VLMProcessor, load_rgb_image
 from .stages import STAGES
 
@@ -473,6 +473,61 @@ def prepare_stage_data(
     return StageData(feature_view(prepared.dataset), collator, prepared, use_feature_cache=True)
 
 
+@torch.no_grad()
+def fit_feature_statistics(
+    model: VLMForConditionalGeneration, processor: VLMProcessor, data: StageData, max_images: int = 2048,
+    batch_size: int = 64,
+) -> dict:
+    """Fit the projectors' input standardisation (`VisionProjectors`) on the towers' features of the training images.
+
+    Reads the feature cache on the cached path and encodes the images otherwise; at most `max_images` distinct
+    images, in dataset order. Per tower and channel, the mean and standard deviation over every patch vector.
+
+    Returns:
+        `{"images": n, "towers": [{"patches", "mean_norm", "std_min", "std_max"}]}` for metrics.json.
+    """
+    if max_images < 1:
+        raise ValueError(f"max_images must be positive, got {max_images}")
+    projectors = model.model.projectors
+    column = "images" if data.use_feature_cache else None
+    rows = data.train_dataset if column else data.prepared.dataset
+    seen, picked = set(), []
+    for index, row_images in enumerate(rows[column or "image_hashes"]):
+        for position, key in enumerate(row_images):
+            if key not in seen:
+                seen.add(key)
+                picked.append(key if column else (index, position))
+        if len(picked) >= max_images:
+            break
+    picked = picked[:max_images]
+    if not picked:
+        raise ValueError("no training image to fit the feature standardisation on")
+    sums = sq = None
+    count = 0
+    for start in range(0, len(picked), batch_size):
+        chunk = picked[start : start + batch_size]
+        if column:
+            packed = data.prepared.cache.get(chunk)
+        else:
+            images = [load_rgb_image(rows[i]["images"][p]) for i, p in chunk]
+            packed = encode_images(model, processor, images)
+        towers = [f.double().reshape(-1, f.shape[-1]) for f in unpack_image_features(model.config, packed)]
+        sums = [t.sum(0) for t in towers] if sums is None else [s + t.sum(0) for s, t in zip(sums, towers)]
+        sq = [(t * t).sum(0) for t in towers] if sq is None else [s + (t * t).sum(0) for s, t in zip(sq, towers)]
+        count += len(chunk)
+    report = {"images": count, "towers": []}
+    for index, (total, total_sq) in enumerate(zip(sums, sq)):
+        patches = count * model.config.vision_patches_per_image(index)
+        mean = total / patches
+        std = (total_sq / patches - mean * mean).clamp_min(0).add(1e-6).sqrt()
+        projectors.set_feature_statistics(index, mean.float(), std.float(), patches)
+        report["towers"].append({
+            "patches": patches, "mean_norm": round(mean.norm().item(), 4),
+            "std_min": round(std.min().item(), 4), "std_max": round(std.max().item(), 4),
+        })
+    return report
+
+
 def build_feature_cache(
     model: VLMForConditionalGeneration, processor: VLMProcessor, dataset: Dataset, cache_dir: str | os.PathLike
 ) -> PreparedImages:
@@ -528,6 +583,7 @@ __all__ = [
     "encode_images",
     "feature_fingerprint",
     "feature_view",
+    "fit_feature_statistics",
     "load_or_build_vlm",
     "open_feature_cache",
     "prepare_image_rows",

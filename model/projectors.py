@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -203,12 +203,27 @@ class VisionProjectors(nn.Module):
 
     Not an `nn.ModuleList`: PEFT refuses those in `modules_to_save`, and `modules_to_save=["projectors"]` is how a
     LoRA recipe trains the projectors in full.
+
+    Each tower's features are standardised per channel before pooling and projection, with the mean and standard
+    deviation of that tower's features on the training images (buffers `feature_mean_<k>`, `feature_std_<k>`,
+    saved with the model; `feature_count_<k>` is how many patch vectors they were measured on, 0 while unset, when
+    the standardisation is the identity). Encoder outputs are far from centred: a SigLIP tower's patch features share
+    one large offset vector and their channels' scales differ several-fold, and a projector fed them raw learns to
+    separate what differs between images (an object's colour) many times more slowly. This is input normalisation as
+    for pixels (the image processor's mean and std), measured once on the features; `model.pretrain` fits it
+    before adapter pretraining (`fit_feature_statistics`).
     """
 
-    def __init__(self, projectors: Iterable[nn.Module]):
+    def __init__(self, projectors: Iterable[nn.Module], feature_sizes: Sequence[int] = ()):
         super().__init__()
         for index, projector in enumerate(projectors):
             self.add_module(str(index), projector)
+        if feature_sizes and len(feature_sizes) != len(self):
+            raise ValueError(f"{len(feature_sizes)} feature sizes for {len(self)} projectors")
+        for index, size in enumerate(feature_sizes):
+            self.register_buffer(f"feature_mean_{index}", torch.zeros(size))
+            self.register_buffer(f"feature_std_{index}", torch.ones(size))
+            self.register_buffer(f"feature_count_{index}", torch.zeros(()))
 
     def __getitem__(self, index: int) -> nn.Module:
         return self._modules[str(index)]
@@ -219,12 +234,60 @@ class VisionProjectors(nn.Module):
     def __len__(self) -> int:
         return len(self._modules)
 
+    def feature_statistics(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """`(mean, std, count)` of tower `index`'s standardisation, or None where the projectors keep none."""
+        if not hasattr(self, f"feature_mean_{index}"):
+            return None
+        return (
+            getattr(self, f"feature_mean_{index}"), getattr(self, f"feature_std_{index}"),
+            int(getattr(self, f"feature_count_{index}").item()),
+        )
+
+    @property
+    def standardized(self) -> bool:
+        """Whether every tower's standardisation was fitted (else some are the identity)."""
+        stats = [self.feature_statistics(index) for index in range(len(self))]
+        return all(s is not None and s[2] > 0 for s in stats)
+
+    @torch.no_grad()
+    def set_feature_statistics(self, index: int, mean: torch.Tensor, std: torch.Tensor, count: int) -> None:
+        """Standardise tower `index`'s features with `mean` and `std` (`[hidden]`, measured on `count` vectors)."""
+        current = self.feature_statistics(index)
+        if current is None:
+            raise ValueError(f"the projectors keep no feature statistics for tower {index}")
+        if mean.shape != current[0].shape or std.shape != current[1].shape:
+            raise ValueError(f"tower {index}: statistics of shape {tuple(mean.shape)}, expected {tuple(current[0].shape)}")
+        if not bool((std > 0).all()) or not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError(f"tower {index}: feature statistics must be finite with positive std")
+        current[0].copy_(mean)
+        current[1].copy_(std)
+        getattr(self, f"feature_count_{index}").fill_(float(count))
+
+    def reset_feature_statistics(self) -> None:
+        """The identity standardisation (through transformers' init functions, which skip loaded buffers)."""
+        from transformers import initialization as init
+
+        for index in range(len(self)):
+            if self.feature_statistics(index) is not None:
+                init.zeros_(getattr(self, f"feature_mean_{index}"))
+                init.ones_(getattr(self, f"feature_std_{index}"))
+                init.zeros_(getattr(self, f"feature_count_{index}"))
+
+    def standardize(self, index: int, features: torch.Tensor) -> torch.Tensor:
+        stats = self.feature_statistics(index)
+        if stats is None or stats[2] == 0:
+            return features
+        mean, std, _ = stats
+        return (features - mean.to(features.dtype)) / std.to(features.dtype)
+
     def forward(self, features: list[torch.Tensor], pool: int = 1) -> torch.Tensor:
-        """Pool and project each tower's `[N, T_k, D_k]` features; returns `[N, sum_k T_k / pool**2, text_hidden]`."""
+        """Standardise, pool and project each tower's `[N, T_k, D_k]` features; returns
+        `[N, sum_k T_k / pool**2, text_hidden]`."""
         tokens = []
-        for projector, tower_features in zip(self, features):
-            pooled = pool_patch_grid(tower_features, pool)
-            tokens.append(projector(pooled.to(next(projector.parameters()).dtype)))
+        for index, (projector, tower_features) in enumerate(zip(self, features)):
+            dtype = next(projector.parameters()).dtype
+            pooled = pool_patch_grid(self.standardize(index, tower_features.to(dtype)), pool)
+            tokens.append(projector(pooled))
         return torch.cat(tokens, dim=1)
 
 

@@ -32,6 +32,7 @@ from align.training import resolve_checkpoint, run_metrics, setup_logging, write
 from model import FUSIONS, PROJECTORS, STAGES, freeze_for_stage
 from model.pretrain import (
     FEATURE_CACHE_MODES,
+    fit_feature_statistics,
     load_or_build_vlm,
     prepare_stage_data,
     towers_frozen,
@@ -63,6 +64,17 @@ class PretrainScriptArguments:
     )
     vision_feature_layer: int = field(default=-1, metadata={"help": "Hidden state of the towers that is projected."})
     stage: str = field(default="align", metadata={"help": f"What trains: {sorted(STAGES)} (see model.stages)."})
+    standardize_features: bool = field(
+        default=True,
+        metadata={
+            "help": "Before training, fit the projectors' input standardisation (per-channel mean and std of the "
+            "towers' features) on the training images, when the VLM has none yet (a VLM loaded from an earlier "
+            "stage keeps the one its projectors were trained with)."
+        },
+    )
+    standardize_images: int = field(
+        default=2048, metadata={"help": "Distinct training images the feature standardisation is measured on."}
+    )
     use_feature_cache: str = field(
         default="auto",
         metadata={
@@ -182,8 +194,17 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
         "reading cached vision features" if data.use_feature_cache else "encoding pixels every step",
     )
 
+    if script_args.standardize_features and not model.model.projectors.standardized:
+        standardization = fit_feature_statistics(model, processor, data, max_images=script_args.standardize_images)
+        logger.info("feature standardisation fitted on %d images: %s", standardization["images"],
+                    standardization["towers"])
+    else:
+        standardization = None
+
     # ---------------------------------------------------------------- captions before training
     extra = {"stage": script_args.stage, "fusion": model.config.fusion, "data": data.report()}
+    if standardization is not None:
+        extra["feature_standardization"] = standardization
     if script_args.eval_captions:
         caption_eval = dict(
             world_split=load_world(script_args.world_path)[script_args.eval_split], n=script_args.eval_captions,

@@ -13,6 +13,7 @@ from align.probe import (
     context_probe,
     fit_probe,
     format_context_probe,
+    format_readout,
     main,
     readout_curve,
     reset_adapters,
@@ -85,6 +86,35 @@ def test_readout_trains_only_the_adapters_and_the_answer_loss_falls(setup):
     assert not any(parameter.requires_grad for parameter in model.model.language_model.parameters())
 
 
+def test_readout_with_llm_lr_trains_the_llm_too_at_its_own_rate(setup):
+    import datasets
+
+    from align.evaluation import load_model_for_eval
+
+    model, processor = load_model_for_eval(setup["vlm"])
+    rows = single_object_rows(datasets.load_from_disk(setup["world"])["train"], 40)
+    snapshot = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    result = readout_curve(model, processor, rows, "color", steps=2, eval_every=2, lr=1e-2, batch_size=4, llm_lr=1e-3)
+    changed = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, snapshot[name])}
+    assert any(name.startswith("model.language_model.") for name in changed)
+    assert not any(name.startswith("model.vision_towers.") for name in changed)
+    llm = {id(p): p for module in (model.model.language_model, model.lm_head) for p in module.parameters()}
+    adapters = sum(p.numel() for p in model.model.projectors.parameters())
+    assert result["trainable_parameters"] == adapters + sum(p.numel() for p in llm.values())
+    assert result["llm_lr"] == 1e-3 and "adapters and the LLM (LLM lr 0.001)" in format_readout(result)
+
+
+def test_reset_adapters_keeps_the_feature_standardisation(tiny_parts):
+    from model import build_vlm
+
+    vlm, _ = build_vlm(tiny_parts["siglip"], tiny_parts["llama"])
+    width = vlm.config.vision_configs[0].hidden_size
+    vlm.model.projectors.set_feature_statistics(0, torch.full((width,), 0.5), torch.full((width,), 2.0), count=7)
+    reset_adapters(vlm)
+    mean, std, count = vlm.model.projectors.feature_statistics(0)
+    assert count == 7 and torch.all(mean == 0.5) and torch.all(std == 2.0)
+
+
 def test_reset_adapters_reinitialises_projectors_and_closes_gates(tiny_parts):
     from model import build_vlm
 
@@ -113,7 +143,7 @@ def test_readout_command_writes_its_curve(setup, tmp_path, capsys):
     assert json.loads(output.read_text())["attribute"] == "shape"
     assert "| 4 |" in capsys.readouterr().out
     for bad in (["--llm", setup["vlm"]], ["--model", setup["vlm"], "--steps", "0"],
-                ["--model", setup["vlm"], "--load_in_4bit"]):
+                ["--model", setup["vlm"], "--load_in_4bit"], ["--model", setup["vlm"], "--llm_lr", "0"]):
         with pytest.raises(SystemExit):
             main(["--readout", "--world", setup["world"], *bad])
 

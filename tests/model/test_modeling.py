@@ -522,3 +522,58 @@ def test_peft_modules_to_save_copies_are_the_ones_that_run(tiny_parts, tiny_toke
     assert adapters.modules_to_save["default"]["1"].q_proj.weight.grad is not None
     assert model.model.projectors.modules_to_save["default"][0].linear_1.weight.grad is not None
     assert adapters.original_module["1"].q_proj.weight.grad is None
+
+
+# --------------------------------------------------------------------------------------------------- standardisation
+
+
+def test_feature_standardisation_is_identity_until_set_then_applies_per_tower(tmp_path, tiny_parts, tiny_tokenizer):
+    model = build(tiny_parts, tiny_tokenizer, towers=("siglip", "clip"))
+    projectors = model.model.projectors
+    assert not projectors.standardized
+    features = model.model.get_vision_features(images(2, ("siglip", "clip")))
+    with torch.no_grad():
+        raw = model.model.project_vision_features(features)
+        width = features[0].shape[-1]
+        mean, std = torch.linspace(-1, 1, width), torch.linspace(0.5, 2, width)
+        projectors.set_feature_statistics(0, mean, std, count=10)
+        assert not projectors.standardized  # the second tower is still the identity
+        standardised = model.model.project_vision_features(features)
+    # tower 1's tokens are untouched; tower 0's are its projector on the pooled standardised features
+    siglip_tokens = features[0].shape[1]
+    torch.testing.assert_close(standardised[:, siglip_tokens:], raw[:, siglip_tokens:])
+    expected = projectors[0]((features[0] - mean) / std)
+    torch.testing.assert_close(standardised[:, :siglip_tokens], expected.detach())
+
+    projectors.set_feature_statistics(1, torch.zeros(features[1].shape[-1]), torch.ones(features[1].shape[-1]), count=3)
+    assert projectors.standardized
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert loaded.model.projectors.feature_statistics(0)[2] == 10
+    torch.testing.assert_close(loaded.model.projectors.feature_statistics(0)[1], std)
+
+
+@pytest.mark.parametrize(
+    "mean, std, message",
+    [(torch.zeros(3), torch.ones(3), "shape"), (torch.zeros(32), torch.zeros(32), "positive std"),
+     (torch.full((32,), float("nan")), torch.ones(32), "finite")],
+)
+def test_feature_statistics_are_checked(tiny_parts, tiny_tokenizer, mean, std, message):
+    model = build(tiny_parts, tiny_tokenizer)
+    with pytest.raises(ValueError, match=message):
+        model.model.projectors.set_feature_statistics(0, mean, std, count=1)
+
+
+def test_checkpoint_without_statistics_loads_as_identity(tmp_path, tiny_parts, tiny_tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    model = build(tiny_parts, tiny_tokenizer)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in state.items() if ".feature_" not in k}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    mean, std, count = loaded.model.projectors.feature_statistics(0)
+    assert count == 0 and torch.equal(mean, torch.zeros_like(mean)) and torch.equal(std, torch.ones_like(std))
+    pixel_values = images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.get_image_features(pixel_values), model.get_image_features(pixel_values))

@@ -19,6 +19,7 @@ from model.pretrain import (
     MISSING_IMAGE,
     encode_images,
     feature_fingerprint,
+    fit_feature_statistics,
     load_or_build_vlm,
     prepare_image_rows,
     prepare_stage_data,
@@ -243,3 +244,24 @@ def test_cache_command_fills_the_cache_training_reads(tiny_parts, tmp_path):
     loaded, loaded_processor = load_or_build_vlm(str(tmp_path / "vlm"))
     data = prepare_stage_data(dataset, loaded, loaded_processor, "align", cache_dir=tmp_path / "cache")
     assert data.prepared.encoded == 0 and len(data.prepared.cache) == 4
+
+
+@pytest.mark.parametrize("stage", ["align", "full"])
+def test_feature_statistics_are_fitted_on_the_training_images(tiny_parts, tmp_path, stage):
+    vlm, processor = build_vlm(tiny_parts["siglip"], tiny_parts["llama"])
+    freeze_for_stage(vlm, stage)
+    # the first image again in the second row: counted once
+    pictures = [_image(rgb) for rgb in COLORS.values()]
+    dataset = _dataset(images=[[pictures[0]], [pictures[0]], [pictures[1]], [pictures[2]]])
+    data = prepare_stage_data(dataset, vlm, processor, stage, cache_dir=tmp_path)
+    assert data.use_feature_cache == (stage == "align")
+    report = fit_feature_statistics(vlm, processor, data, max_images=3)
+    # the first three distinct images, every patch vector of each
+    features = encode_images(vlm, processor, pictures[:3]).reshape(-1, 32)
+    mean, std, count = vlm.model.projectors.feature_statistics(0)
+    assert report["images"] == 3 and count == report["towers"][0]["patches"] == features.shape[0]
+    torch.testing.assert_close(mean, features.mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(std, features.std(0, unbiased=False), atol=1e-4, rtol=1e-4)
+    assert vlm.model.projectors.standardized
+    with pytest.raises(ValueError, match="max_images"):
+        fit_feature_statistics(vlm, processor, data, max_images=0)

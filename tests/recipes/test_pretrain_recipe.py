@@ -110,6 +110,10 @@ def test_prepend_stage1_on_a_dataset_with_bad_rows(setup, prepend_run):
     batch = processor(images=[[image]], text=["<image>Describe the image."], return_tensors="pt")
     with torch.no_grad():
         assert torch.isfinite(vlm(**batch).logits).all()
+    # The projectors' input standardisation was fitted on the four kept images (every patch) and saved.
+    mean, std, count = vlm.model.projectors.feature_statistics(0)
+    assert metrics["feature_standardization"]["images"] == 4 and count == 4 * vlm.config.vision_patches_per_image(0)
+    assert vlm.model.projectors.standardized and not torch.all(mean == 0) and torch.all(std > 0)
     # The LLM and the tower were frozen: the saved ones are the parts' own.
     base = AutoModelForCausalLM.from_pretrained(setup["llama"])
     torch.testing.assert_close(vlm.model.language_model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
@@ -186,6 +190,8 @@ def test_stages_run_as_successive_invocations(setup):
         setup, "pretrain.yaml", second, "--stage", "align", "--model_name_or_path", str(first), "--max_steps", "2"
     )
     assert f"loaded the VLM at {first}" in log
+    # The standardisation fitted in prealign stays: the second stage's projectors were trained with it.
+    assert "feature_standardization" in prealign and "feature_standardization" not in align
     # The towers changed in prealign, so their features are encoded afresh (8 rows, all new to the cache).
     assert align["data"]["feature_cache"] and align["data"]["encoded_images"] == 8
     tower = "encoder.layers.0.mlp.fc1.weight"
@@ -193,6 +199,8 @@ def test_stages_run_as_successive_invocations(setup):
     s1, s2 = (AutoModelForImageTextToText.from_pretrained(p).state_dict()[f"model.vision_towers.0.{tower}"]
               for p in (first, second))
     assert not torch.equal(base, s1) and torch.equal(s1, s2)
+    stats = [AutoModelForImageTextToText.from_pretrained(p).model.projectors.feature_statistics(0) for p in (first, second)]
+    assert torch.equal(stats[0][0], stats[1][0]) and stats[0][2] == stats[1][2] > 0
 
 
 def test_the_recipe_refuses_the_cache_for_a_stage_that_trains_the_towers():
