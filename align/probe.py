@@ -24,7 +24,9 @@ The read-out probe asks how fast the adapters can learn to answer from the image
 cross-attention adapters) train, on the attribute question of the single-object training images with the loss on
 the answer (TRL's vision collator, as in SFT), the towers and the LLM frozen; every `--eval_every` steps the
 closed-set accuracy on the held-out images is measured. `--reset_projector` starts from freshly initialised
-projectors, to compare projector designs on one LLM or LLMs under one projector.
+projectors (the feature standardisation they keep is a measurement, not a weight), to compare projector designs
+on one LLM or LLMs under one projector. `--llm_lr` trains the LLM too, in full at its own learning rate: whether
+the whole VLM learns to read the image once the LLM can adapt to visual tokens.
 
     python -m align.probe --llm .cache/zoo/llama
 
