@@ -489,34 +489,35 @@ def fit_feature_statistics(
     if max_images < 1:
         raise ValueError(f"max_images must be positive, got {max_images}")
     projectors = model.model.projectors
-    column = "images" if data.use_feature_cache else None
-    rows = data.train_dataset if column else data.prepared.dataset
+    cached = data.use_feature_cache
+    # The cached rows hold their images' hashes in `images`; the pixel rows keep them in `image_hashes`.
+    rows = data.train_dataset if cached else data.prepared.dataset
     seen, picked = set(), []
-    for index, row_images in enumerate(rows[column or "image_hashes"]):
-        for position, key in enumerate(row_images):
-            if key not in seen:
+    for index, keys in enumerate(rows["images" if cached else "image_hashes"]):
+        for position, key in enumerate(keys):
+            if key not in seen and len(picked) < max_images:
                 seen.add(key)
-                picked.append(key if column else (index, position))
-        if len(picked) >= max_images:
+                picked.append((key, index, position))
+        if len(picked) == max_images:
             break
-    picked = picked[:max_images]
     if not picked:
         raise ValueError("no training image to fit the feature standardisation on")
-    sums = sq = None
-    count = 0
+    sums = squares = None
     for start in range(0, len(picked), batch_size):
         chunk = picked[start : start + batch_size]
-        if column:
-            packed = data.prepared.cache.get(chunk)
+        if cached:
+            packed = data.prepared.cache.get([key for key, _, _ in chunk])
         else:
-            images = [load_rgb_image(rows[i]["images"][p]) for i, p in chunk]
-            packed = encode_images(model, processor, images)
+            packed = encode_images(model, processor, [load_rgb_image(rows[i]["images"][p]) for _, i, p in chunk])
         towers = [f.double().reshape(-1, f.shape[-1]) for f in unpack_image_features(model.config, packed)]
-        sums = [t.sum(0) for t in towers] if sums is None else [s + t.sum(0) for s, t in zip(sums, towers)]
-        sq = [(t * t).sum(0) for t in towers] if sq is None else [s + (t * t).sum(0) for s, t in zip(sq, towers)]
-        count += len(chunk)
+        if sums is None:
+            sums, squares = [torch.zeros_like(t[0]) for t in towers], [torch.zeros_like(t[0]) for t in towers]
+        for tower, total, total_sq in zip(towers, sums, squares):
+            total += tower.sum(0)
+            total_sq += (tower * tower).sum(0)
+    count = len(picked)
     report = {"images": count, "towers": []}
-    for index, (total, total_sq) in enumerate(zip(sums, sq)):
+    for index, (total, total_sq) in enumerate(zip(sums, squares)):
         patches = count * model.config.vision_patches_per_image(index)
         mean = total / patches
         std = (total_sq / patches - mean * mean).clamp_min(0).add(1e-6).sqrt()

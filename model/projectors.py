@@ -209,7 +209,7 @@ class VisionProjectors(nn.Module):
     saved with the model; `feature_count_<k>` is how many patch vectors they were measured on, 0 while unset, when
     the standardisation is the identity). Encoder outputs are far from centred: a SigLIP tower's patch features share
     one large offset vector and their channels' scales differ several-fold, and a projector fed them raw learns to
-    separate what differs between images (an object's colour) many times more slowly. This is input normalisation as
+    separate what differs between images (an object's color) much more slowly. This is input normalisation as
     for pixels (the image processor's mean and std), measured once on the features; `model.pretrain` fits it
     before adapter pretraining (`fit_feature_statistics`).
     """

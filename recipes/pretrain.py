@@ -114,6 +114,8 @@ class PretrainScriptArguments:
         # YAML reads `true`/`false` as booleans.
         if isinstance(self.use_feature_cache, bool):
             self.use_feature_cache = str(self.use_feature_cache).lower()
+        if self.standardize_images < 1:
+            raise ValueError(f"standardize_images must be positive, got {self.standardize_images}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {sorted(STAGES)}, got {self.stage!r}")
         if self.use_feature_cache not in FEATURE_CACHE_MODES:

@@ -210,3 +210,9 @@ def test_the_recipe_refuses_the_cache_for_a_stage_that_trains_the_towers():
         parser.parse_args_and_config([*argv, "--use_feature_cache", "true"])
     script_args, _, _ = parser.parse_args_and_config(argv)
     assert script_args.use_feature_cache == "auto"
+
+
+def test_the_recipe_names_a_bad_standardize_images():
+    parser = load_recipe("pretrain").make_parser()
+    with pytest.raises(ValueError, match="standardize_images must be positive"):
+        parser.parse_args_and_config(["--config", str(REPO / "recipes/configs/tiny/pretrain.yaml"), "--standardize_images", "0"])
