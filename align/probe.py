@@ -28,6 +28,15 @@ projectors (the feature standardisation they keep is a measurement, not a weight
 on one LLM or LLMs under one projector. `--llm_lr` trains the LLM too, in full at its own learning rate: whether
 the whole VLM learns to read the image once the LLM can adapt to visual tokens.
 
+    python -m align.probe --encoder .cache/zoo/siglip
+
+The object probe (`--encoder`): does a vision tower's patch grid say what is where? For every object of the world's
+images, the tower's feature at the patch holding a pixel inside the object's shape; a linear probe per attribute
+(color, shape, size), fit on the objects of 70% of the images and scored on the others, against the same probe on
+a random-init twin of the tower and the majority value. A VLM can only name "the circle" among several objects if
+the circle's patches say "circle": an attribute the trained tower encodes no better than its random twin is one no
+adapter or LLM downstream can recover.
+
     python -m align.probe --llm .cache/zoo/llama
 
 The in-context probe (`--llm`): does the text LLM alone answer from the image's detailed caption put before the
@@ -150,6 +159,87 @@ def probe_model(model, processor, rows: list[dict], attribute: str, holdout: flo
         "last_position": [probe(data["hidden"][:, layer]) for layer in range(data["hidden"].shape[1])],
     }
     return result
+
+
+OBJECT_ATTRIBUTES = ("color", "shape", "size")
+
+
+@torch.no_grad()
+def object_patch_features(encoder, image_processor, world: datasets.Dataset, images: int, batch_size: int = 64):
+    """For every object of the first `images` images, the tower's output feature (`last_hidden_state`, what a VLM
+    takes by default) at the patch holding a pixel inside the object's shape, with the object's attributes and the
+    index of its image. Patch tokens are the last grid*grid positions (a CLIP tower's class token comes first)."""
+    from align.world.scene import Scene
+
+    encoder.eval()
+    size, patch = encoder.config.image_size, encoder.config.patch_size
+    grid = size // patch
+    features, attributes, image_ids = [], {a: [] for a in OBJECT_ATTRIBUTES}, []
+    rows = world.select(range(min(images, len(world))))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        pixels = image_processor(images=[im[0].convert("RGB") for im in chunk["images"]], return_tensors="pt")
+        hidden = encoder(pixel_values=pixels["pixel_values"]).last_hidden_state
+        hidden = hidden[:, hidden.shape[1] - grid * grid :]
+        for b, scene_json in enumerate(chunk["scene"]):
+            scene = Scene.from_json(scene_json)
+            for obj in scene.objects:
+                x, y = (min(int(v * size / scene.image_size), size - 1) for v in obj.center_pixel)
+                features.append(hidden[b, (y // patch) * grid + x // patch])
+                for a in OBJECT_ATTRIBUTES:
+                    attributes[a].append(getattr(obj, a))
+                image_ids.append(start + b)
+    if not features:
+        raise ValueError("the world split has no objects to probe")
+    return torch.stack(features), attributes, torch.tensor(image_ids)
+
+
+def object_probe(encoder, image_processor, world: datasets.Dataset, images: int = 1000, holdout: float = 0.3,
+                 seed: int = 0) -> dict:
+    """Held-out accuracy of a linear probe per object attribute on the tower's patch features (`--encoder`), with
+    the majority value of the scored objects; fit on the objects of the first images, scored on the rest."""
+    features, attributes, image_ids = object_patch_features(encoder, image_processor, world, images)
+    cut = int(round((1 - holdout) * (int(image_ids.max()) + 1)))
+    train, test = image_ids < cut, image_ids >= cut
+    if not train.any() or not test.any():
+        raise ValueError(f"{images} images leave no objects on one side of the {holdout} hold-out; use more images")
+    result = {"objects": len(image_ids), "scored": int(test.sum())}
+    for name, values in attributes.items():
+        classes = sorted(set(values))
+        labels = torch.tensor([classes.index(v) for v in values])
+        majority = labels[test].bincount(minlength=len(classes)).max().item() / int(test.sum())
+        accuracy = fit_probe(features[train], labels[train], features[test], labels[test], len(classes), seed=seed)
+        result[name] = {"probe": accuracy, "majority": majority}
+    return result
+
+
+def encoder_object_probe(path: str, world: datasets.Dataset, images: int = 1000, holdout: float = 0.3) -> dict:
+    """The object probe on the tower saved at `path` and on a random-init twin of it (same config, seed 0)."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    encoder = AutoModel.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    torch.manual_seed(0)
+    twin = AutoModel.from_config(encoder.config)
+    return {
+        "encoder": path,
+        "trained": object_probe(encoder, image_processor, world, images, holdout),
+        "random_init": object_probe(twin, image_processor, world, images, holdout),
+    }
+
+
+def format_object_probe(result: dict) -> str:
+    trained, random_init = result["trained"], result["random_init"]
+    lines = [
+        f"objects: {trained['objects']}, scored on {trained['scored']} (those of the held-out images)",
+        "",
+        "| attribute, from the object's patch | majority | trained tower | random-init twin |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in OBJECT_ATTRIBUTES:
+        lines.append(f"| {name} | {trained[name]['majority']:.1%} | {trained[name]['probe']:.1%} "
+                     f"| {random_init[name]['probe']:.1%} |")
+    return "\n".join(lines)
 
 
 def format_probe(result: dict) -> str:
@@ -373,12 +463,14 @@ def main(argv=None) -> dict:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", help="A VLM folder or an adapter folder: the probes along its path.")
     target.add_argument("--llm", help="An LLM folder with its tokenizer: does it answer from a caption in context?")
+    target.add_argument("--encoder", help="A vision tower folder (SigLIP, CLIP): does its patch grid say what is where?")
     parser.add_argument("--load_in_4bit", action="store_true", help="Load an adapter's base in 4 bit (QLoRA runs).")
     parser.add_argument("--world", default=None, help="Shapes world folder (default: the zoo's).")
     parser.add_argument("--split", default=None, help="World split the images come from (default: train; test for --llm).")
     parser.add_argument("--attribute", choices=sorted(QUESTIONS), default="color")
     parser.add_argument("--images", type=int, default=None,
-                        help="Images to use, at most (default: 1000 single-object images; 300 images for --llm).")
+                        help="Images to use, at most (default: 1000 single-object images; 300 images for --llm; "
+                        "the first 1000 images for --encoder).")
     parser.add_argument("--holdout", type=float, default=0.3, help="Share of the images the probes are scored on.")
     parser.add_argument("--output", default=None, help="Write the figures as JSON here.")
     readout = parser.add_argument_group("read-out probe (--readout): train the adapters, measure the accuracy")
@@ -400,8 +492,8 @@ def main(argv=None) -> dict:
         parser.error(f"--images must be at least 4, got {args.images}")
     if args.llm_lr is not None and (not args.readout or args.llm_lr <= 0):
         parser.error(f"--llm_lr needs --readout and a positive value, got {args.llm_lr}")
-    if args.readout and (args.llm or args.load_in_4bit):
-        parser.error("--readout trains a full VLM's adapters: give --model a VLM folder (not --llm, no --load_in_4bit)")
+    if args.readout and (args.llm or args.encoder or args.load_in_4bit):
+        parser.error("--readout trains a full VLM's adapters: give --model a VLM folder (not --llm or --encoder, no --load_in_4bit)")
     for name in ("steps", "eval_every", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
@@ -417,6 +509,14 @@ def main(argv=None) -> dict:
         parser.error(f"--split: {world_path} has no split {split!r} (it has {sorted(world)})")
     if args.llm:
         return _main_llm(args, world[split])
+    if args.encoder:
+        if not Path(args.encoder).is_dir():
+            parser.error(f"--encoder: {args.encoder} is not a folder (a vision tower saved with save_pretrained)")
+        result = encoder_object_probe(args.encoder, world[split], args.images or 1000, args.holdout)
+        print(format_object_probe(result))
+        if args.output:
+            Path(args.output).write_text(json.dumps(result, indent=2))
+        return result
     quantization = None
     if args.load_in_4bit:
         from transformers import BitsAndBytesConfig

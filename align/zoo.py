@@ -216,6 +216,14 @@ def build_zoo(cfg: ZooConfig) -> dict:
         dual.vision_model.save_pretrained(out)  # a SiglipVisionModel
         image_processor.save_pretrained(out)
         dual.save_pretrained(out / "dual")
+        # What the patch grid says about each object (align.probe --encoder), against a random-init twin.
+        from align.probe import OBJECT_ATTRIBUTES, encoder_object_probe
+
+        objects = encoder_object_probe(str(out), world["train"], images=min(1000, len(world["train"])))
+        for key in ("trained", "random_init"):
+            suffix = "" if key == "trained" else "_random_init"
+            quality[f"object_probe{suffix}"] = {a: objects[key][a]["probe"] for a in OBJECT_ATTRIBUTES}
+        quality["object_probe_majority"] = {a: objects["trained"][a]["majority"] for a in OBJECT_ATTRIBUTES}
         part.finish(quality)
     report["siglip"] = part.manifest
 
@@ -252,6 +260,19 @@ def _last_loss(history: list[dict]) -> float | None:
     return losses[-1] if losses else None
 
 
+def _object_probe_row(quality: dict) -> list[str]:
+    """The object probe's row, for zoos built since it was measured."""
+    if "object_probe" not in quality:
+        return []
+    def triple(figures):
+        return " / ".join(f"{figures[a]:.1%}" for a in ("color", "shape", "size"))
+    return [
+        f"| SigLIP encoder | object color / shape / size from its patch, linear probe (majority "
+        f"{triple(quality['object_probe_majority'])}) | {triple(quality['object_probe'])} "
+        f"| {triple(quality['object_probe_random_init'])} | |"
+    ]
+
+
 def format_quality(report: dict) -> str:
     """The quality figures as a small Markdown table."""
     sig, lm = report["siglip"]["quality"], report["llama"]["quality"]
@@ -260,6 +281,7 @@ def format_quality(report: dict) -> str:
         "|---|---|---|---|---|",
         f"| SigLIP encoder | image->caption top-1 of 100 (test) | {sig['retrieval_top1_of_100']:.1%} "
         f"| {sig['retrieval_top1_of_100_random_init']:.1%} | {report['siglip']['seconds']} |",
+        *_object_probe_row(sig),
         f"| Llama LLM ({lm['parameters'] / 1e6:.2f}M params) | perplexity (test) | {lm['test_perplexity']:.2f} "
         f"| {lm['test_perplexity_random_init']:.1f} | {report['llama']['seconds']} |",
     ]

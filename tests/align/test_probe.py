@@ -15,6 +15,8 @@ from align.probe import (
     format_context_probe,
     format_readout,
     main,
+    object_patch_features,
+    object_probe,
     readout_curve,
     reset_adapters,
     single_object_rows,
@@ -211,3 +213,70 @@ def test_context_probe_command_on_a_tiny_llm(setup, tiny_parts, tmp_path, capsys
     assert "| category | questions |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--llm", str(tmp_path / "missing"), "--world", setup["world"]])
+
+
+class _PatchEncoder(torch.nn.Module):
+    """A known encoder: each patch token is the patch's mean color and a one-hot of its index, after an optional
+    class token (as CLIP's), so the object probe's patch lookup and its color read-out can be checked exactly."""
+
+    def __init__(self, image_size=32, patch_size=8, class_token=False):
+        super().__init__()
+        self.config = SimpleNamespace(image_size=image_size, patch_size=patch_size)
+        self.class_token = class_token
+
+    def forward(self, pixel_values):
+        patch = self.config.patch_size
+        means = torch.nn.functional.avg_pool2d(pixel_values, patch).flatten(2).transpose(1, 2)  # (batch, grid*grid, 3)
+        index = torch.eye(means.shape[1]).expand(len(means), -1, -1)
+        tokens = torch.cat([means, index], dim=-1)
+        if self.class_token:
+            tokens = torch.cat([torch.zeros_like(tokens[:, :1]), tokens], dim=1)
+        return SimpleNamespace(last_hidden_state=tokens)
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_object_features_come_from_the_patch_inside_each_object(setup, tiny_parts, class_token):
+    import datasets
+    from transformers import AutoImageProcessor
+
+    from align.world.scene import Scene
+
+    world = datasets.load_from_disk(setup["world"])["train"]
+    processor = AutoImageProcessor.from_pretrained(tiny_parts["siglip"])
+    features, attributes, image_ids = object_patch_features(_PatchEncoder(class_token=class_token), processor, world, 10)
+    expected = [(i, o) for i in range(10) for o in Scene.from_json(world[i]["scene"]).objects]
+    assert image_ids.tolist() == [i for i, _ in expected] and attributes["shape"] == [o.shape for _, o in expected]
+    for row, (_, obj) in zip(features, expected):
+        x, y = obj.center_pixel  # the tiny world is rendered at the tiny tower's 32 px
+        assert row[3:].argmax().item() == (y // 8) * 4 + x // 8
+
+
+def test_object_probe_reads_what_the_patch_holds_and_nothing_else(setup, tiny_parts):
+    import datasets
+    from transformers import AutoImageProcessor
+
+    world = datasets.load_from_disk(setup["world"])["train"]
+    processor = AutoImageProcessor.from_pretrained(tiny_parts["siglip"])
+    result = object_probe(_PatchEncoder(), processor, world, images=80)
+    assert result["color"]["probe"] > 0.8 > result["color"]["majority"]  # the patch's mean color names the object's
+    assert result["objects"] > result["scored"] > 0
+    for name in ("color", "shape", "size"):
+        assert 0.0 < result[name]["majority"] <= 1.0 and 0.0 <= result[name]["probe"] <= 1.0
+
+
+def test_encoder_probe_command(setup, tiny_parts, tmp_path, capsys):
+    output = tmp_path / "encoder.json"
+    result = main(["--encoder", tiny_parts["siglip"], "--world", setup["world"], "--images", "60", "--output", str(output)])
+    assert set(result) == {"encoder", "trained", "random_init"}
+    assert result["trained"]["objects"] == result["random_init"]["objects"] > 0
+    for part in ("trained", "random_init"):
+        for name in ("color", "shape", "size"):
+            figures = result[part][name]
+            scored = result[part]["scored"]
+            assert (figures["probe"] * scored) == pytest.approx(round(figures["probe"] * scored))
+    assert json.loads(output.read_text())["encoder"] == tiny_parts["siglip"]
+    assert "| shape |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--encoder", str(tmp_path / "missing"), "--world", setup["world"]])
+    with pytest.raises(SystemExit):
+        main(["--encoder", tiny_parts["siglip"], "--world", setup["world"], "--readout"])

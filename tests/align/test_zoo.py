@@ -44,6 +44,10 @@ def test_parts_load_by_path_and_run(zoo):
     assert saved["siglip"]["quality"]["retrieval_top1_of_100"] >= 0.0
     assert saved["llama"]["quality"]["test_perplexity"] > 1.0
     assert "perplexity" in format_quality(report)
+    probe = saved["siglip"]["quality"]
+    for key in ("object_probe", "object_probe_random_init", "object_probe_majority"):
+        assert set(probe[key]) == {"color", "shape", "size"} and all(0.0 <= v <= 1.0 for v in probe[key].values())
+    assert "object color / shape / size from its patch" in format_quality(report)
 
 
 def test_rebuild_skips_valid_parts_and_redoes_changed_ones(zoo):
