@@ -52,7 +52,7 @@ def pipeline(run_dir: Path, eval_questions: int, force: bool = False) -> list[li
             "dpo_config": CONFIGS / "dpo_qlora.yaml", "initial_eval": run_dir / "eval-dpo" / "metrics.json",
             "num_questions": eval_questions, "force": force,
             # Fewer prompts, candidates and steps than the tiny rounds config, to keep make demo within 15 minutes.
-            "prompts_per_round": 150, "num_candidates": 6, "sft_max_steps": 50, "dpo_max_steps": 50,
+            "prompts_per_round": 120, "num_candidates": 6, "sft_max_steps": 50, "dpo_max_steps": 50,
         })],
     ]
 

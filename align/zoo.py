@@ -11,9 +11,11 @@ printed and saved to `quality.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
@@ -24,7 +26,7 @@ import datasets
 import torch
 from transformers import AutoTokenizer, HfArgumentParser, LlamaForCausalLM, SiglipModel
 
-from align.world import WorldConfig, build_world, object_documents, text_corpus
+from align.world import SIZES, Scene, WorldConfig, build_world, object_documents, text_corpus
 from model.parts import (
     LlamaPartConfig,
     SiglipPartConfig,
@@ -70,15 +72,27 @@ class ZooConfig:
                   "(`align.world.object_documents`), from which it learns to answer from its context."},
     )
     siglip_steps: int = field(default=SiglipPartConfig.steps, metadata={"help": "SigLIP training steps."})
+    siglip_patch_loss: float = field(
+        default=SiglipPartConfig.patch_loss_weight,
+        metadata={"help": "Weight of the patch-attribute loss next to SigLIP's (each object's patch names its color, "
+                  "shape and size, from the scene graph); 0 trains on the captions alone."},
+    )
     llama_steps: int = field(default=LlamaPartConfig.steps, metadata={"help": "Llama training steps."})
     llama_layers: int = field(default=LlamaPartConfig.num_layers, metadata={"help": "Llama decoder layers."})
     llama_hidden_size: int = field(default=LlamaPartConfig.hidden_size, metadata={"help": "Llama hidden size."})
+    parallel: bool = field(
+        default=True,
+        metadata={"help": "When both need building, train SigLIP in a second process while the LLM trains (one CPU "
+                  "thread each)."},
+    )
     force: bool = field(default=False, metadata={"help": "Rebuild every part even if a valid one exists."})
 
     def __post_init__(self):
         for name in ("train_images", "validation_images", "test_images", "siglip_steps", "llama_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.siglip_patch_loss >= 0:
+            raise ValueError(f"siglip_patch_loss must be >= 0, got {self.siglip_patch_loss}")
         if self.test_images < 100:
             raise ValueError(f"test_images must be at least 100 (retrieval ranks among 100 captions), got {self.test_images}")
 
@@ -87,7 +101,9 @@ class ZooConfig:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
 
     def siglip(self) -> SiglipPartConfig:
-        return SiglipPartConfig(image_size=self.image_size, steps=self.siglip_steps, seed=self.seed)
+        return SiglipPartConfig(
+            image_size=self.image_size, steps=self.siglip_steps, seed=self.seed, patch_loss_weight=self.siglip_patch_loss
+        )
 
     def llama(self) -> LlamaPartConfig:
         return LlamaPartConfig(
@@ -161,6 +177,104 @@ def tokenizer_documents(world: datasets.DatasetDict, split: str, answer_lines: b
     return documents
 
 
+def object_patch_labels(scenes: list[str], world: WorldConfig, cfg: SiglipPartConfig) -> tuple[torch.Tensor, list[int]]:
+    """Patch labels for SigLIP's patch-attribute loss: for each image, each object's color, shape and size (indices
+    into the world's lists) at the patch holding a pixel inside its shape (the patch `align.probe --encoder` reads),
+    -100 at every other patch. Returns the labels (images x 3 x patches) and the class count of each attribute."""
+    values = {"color": list(world.colors), "shape": list(world.shapes), "size": list(SIZES)}
+    grid = cfg.image_size // cfg.patch_size
+    labels = torch.full((len(scenes), len(values), grid * grid), -100, dtype=torch.long)
+    for i, scene_json in enumerate(scenes):
+        scene = Scene.from_json(scene_json)
+        for obj in scene.objects:
+            x, y = (min(int(v * cfg.image_size / scene.image_size), cfg.image_size - 1) for v in obj.center_pixel)
+            patch = (y // cfg.patch_size) * grid + x // cfg.patch_size
+            for k, (name, names) in enumerate(values.items()):
+                labels[i, k, patch] = names.index(getattr(obj, name))
+    return labels, [len(names) for names in values.values()]
+
+
+def _siglip_part(cfg: ZooConfig, tokenizer_fingerprint: str) -> _Part:
+    return _Part(cfg.root, "siglip", _fingerprint(tokenizer_fingerprint, asdict(cfg.siglip())), cfg.force)
+
+
+def _llama_part(cfg: ZooConfig, tokenizer_fingerprint: str) -> _Part:
+    # As for the tokenizer, the option enters the fingerprint only when on, so built zoos stay valid.
+    extra = ("object-documents",) if cfg.llm_object_documents else ()
+    return _Part(cfg.root, "llama", _fingerprint(tokenizer_fingerprint, asdict(cfg.llama()), *extra), cfg.force)
+
+
+def _build_siglip_in_process(cfg_fields: dict, tokenizer_fingerprint: str) -> None:
+    """The SigLIP part built in a process of its own (`build_zoo` with `parallel`), from the world and tokenizer
+    on disk, on one CPU thread."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+    cfg = ZooConfig(**cfg_fields)
+    world = datasets.load_from_disk(str(cfg.root / "world"))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.root / "tokenizer")
+    _build_siglip(cfg, _siglip_part(cfg, tokenizer_fingerprint), world, tokenizer)
+
+
+def _build_siglip(cfg: ZooConfig, part: _Part, world: datasets.DatasetDict, tokenizer) -> None:
+    siglip_cfg = cfg.siglip()
+    logger.info("pretraining the SigLIP encoder (%d steps)", siglip_cfg.steps)
+    out = part.start()
+    train = world["train"]
+    images = [row[0] for row in train["images"]]
+    patch_labels, patch_classes = None, None
+    if siglip_cfg.patch_loss_weight > 0:
+        patch_labels, patch_classes = object_patch_labels(train["scene"], WorldConfig(image_size=cfg.image_size), siglip_cfg)
+    dual, image_processor, history = pretrain_siglip(
+        images, list(train["caption_detailed"]), tokenizer, siglip_cfg, str(out / "trainer"),
+        patch_labels=patch_labels, patch_classes=patch_classes,
+    )
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    test = world["test"]
+    test_images, test_captions = [row[0] for row in test["images"]], list(test["caption_detailed"])
+    torch.manual_seed(siglip_cfg.seed)
+    random_dual = SiglipModel(siglip_configs(siglip_cfg, tokenizer))
+    args = (test_images, test_captions, tokenizer, image_processor, siglip_cfg.text_max_length)
+    quality = {
+        "retrieval_top1_of_100": retrieval_accuracy(dual, *args),
+        "retrieval_top1_of_100_random_init": retrieval_accuracy(random_dual, *args),
+        "final_train_loss": _last_loss(history),
+    }
+    # The vision tower alone is the part; the dual encoder is kept for retrieval-style scoring.
+    dual.vision_model.save_pretrained(out)  # a SiglipVisionModel
+    image_processor.save_pretrained(out)
+    dual.save_pretrained(out / "dual")
+    # What the patch grid says about each object (align.probe --encoder), against a random-init twin.
+    from align.probe import OBJECT_ATTRIBUTES, encoder_object_probe
+
+    objects = encoder_object_probe(str(out), train, images=min(600, len(train)))
+    for key in ("trained", "random_init"):
+        suffix = "" if key == "trained" else "_random_init"
+        quality[f"object_probe{suffix}"] = {a: objects[key][a]["probe"] for a in OBJECT_ATTRIBUTES}
+    quality["object_probe_majority"] = {a: objects["trained"][a]["majority"] for a in OBJECT_ATTRIBUTES}
+    part.finish(quality)
+
+
+def _build_llama(cfg: ZooConfig, part: _Part, world: datasets.DatasetDict, tokenizer) -> None:
+    llama_cfg = cfg.llama()
+    logger.info("pretraining the Llama LLM (%d steps)", llama_cfg.steps)
+    out = part.start()
+    documents = lm_documents(world, "train", tokenizer, objects=cfg.llm_object_documents)
+    model, history = pretrain_llama(documents, tokenizer, llama_cfg, str(out / "trainer"))
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    held_out = lm_documents(world, "test", tokenizer)
+    torch.manual_seed(llama_cfg.seed)
+    random_lm = LlamaForCausalLM(llama_config(llama_cfg, tokenizer))
+    quality = {
+        "test_perplexity": perplexity(model, tokenizer, held_out, llama_cfg.block_size),
+        "test_perplexity_random_init": perplexity(random_lm, tokenizer, held_out, llama_cfg.block_size),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_train_loss": _last_loss(history),
+    }
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    part.finish(quality)
+
+
 def build_zoo(cfg: ZooConfig) -> dict:
     """Build (or reuse) world, tokenizer, SigLIP encoder and Llama LLM under `cfg.root`; return the quality figures."""
     root = cfg.root
@@ -191,65 +305,31 @@ def build_zoo(cfg: ZooConfig) -> dict:
     report["tokenizer"] = part.manifest
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
 
-    siglip_cfg = cfg.siglip()
-    part = _Part(root, "siglip", _fingerprint(part.fingerprint, asdict(siglip_cfg)), cfg.force)
-    if not part.valid:
-        logger.info("pretraining the SigLIP encoder (%d steps)", siglip_cfg.steps)
-        out = part.start()
-        train = world["train"]
-        images = [row[0] for row in train["images"]]
-        dual, image_processor, history = pretrain_siglip(
-            images, list(train["caption_detailed"]), tokenizer, siglip_cfg, str(out / "trainer")
+    siglip_part, llama_part = _siglip_part(cfg, part.fingerprint), _llama_part(cfg, part.fingerprint)
+    if cfg.parallel and not siglip_part.valid and not llama_part.valid:
+        # The two parts are independent: SigLIP trains in a second process while the LLM trains here, one CPU thread
+        # each (the tiny models use threads poorly, so two single-threaded trainings finish well before two in turn).
+        child = multiprocessing.get_context("spawn").Process(
+            target=_build_siglip_in_process, args=(asdict(cfg), part.fingerprint), name="zoo-siglip"
         )
-        shutil.rmtree(out / "trainer", ignore_errors=True)
-        test = world["test"]
-        test_images, test_captions = [row[0] for row in test["images"]], list(test["caption_detailed"])
-        torch.manual_seed(siglip_cfg.seed)
-        random_dual = SiglipModel(siglip_configs(siglip_cfg, tokenizer))
-        args = (test_images, test_captions, tokenizer, image_processor, siglip_cfg.text_max_length)
-        quality = {
-            "retrieval_top1_of_100": retrieval_accuracy(dual, *args),
-            "retrieval_top1_of_100_random_init": retrieval_accuracy(random_dual, *args),
-            "final_train_loss": _last_loss(history),
-        }
-        # The vision tower alone is the part; the dual encoder is kept for retrieval-style scoring.
-        dual.vision_model.save_pretrained(out)  # a SiglipVisionModel
-        image_processor.save_pretrained(out)
-        dual.save_pretrained(out / "dual")
-        # What the patch grid says about each object (align.probe --encoder), against a random-init twin.
-        from align.probe import OBJECT_ATTRIBUTES, encoder_object_probe
-
-        objects = encoder_object_probe(str(out), world["train"], images=min(1000, len(world["train"])))
-        for key in ("trained", "random_init"):
-            suffix = "" if key == "trained" else "_random_init"
-            quality[f"object_probe{suffix}"] = {a: objects[key][a]["probe"] for a in OBJECT_ATTRIBUTES}
-        quality["object_probe_majority"] = {a: objects["trained"][a]["majority"] for a in OBJECT_ATTRIBUTES}
-        part.finish(quality)
-    report["siglip"] = part.manifest
-
-    llama_cfg = cfg.llama()
-    # As for the tokenizer, the option enters the fingerprint only when on, so built zoos stay valid.
-    extra = ("object-documents",) if cfg.llm_object_documents else ()
-    part = _Part(root, "llama", _fingerprint(part.fingerprint, asdict(llama_cfg), *extra), cfg.force)
-    if not part.valid:
-        logger.info("pretraining the Llama LLM (%d steps)", llama_cfg.steps)
-        out = part.start()
-        documents = lm_documents(world, "train", tokenizer, objects=cfg.llm_object_documents)
-        model, history = pretrain_llama(documents, tokenizer, llama_cfg, str(out / "trainer"))
-        shutil.rmtree(out / "trainer", ignore_errors=True)
-        held_out = lm_documents(world, "test", tokenizer)
-        torch.manual_seed(llama_cfg.seed)
-        random_lm = LlamaForCausalLM(llama_config(llama_cfg, tokenizer))
-        quality = {
-            "test_perplexity": perplexity(model, tokenizer, held_out, llama_cfg.block_size),
-            "test_perplexity_random_init": perplexity(random_lm, tokenizer, held_out, llama_cfg.block_size),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "final_train_loss": _last_loss(history),
-        }
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        part.finish(quality)
-    report["llama"] = part.manifest
+        child.start()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // 2))
+        try:
+            _build_llama(cfg, llama_part, world, tokenizer)
+        finally:
+            torch.set_num_threads(threads)
+            child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"building the SigLIP part failed in its own process (exit code {child.exitcode}); "
+                               "its error is in the log above; rerun to retry it, or pass --parallel false")
+        siglip_part = _siglip_part(dataclasses.replace(cfg, force=False), part.fingerprint)  # the child's manifest
+    else:
+        if not siglip_part.valid:
+            _build_siglip(cfg, siglip_part, world, tokenizer)
+        if not llama_part.valid:
+            _build_llama(cfg, llama_part, world, tokenizer)
+    report["siglip"], report["llama"] = siglip_part.manifest, llama_part.manifest
 
     (root / "quality.json").write_text(json.dumps(report, indent=2))
     return report

@@ -63,6 +63,22 @@ def test_rebuild_skips_valid_parts_and_redoes_changed_ones(zoo):
     assert (cfg.root / "siglip" / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+def test_siglip_and_llama_are_independent_parts_built_side_by_side(zoo):
+    """The first build trained SigLIP in its own process (both parts were missing); a changed SigLIP setting
+    rebuilds SigLIP alone, in this process, and leaves the LLM as it was."""
+    cfg, _ = zoo
+    first = build_zoo(cfg)  # the fixture's parts again (a test before this one changed the LLM)
+    assert first["siglip"]["seconds"] > 0 and first["llama"]["seconds"] > 0
+    mtime = (cfg.root / "llama" / "model.safetensors").stat().st_mtime_ns
+    changed = ZooConfig(cache_dir=cfg.cache_dir, **{**TINY, "siglip_steps": 3, "siglip_patch_loss": 0.0})
+    report = build_zoo(changed)
+    assert report["siglip"]["fingerprint"] != first["siglip"]["fingerprint"]
+    assert "object_probe" in report["siglip"]["quality"]  # measured with the patch loss off too
+    assert report["llama"] == first["llama"]
+    assert (cfg.root / "llama" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert build_zoo(cfg)["llama"] == first["llama"]  # back to the fixture's SigLIP for the tests after this one
+
+
 def test_interrupted_part_is_rebuilt(zoo):
     cfg, _ = zoo
     (cfg.root / "llama" / "zoo_manifest.json").unlink()  # as if killed before the manifest was written
@@ -145,5 +161,5 @@ def test_llm_object_documents_option(zoo):
     assert rebuilt["llama"]["fingerprint"] != report["llama"]["fingerprint"]
     for name in ("world", "tokenizer", "siglip"):
         assert rebuilt[name] == copied[name]  # reused, not rebuilt
-    # Off, the LLM's fingerprint is the one zoos built before the option have (the part before it and its config).
-    assert report["llama"]["fingerprint"] == _fingerprint(report["siglip"]["fingerprint"], asdict(cfg.llama()))
+    # Off, the LLM's fingerprint is the tokenizer's (the part it is built from) and its config, as without the option.
+    assert report["llama"]["fingerprint"] == _fingerprint(report["tokenizer"]["fingerprint"], asdict(cfg.llama()))
