@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 from transformers import LlamaForCausalLM
 
+from align.probe import fit_probe
 from model.parts import (
     LlamaPartConfig,
     SiglipPartConfig,
@@ -14,7 +15,6 @@ from model.parts import (
     pretrain_siglip,
     retrieval_accuracy,
 )
-from align.probe import fit_probe
 from model.tokenizer import train_tokenizer
 
 
