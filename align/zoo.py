@@ -11,11 +11,9 @@ printed and saved to `quality.json`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import time
@@ -80,11 +78,6 @@ class ZooConfig:
     llama_steps: int = field(default=LlamaPartConfig.steps, metadata={"help": "Llama training steps."})
     llama_layers: int = field(default=LlamaPartConfig.num_layers, metadata={"help": "Llama decoder layers."})
     llama_hidden_size: int = field(default=LlamaPartConfig.hidden_size, metadata={"help": "Llama hidden size."})
-    parallel: bool = field(
-        default=True,
-        metadata={"help": "When both need building, train SigLIP in a second process while the LLM trains (one CPU "
-                  "thread each)."},
-    )
     force: bool = field(default=False, metadata={"help": "Rebuild every part even if a valid one exists."})
 
     def __post_init__(self):
@@ -204,17 +197,6 @@ def _llama_part(cfg: ZooConfig, tokenizer_fingerprint: str) -> _Part:
     return _Part(cfg.root, "llama", _fingerprint(tokenizer_fingerprint, asdict(cfg.llama()), *extra), cfg.force)
 
 
-def _build_siglip_in_process(cfg_fields: dict, tokenizer_fingerprint: str) -> None:
-    """The SigLIP part built in a process of its own (`build_zoo` with `parallel`), from the world and tokenizer
-    on disk, on one CPU thread."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
-    cfg = ZooConfig(**cfg_fields)
-    world = datasets.load_from_disk(str(cfg.root / "world"))
-    tokenizer = AutoTokenizer.from_pretrained(cfg.root / "tokenizer")
-    _build_siglip(cfg, _siglip_part(cfg, tokenizer_fingerprint), world, tokenizer)
-
-
 def _build_siglip(cfg: ZooConfig, part: _Part, world: datasets.DatasetDict, tokenizer) -> None:
     siglip_cfg = cfg.siglip()
     logger.info("pretraining the SigLIP encoder (%d steps)", siglip_cfg.steps)
@@ -306,29 +288,10 @@ def build_zoo(cfg: ZooConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
 
     siglip_part, llama_part = _siglip_part(cfg, part.fingerprint), _llama_part(cfg, part.fingerprint)
-    if cfg.parallel and not siglip_part.valid and not llama_part.valid:
-        # The two parts are independent: SigLIP trains in a second process while the LLM trains here, one CPU thread
-        # each (the tiny models use threads poorly, so two single-threaded trainings finish well before two in turn).
-        child = multiprocessing.get_context("spawn").Process(
-            target=_build_siglip_in_process, args=(asdict(cfg), part.fingerprint), name="zoo-siglip"
-        )
-        child.start()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // 2))
-        try:
-            _build_llama(cfg, llama_part, world, tokenizer)
-        finally:
-            torch.set_num_threads(threads)
-            child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"building the SigLIP part failed in its own process (exit code {child.exitcode}); "
-                               "its error is in the log above; rerun to retry it, or pass --parallel false")
-        siglip_part = _siglip_part(dataclasses.replace(cfg, force=False), part.fingerprint)  # the child's manifest
-    else:
-        if not siglip_part.valid:
-            _build_siglip(cfg, siglip_part, world, tokenizer)
-        if not llama_part.valid:
-            _build_llama(cfg, llama_part, world, tokenizer)
+    if not siglip_part.valid:
+        _build_siglip(cfg, siglip_part, world, tokenizer)
+    if not llama_part.valid:
+        _build_llama(cfg, llama_part, world, tokenizer)
     report["siglip"], report["llama"] = siglip_part.manifest, llama_part.manifest
 
     (root / "quality.json").write_text(json.dumps(report, indent=2))
