@@ -164,6 +164,13 @@ def probe_model(model, processor, rows: list[dict], attribute: str, holdout: flo
 OBJECT_ATTRIBUTES = ("color", "shape", "size")
 
 
+def object_patch(obj, scene_size: int, image_size: int, patch_size: int) -> int:
+    """Index in a tower's patch grid (row-major) of the patch holding a pixel inside `obj`'s shape, for a scene
+    rendered at `scene_size` px and a tower that sees `image_size` px in `patch_size` px patches."""
+    x, y = (min(int(v * image_size / scene_size), image_size - 1) for v in obj.center_pixel)
+    return (y // patch_size) * (image_size // patch_size) + x // patch_size
+
+
 @torch.no_grad()
 def object_patch_features(encoder, image_processor, world: datasets.Dataset, images: int, batch_size: int = 64):
     """For every object of the first `images` images, the tower's output feature (`last_hidden_state`, what a VLM
@@ -184,8 +191,7 @@ def object_patch_features(encoder, image_processor, world: datasets.Dataset, ima
         for b, scene_json in enumerate(chunk["scene"]):
             scene = Scene.from_json(scene_json)
             for obj in scene.objects:
-                x, y = (min(int(v * size / scene.image_size), size - 1) for v in obj.center_pixel)
-                features.append(hidden[b, (y // patch) * grid + x // patch])
+                features.append(hidden[b, object_patch(obj, scene.image_size, size, patch)])
                 for a in OBJECT_ATTRIBUTES:
                     attributes[a].append(getattr(obj, a))
                 image_ids.append(start + b)

@@ -174,14 +174,14 @@ def object_patch_labels(scenes: list[str], world: WorldConfig, cfg: SiglipPartCo
     """Patch labels for SigLIP's patch-attribute loss: for each image, each object's color, shape and size (indices
     into the world's lists) at the patch holding a pixel inside its shape (the patch `align.probe --encoder` reads),
     -100 at every other patch. Returns the labels (images x 3 x patches) and the class count of each attribute."""
+    from align.probe import object_patch
+
     values = {"color": list(world.colors), "shape": list(world.shapes), "size": list(SIZES)}
-    grid = cfg.image_size // cfg.patch_size
-    labels = torch.full((len(scenes), len(values), grid * grid), -100, dtype=torch.long)
+    labels = torch.full((len(scenes), len(values), (cfg.image_size // cfg.patch_size) ** 2), -100, dtype=torch.long)
     for i, scene_json in enumerate(scenes):
         scene = Scene.from_json(scene_json)
         for obj in scene.objects:
-            x, y = (min(int(v * cfg.image_size / scene.image_size), cfg.image_size - 1) for v in obj.center_pixel)
-            patch = (y // cfg.patch_size) * grid + x // cfg.patch_size
+            patch = object_patch(obj, scene.image_size, cfg.image_size, cfg.patch_size)
             for k, (name, names) in enumerate(values.items()):
                 labels[i, k, patch] = names.index(getattr(obj, name))
     return labels, [len(names) for names in values.values()]

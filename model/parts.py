@@ -41,7 +41,7 @@ class SiglipPartConfig:
     text_hidden_size: int = 64
     text_layers: int = 2
     text_max_length: int = 64
-    # 600: with the patch-attribute loss, 300 steps leave shape at 76% from the object's patch, 600 reach 95%
+    # 600: with the patch-attribute loss, 400 steps leave shape at 82% from the object's patch, 600 reach 99%
     steps: int = 600
     batch_size: int = 64
     learning_rate: float = 2e-3
@@ -194,11 +194,11 @@ def pretrain_siglip(
     Returns:
         The trained dual encoder, its image processor, and the trainer's log history.
     """
-    grid = (cfg.image_size // cfg.patch_size) ** 2
+    patches = (cfg.image_size // cfg.patch_size) ** 2
     if patch_labels is not None:
-        if patch_classes is None or patch_labels.shape != (len(images), len(patch_classes), grid):
+        if patch_classes is None or patch_labels.shape != (len(images), len(patch_classes), patches):
             raise ValueError(f"patch_labels must have shape (images, attributes, patches) = ({len(images)}, "
-                             f"{len(patch_classes or [])}, {grid}) with patch_classes naming each attribute's class "
+                             f"{len(patch_classes or [])}, {patches}) with patch_classes naming each attribute's class "
                              f"count, got {tuple(patch_labels.shape)} and {patch_classes}")
         for k, count in enumerate(patch_classes):
             values = patch_labels[:, k][patch_labels[:, k] != -100]

@@ -3,6 +3,7 @@ import shutil
 from dataclasses import asdict
 
 import pytest
+import torch
 from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from align.zoo import ZooConfig, build_zoo, format_quality
@@ -162,3 +163,26 @@ def test_llm_object_documents_option(zoo):
         assert rebuilt[name] == copied[name]  # reused, not rebuilt
     # Off, the LLM's fingerprint is the tokenizer's (the part it is built from) and its config, as without the option.
     assert report["llama"]["fingerprint"] == _fingerprint(report["tokenizer"]["fingerprint"], asdict(cfg.llama()))
+
+
+def test_object_patch_labels_name_each_object_at_its_patch(zoo):
+    import datasets
+
+    from align.probe import object_patch
+    from align.world import SIZES, Scene, WorldConfig
+    from align.zoo import object_patch_labels
+    from model.parts import SiglipPartConfig
+
+    cfg, _ = zoo
+    scenes = datasets.load_from_disk(str(cfg.root / "world"))["train"]["scene"][:20]
+    world, siglip = WorldConfig(image_size=cfg.image_size), SiglipPartConfig(image_size=32, patch_size=8)
+    labels, classes = object_patch_labels(scenes, world, siglip)
+    assert labels.shape == (20, 3, 16) and classes == [len(world.colors), len(world.shapes), len(SIZES)]
+    for i, scene_json in enumerate(scenes):
+        scene = Scene.from_json(scene_json)
+        patches = {object_patch(o, scene.image_size, 32, 8): o for o in scene.objects}
+        assert set(torch.nonzero(labels[i, 0] != -100).flatten().tolist()) == set(patches)
+        for patch, obj in patches.items():
+            if sum(object_patch(o, scene.image_size, 32, 8) == patch for o in scene.objects) == 1:
+                assert labels[i, :, patch].tolist() == [
+                    world.colors.index(obj.color), world.shapes.index(obj.shape), SIZES.index(obj.size)]
