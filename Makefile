@@ -41,6 +41,8 @@ recipes: install
 	$(ACCELERATE) recipes/pretrain.py --config $(TINY)/pretrain_cross_attention.yaml
 	$(ACCELERATE) recipes/sft.py --config $(TINY)/sft.yaml
 	$(ACCELERATE) recipes/dpo.py --config $(TINY)/dpo.yaml
+	$(ACCELERATE) recipes/sft.py --config $(TINY)/sft_qlora.yaml
+	$(ACCELERATE) recipes/dpo.py --config $(TINY)/dpo_qlora.yaml
 	$(ACCELERATE) recipes/evaluate.py --config $(TINY)/evaluate.yaml
 	$(ACCELERATE) recipes/reward.py --config $(TINY)/reward.yaml
 	$(ACCELERATE) recipes/rejection_sampling.py --config $(TINY)/rejection_sampling.yaml --reward_model_name_or_path runs/tiny/reward

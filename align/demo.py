@@ -6,7 +6,7 @@
 Builds the shapes world and the tiny pretrained parts (reusing what is built), then runs the real recipes
 in order, each in its own process exactly as a user launches them:
 
-    stage 1 (prepend and cross-attention) -> SFT (QLoRA) -> DPO (QLoRA)
+    stage 1 (prepend and cross-attention) -> SFT (LoRA) -> DPO (LoRA)
     -> rounds of rejection sampling -> SFT -> DPO (recipes/rounds.py) -> evaluate after each stage
     -> students of the final policy: pruned to 1/8 and 3/8 of its LLM and ternary, each distilled and trained on
        the labels only (recipes/students.py)
@@ -14,6 +14,11 @@ in order, each in its own process exactly as a user launches them:
 and prints the quality figures of the parts, the stage-1 caption figures, a scoreboard (accuracy per question
 category after each stage) and the student table, and writes `report.md` and `report.png` into the run folder. A step
 whose output already holds its `metrics.json` is skipped, so a killed demo continues where it stopped.
+
+Two choices keep it within 15 minutes on a 2-core CPU: the recipes run under the `forkserver` launcher (each
+still its own process, forked from one that imported the libraries once: `align.pipeline`), and SFT and DPO
+use LoRA on the full-precision LLM, since bitsandbytes' 4-bit layers run about 2.4x slower per step on a CPU
+(the QLoRA configs, `sft_qlora.yaml` and `dpo_qlora.yaml`, run in `make recipes`).
 """
 
 from __future__ import annotations
@@ -24,56 +29,66 @@ import sys
 import time
 from pathlib import Path
 
-from align.pipeline import RECIPES, Step, run_parallel, run_step, threads_per_job
+from align.pipeline import (
+    LAUNCHERS_HELP,
+    RECIPES,
+    Step,
+    run_parallel,
+    run_step,
+    start_forkserver,
+    threads_per_job,
+)
 from align.zoo import REPO_ROOT, ZooConfig, build_zoo, format_quality
 
 CONFIGS = RECIPES / "configs" / "tiny"
 
 
-def pipeline(run_dir: Path, eval_questions: int, force: bool = False) -> list[list[Step]]:
+def pipeline(run_dir: Path, eval_questions: int, force: bool = False, launcher: str = "forkserver") -> list[list[Step]]:
     """The default pipeline as groups of independent steps; a group starts when the groups before it are done, and
     its steps run side by side (two at a time, one CPU thread each: `align.pipeline.run_parallel`)."""
     evaluate = {"num_questions": eval_questions}
     return [
-        # Stage 1 fills the vision-feature cache; the cross-attention run then reads the same features (one writer).
-        [Step("stage1-prepend", "pretrain.py", CONFIGS / "pretrain.yaml")],
+        # Fewer steps (stage 1: 200 each; SFT and DPO: 100) and DPO pairs than the tiny configs, to keep make demo
+        # within 15 minutes. Stage 1 fills the vision-feature cache; the cross-attention run then reads the same
+        # features (one writer).
+        [Step("stage1-prepend", "pretrain.py", CONFIGS / "pretrain.yaml", {"max_steps": 200})],
         [
-            Step("sft", "sft.py", CONFIGS / "sft_qlora.yaml", {"model_name_or_path": run_dir / "stage1-prepend"}),
-            Step("stage1-cross_attention", "pretrain.py", CONFIGS / "pretrain_cross_attention.yaml"),
+            Step("sft", "sft.py", CONFIGS / "sft.yaml", {"model_name_or_path": run_dir / "stage1-prepend", "max_steps": 100}),
+            Step("stage1-cross_attention", "pretrain.py", CONFIGS / "pretrain_cross_attention.yaml", {"max_steps": 200}),
         ],
         [
-            Step("dpo", "dpo.py", CONFIGS / "dpo_qlora.yaml", {"model_name_or_path": run_dir / "sft"}),
+            Step("dpo", "dpo.py", CONFIGS / "dpo.yaml", {"model_name_or_path": run_dir / "sft", "max_steps": 100, "world_images": 100}),
             Step("eval-stage1", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "stage1-prepend", **evaluate}),
-            Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", "load_in_4bit": True, **evaluate}),
+            Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", **evaluate}),
         ],
-        [Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", "load_in_4bit": True, **evaluate})],
+        [Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", **evaluate})],
         [Step("rounds", "rounds.py", CONFIGS / "rounds.yaml", {
-            "policy": run_dir / "dpo", "policy_load_in_4bit": True, "sft_config": CONFIGS / "sft_qlora.yaml",
-            "dpo_config": CONFIGS / "dpo_qlora.yaml", "initial_eval": run_dir / "eval-dpo" / "metrics.json",
-            "num_questions": eval_questions, "force": force,
+            "policy": run_dir / "dpo", "initial_eval": run_dir / "eval-dpo" / "metrics.json",
+            "num_questions": eval_questions, "force": force, "launcher": launcher,
             # Fewer prompts, candidates and steps than the tiny rounds config, to keep make demo within 15 minutes.
-            "prompts_per_round": 120, "num_candidates": 6, "sft_max_steps": 50, "dpo_max_steps": 50,
+            "prompts_per_round": 100, "num_candidates": 6, "sft_max_steps": 40, "dpo_max_steps": 40,
         })],
     ]
 
 
-def run_group(steps: list[Step], run_dir: Path, force: bool) -> dict:
+def run_group(steps: list[Step], run_dir: Path, force: bool, launcher: str = "forkserver") -> dict:
     """Run a group of independent steps, two at a time with one CPU thread each (one step: all threads)."""
     parallel = min(2, len(steps))
     for step in steps:
         step.threads = threads_per_job(parallel)
+        step.launcher = launcher
     jobs = [lambda step=step: run_step(step, run_dir, force, tag="demo") for step in steps]
     return dict(zip((step.name for step in steps), run_parallel(jobs, parallel)))
 
 
-def students_step(run_dir: Path, rounds: dict, eval_questions: int, force: bool = False) -> Step:
+def students_step(run_dir: Path, rounds: dict, eval_questions: int, force: bool = False, launcher: str = "forkserver") -> Step:
     """The students of the final policy of the rounds; its evaluation in the last round is the teacher's row."""
     last = rounds["rounds"][-1]["round"]
     overrides = {
         "teacher": rounds["final_policy"], "teacher_eval": run_dir / "rounds" / f"round{last}" / "eval" / "metrics.json",
-        "num_questions": eval_questions, "force": force, "parallel": 2,
+        "num_questions": eval_questions, "force": force, "parallel": 2, "launcher": launcher, "max_steps": 50,
     }
-    return Step("students", "students.py", CONFIGS / "students.yaml", overrides)
+    return Step("students", "students.py", CONFIGS / "students.yaml", overrides, launcher=launcher)
 
 
 def sampling_table(rounds: dict) -> str:
@@ -108,29 +123,32 @@ def main(argv=None):
     parser.add_argument("--run_dir", default=str(REPO_ROOT / "runs" / "demo"), help="Folder for every stage's output.")
     parser.add_argument("--eval_questions", type=int, default=600, help="Held-out test questions per evaluation.")
     parser.add_argument("--force", action="store_true", help="Rerun every step, even those already done.")
+    parser.add_argument("--launcher", default="forkserver", choices=["forkserver", "python"], help=LAUNCHERS_HELP)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
+    if args.launcher == "forkserver":
+        start_forkserver()  # its imports overlap the parts' build
     report = build_zoo(ZooConfig())
     print("\n## Tiny pretrained parts\n")
     print(format_quality(report))
 
     results = {}
-    for group in pipeline(run_dir, args.eval_questions, args.force):
-        results.update(run_group(group, run_dir, args.force))
-    students = students_step(run_dir, results["rounds"], args.eval_questions, args.force)
+    for group in pipeline(run_dir, args.eval_questions, args.force, args.launcher):
+        results.update(run_group(group, run_dir, args.force, args.launcher))
+    students = students_step(run_dir, results["rounds"], args.eval_questions, args.force, args.launcher)
     results["students"] = run_step(students, run_dir, args.force, tag="demo")
 
     print("\n## Stage 1: captioning held-out images\n")
     print(caption_table({"prepend": results["stage1-prepend"], "cross-attention": results["stage1-cross_attention"]}))
-    board = {"stage 1": results["eval-stage1"], "SFT (QLoRA)": results["eval-sft"], "DPO (QLoRA)": results["eval-dpo"]}
+    board = {"stage 1": results["eval-stage1"], "SFT (LoRA)": results["eval-sft"], "DPO (LoRA)": results["eval-dpo"]}
     curves = {
         "stage 1": load_log_history(run_dir / "stage1-prepend"),
-        "SFT (QLoRA)": load_log_history(run_dir / "sft"),
-        "DPO (QLoRA)": load_log_history(run_dir / "dpo"),
+        "SFT (LoRA)": load_log_history(run_dir / "sft"),
+        "DPO (LoRA)": load_log_history(run_dir / "dpo"),
     }
     for entry in results["rounds"]["rounds"]:
         board[f"round {entry['round']}"] = entry["eval"]

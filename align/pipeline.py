@@ -3,12 +3,20 @@ multi-round recipe are sequences of these steps.
 
 A step whose output folder already holds its `metrics.json` is skipped and its metrics reused, so a killed
 pipeline continues where it stopped. Each step's output goes to `<run_dir>/<name>.log`.
+
+The `forkserver` launcher runs each recipe, still as `__main__` in its own process, in a child forked from a
+server process that imported torch, transformers, PEFT, TRL and this package once (the standard library's
+`multiprocessing` forkserver with preloaded modules). On a small CPU machine those imports take longer than many
+of the default's steps (about 14 s per process on this project's 2-core machine), and a pipeline runs dozens.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import runpy
 import shlex
 import subprocess
 import sys
@@ -23,6 +31,16 @@ import yaml
 from align.zoo import REPO_ROOT
 
 RECIPES = REPO_ROOT / "recipes"
+LAUNCHERS_HELP = (
+    "Command each stage runs under: python (a new interpreter), forkserver (forked from one process that imported "
+    "the libraries once: align.pipeline), or e.g. `accelerate launch --config_file ...`."
+)
+# What the recipes import, imported once by the forkserver (align.pipeline.run_step with the forkserver launcher).
+PRELOAD = (
+    "torch", "transformers", "peft", "datasets", "accelerate", "trl", "bitsandbytes", "model", "model.pretrain",
+    "align.pipeline", "align.training", "align.sft", "align.dpo", "align.distill", "align.evaluation",
+    "align.rejection_sampling", "align.scoring", "align.captioning",
+)
 
 
 @dataclass
@@ -30,8 +48,9 @@ class Step:
     """One recipe run: `<launcher> recipes/<script> --config <config> --output_dir <run_dir>/<name> <overrides>`.
 
     `launcher` is the command before the script, e.g. "python" (this interpreter) or
-    "accelerate launch --config_file recipes/accelerate/single.yaml". `threads` caps the process's CPU threads
-    (OMP/MKL), for steps that run side by side (`run_parallel`).
+    "accelerate launch --config_file recipes/accelerate/single.yaml", or "forkserver" (this interpreter, forked
+    from a process that imported the libraries once: module docstring). `threads` caps the process's CPU threads
+    (OMP/MKL; torch's intra-op threads under the forkserver), for steps that run side by side (`run_parallel`).
     """
 
     name: str
@@ -47,7 +66,7 @@ class Step:
         return {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
 
     def command(self, run_dir: Path) -> list[str]:
-        launcher = [sys.executable] if self.launcher == "python" else shlex.split(self.launcher)
+        launcher = [sys.executable] if self.launcher in ("python", "forkserver") else shlex.split(self.launcher)
         cmd = [*launcher, str(RECIPES / self.script), "--config", str(self.config)]
         cmd += ["--output_dir", str(run_dir / self.name)]
         for key, value in self.overrides.items():
@@ -70,15 +89,87 @@ def run_step(step: Step, run_dir: Path, force: bool = False, tag: str = "pipelin
     start = time.time()
     log = run_dir / f"{step.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(
-            step.command(run_dir), cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT, env=step.environment()
-        )
-    if proc.returncode != 0:
+    if step.launcher == "forkserver":
+        returncode = _run_forked(step, run_dir, log)
+    else:
+        with open(log, "w") as f:
+            proc = subprocess.run(
+                step.command(run_dir), cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT, env=step.environment()
+            )
+        returncode = proc.returncode
+    if returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"[{tag}] {step.name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+        raise SystemExit(f"[{tag}] {step.name} failed (exit {returncode}); last lines of {log}:\n{tail}")
     print(f"[{tag}] {step.name}: {time.time() - start:.0f} s", flush=True)
     return json.loads(metrics_file.read_text())
+
+
+def _run_forked(step: Step, run_dir: Path, log: Path) -> int:
+    """Run `step` under the forkserver launcher, its output to `log`; its exit code."""
+    log.write_text("")
+    script, *argv = step.command(run_dir)[1:]
+    return run_forked(script, argv, step.environment(), log, log, threads=step.threads)
+
+
+def run_forked(
+    script: str | Path, argv: list[str], environment: dict[str, str], stdout: Path, stderr: Path,
+    threads: int | None = None, timeout: float | None = None,
+) -> int:
+    """Run `script argv...` as `__main__` in a child of the forkserver (started on first use, preloading `PRELOAD`),
+    with `environment`, its standard output and error appended to the files `stdout` and `stderr` (they may be the
+    same) and at most `threads` torch threads; returns its exit code.
+
+    The child is a process of its own, so a recipe that starts a pipeline (rounds, students) starts its own
+    forkserver. Variables read only at import (e.g. `HF_HUB_OFFLINE`, `OMP_NUM_THREADS`) take the values the server
+    imported the libraries with: this process's, when it first ran a step.
+
+    Raises:
+        TimeoutError: when `timeout` seconds pass first (the child is killed).
+    """
+    context = _forkserver()
+    child = context.Process(
+        target=_recipe_main, args=(str(script), list(argv), str(stdout), str(stderr), dict(environment), threads),
+        name=Path(script).stem,
+    )
+    child.start()
+    child.join(timeout)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        raise TimeoutError(f"{script} ran past {timeout} s and was killed")
+    return child.exitcode
+
+
+def start_forkserver() -> None:
+    """Start the forkserver now, so that its imports overlap other work (`make demo` starts it before building the
+    parts); `run_forked` starts it on first use otherwise."""
+    _forkserver()
+    multiprocessing.forkserver.ensure_running()
+
+
+def _forkserver() -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOAD))
+    return context
+
+
+def _recipe_main(
+    script: str, argv: list[str], stdout: str, stderr: str, environment: dict, threads: int | None
+) -> None:
+    """The forked child: its output files, environment and thread cap, then the recipe as `__main__`."""
+    import torch
+
+    for target, path in ((1, stdout), (2, stderr)):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(fd, target)
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(environment)
+    os.chdir(REPO_ROOT)
+    if threads is not None:
+        torch.set_num_threads(threads)  # OMP_NUM_THREADS was read when the server imported torch
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
 
 
 def derived_step(
@@ -133,4 +224,7 @@ def derived_config(base: str | Path, updates: dict, path: str | Path, header: st
     return path
 
 
-__all__ = ["RECIPES", "Step", "derived_config", "derived_step", "run_parallel", "run_step", "threads_per_job"]
+__all__ = [
+    "LAUNCHERS_HELP", "PRELOAD", "RECIPES", "Step", "derived_config", "derived_step", "run_forked", "run_parallel",
+    "run_step", "start_forkserver", "threads_per_job",
+]

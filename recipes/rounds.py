@@ -25,7 +25,7 @@ from pathlib import Path
 from trl import TrlParser
 
 from align.evaluation import scoreboard
-from align.pipeline import RECIPES, Step, derived_step, run_step
+from align.pipeline import LAUNCHERS_HELP, RECIPES, Step, derived_step, run_step
 
 logger = logging.getLogger(__name__)
 TINY = RECIPES / "configs" / "tiny"
@@ -77,7 +77,7 @@ class RoundsArguments:
     )
     launcher: str = field(
         default="python",
-        metadata={"help": "Command each stage runs under: python, or e.g. `accelerate launch --config_file ...`."},
+        metadata={"help": LAUNCHERS_HELP},
     )
     seed: int = field(default=0, metadata={"help": "Round r's stages use seed + r."})
     force: bool = field(default=False, metadata={"help": "Rerun every step, even those whose metrics.json exists."})

@@ -30,7 +30,15 @@ from transformers import AutoProcessor
 from trl import TrlParser
 
 from align.evaluation import is_adapter_dir, scoreboard
-from align.pipeline import RECIPES, Step, derived_step, run_parallel, run_step, threads_per_job
+from align.pipeline import (
+    LAUNCHERS_HELP,
+    RECIPES,
+    Step,
+    derived_step,
+    run_parallel,
+    run_step,
+    threads_per_job,
+)
 from align.training import merged_base
 from align.zoo import default_cache_dir, lm_documents
 from model.prune import PLAN_FILE, PruneArguments, load_teacher, parameter_counts
@@ -73,7 +81,7 @@ class StudentsArguments:
     )
     launcher: str = field(
         default="python",
-        metadata={"help": "Command each training/evaluation runs under: python, or e.g. `accelerate launch --config_file ...`."},
+        metadata={"help": LAUNCHERS_HELP},
     )
     parallel: int = field(
         default=1,

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from align.pipeline import Step, run_parallel, threads_per_job
+from align.pipeline import Step, run_parallel, run_step, start_forkserver, threads_per_job
 
 
 def test_run_parallel_keeps_order_and_overlaps_jobs():
@@ -57,3 +57,39 @@ def test_step_threads_cap_the_process_environment(monkeypatch):
     assert capped["OMP_NUM_THREADS"] == "1" and capped["MKL_NUM_THREADS"] == "1"
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert "OMP_NUM_THREADS" not in Step("x", "sft.py", "c.yaml").environment()
+
+
+RECIPE = '''
+import json, os, sys
+from pathlib import Path
+
+import torch
+
+if __name__ == "__main__":
+    out = Path(sys.argv[sys.argv.index("--output_dir") + 1])
+    print("hello from", Path(sys.argv[0]).name, flush=True)
+    if "--fail" in sys.argv:
+        raise SystemExit("this recipe failed on purpose")
+    out.mkdir(parents=True)
+    metrics = {"argv": sys.argv[1:], "threads": torch.get_num_threads(), "cwd": os.getcwd(), "marker": os.environ.get("PIPELINE_TEST")}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+'''
+
+
+def test_forkserver_launcher_runs_the_recipe_as_main_with_its_log_threads_and_environment(tmp_path, monkeypatch):
+    from align.zoo import REPO_ROOT
+
+    start_forkserver()  # as make demo does before building the parts; the steps below then use that server
+    script = tmp_path / "recipe.py"
+    script.write_text(RECIPE)
+    monkeypatch.setenv("PIPELINE_TEST", "seen")
+    step = Step("ok", str(script), "c.yaml", {"seed": 3}, launcher="forkserver", threads=1)
+    metrics = run_step(step, tmp_path / "run")
+    assert metrics["argv"] == ["--config", "c.yaml", "--output_dir", str(tmp_path / "run" / "ok"), "--seed", "3"]
+    assert metrics["threads"] == 1 and metrics["marker"] == "seen" and metrics["cwd"] == str(REPO_ROOT)
+    assert "hello from recipe.py" in (tmp_path / "run" / "ok.log").read_text()
+    assert run_step(step, tmp_path / "run")["argv"] == metrics["argv"]  # done before: reused, not rerun
+
+    failing = Step("bad", str(script), "c.yaml", {"fail": 1}, launcher="forkserver")
+    with pytest.raises(SystemExit, match="(?s)bad failed .*this recipe failed on purpose"):
+        run_step(failing, tmp_path / "run")

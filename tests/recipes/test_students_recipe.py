@@ -42,7 +42,7 @@ def test_pruned_and_ternary_students_distilled_and_labels_only(setup, tmp_path):
     out = tmp_path / "students"
     config = {
         "teacher": setup["teacher"], "output_dir": str(out), "targets": [0.5], "ternary": True, "max_steps": 2,
-        "parallel": 2,
+        "parallel": 2, "launcher": "forkserver",  # forked steps, from a recipe that is itself forked (run_recipe)
         "world_path": setup["world"], **{k: setup[k] for k in ("distill_config", "evaluate_config")},
     }
     run_recipe("students.py", config, tmp_path, timeout=900)
