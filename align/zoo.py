@@ -69,6 +69,12 @@ class ZooConfig:
         metadata={"help": "Also pretrain the LLM on one short description-then-Q&A document per object "
                   "(`align.world.object_documents`), from which it learns to answer from its context."},
     )
+    llm_captioned_chats: bool = field(
+        default=False,
+        metadata={"help": "Pretrain the LLM on the conversations with each image item replaced by the image's detailed "
+                  "caption, rather than dropped: every answer then follows a description it can be read from, in "
+                  "the place the visual tokens take in the VLM."},
+    )
     siglip_steps: int = field(default=SiglipPartConfig.steps, metadata={"help": "SigLIP training steps."})
     siglip_patch_loss: float = field(
         default=SiglipPartConfig.patch_loss_weight,
@@ -142,15 +148,21 @@ class _Part:
         return self.manifest
 
 
-def lm_documents(world: datasets.DatasetDict, split: str, tokenizer=None, objects: bool = False) -> list[str]:
+def lm_documents(
+    world: datasets.DatasetDict, split: str, tokenizer=None, objects: bool = False, captioned_chats: bool = False
+) -> list[str]:
     """Plain-text documents (captions, Q&A lines; with `objects`, also `object_documents`) and, given a tokenizer,
-    the conversations in its chat format without their image items: the LLM learns the world's language and the
-    chat markers, not the images."""
-    docs = text_corpus(world[split]) + (object_documents(world[split]) if objects else [])
+    the conversations in its chat format without their image items (with `captioned_chats`, each image item
+    replaced by the image's detailed caption and a newline): the LLM learns the world's language and the chat
+    markers, not the images."""
+    part = world[split]
+    docs = text_corpus(part) + (object_documents(part) if objects else [])
     if tokenizer is not None:
-        for messages in world[split]["messages"]:
+        for messages, caption in zip(part["messages"], part["caption_detailed"]):
+            image = [{"type": "text", "text": caption + "\n"}] if captioned_chats else []
             text_only = [
-                {"role": m["role"], "content": [c for c in m["content"] if c["type"] == "text"]} for m in messages
+                {"role": m["role"], "content": [c for item in m["content"] for c in (image if item["type"] == "image" else [item])]}
+                for m in messages
             ]
             rendered = tokenizer.apply_chat_template(text_only, tokenize=False)
             docs.append(rendered.removeprefix(tokenizer.bos_token or "").rstrip("\n"))
@@ -194,6 +206,7 @@ def _siglip_part(cfg: ZooConfig, tokenizer_fingerprint: str) -> _Part:
 def _llama_part(cfg: ZooConfig, tokenizer_fingerprint: str) -> _Part:
     # As for the tokenizer, the option enters the fingerprint only when on, so built zoos stay valid.
     extra = ("object-documents",) if cfg.llm_object_documents else ()
+    extra += ("captioned-chats",) if cfg.llm_captioned_chats else ()
     return _Part(cfg.root, "llama", _fingerprint(tokenizer_fingerprint, asdict(cfg.llama()), *extra), cfg.force)
 
 
@@ -240,7 +253,7 @@ def _build_llama(cfg: ZooConfig, part: _Part, world: datasets.DatasetDict, token
     llama_cfg = cfg.llama()
     logger.info("pretraining the Llama LLM (%d steps)", llama_cfg.steps)
     out = part.start()
-    documents = lm_documents(world, "train", tokenizer, objects=cfg.llm_object_documents)
+    documents = lm_documents(world, "train", tokenizer, objects=cfg.llm_object_documents, captioned_chats=cfg.llm_captioned_chats)
     model, history = pretrain_llama(documents, tokenizer, llama_cfg, str(out / "trainer"))
     shutil.rmtree(out / "trainer", ignore_errors=True)
     held_out = lm_documents(world, "test", tokenizer)

@@ -1,6 +1,6 @@
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -163,6 +163,31 @@ def test_llm_object_documents_option(zoo):
         assert rebuilt[name] == copied[name]  # reused, not rebuilt
     # Off, the LLM's fingerprint is the tokenizer's (the part it is built from) and its config, as without the option.
     assert report["llama"]["fingerprint"] == _fingerprint(report["tokenizer"]["fingerprint"], asdict(cfg.llama()))
+
+
+def test_llm_captioned_chats_put_the_detailed_caption_where_the_image_was(zoo):
+    import datasets
+
+    from align.zoo import _fingerprint, _llama_part, lm_documents
+
+    cfg, report = zoo
+    world = datasets.load_from_disk(str(cfg.root / "world"))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.root / "tokenizer")
+    n = len(world["train"])
+    plain = lm_documents(world, "train", tokenizer)
+    captioned = lm_documents(world, "train", tokenizer, captioned_chats=True)
+    assert len(plain) == len(captioned) and plain[:-n] == captioned[:-n]  # only the conversations change
+    row = world["train"][0]
+    question = row["messages"][0]["content"][1]["text"]
+    assert "<|user|>\n" + question in plain[-n]  # the image item dropped: the question opens the turn
+    assert "<|user|>\n" + row["caption_detailed"] + "\n" + question in captioned[-n]
+    assert "<image>" not in captioned[-n]
+
+    # On, the option enters the LLM's fingerprint; off, the fingerprint is as before the option existed.
+    tokenizer_fingerprint = report["tokenizer"]["fingerprint"]
+    on = replace(cfg, llm_captioned_chats=True)
+    assert _llama_part(on, tokenizer_fingerprint).fingerprint != report["llama"]["fingerprint"]
+    assert _llama_part(cfg, tokenizer_fingerprint).fingerprint == _fingerprint(tokenizer_fingerprint, asdict(cfg.llama()))
 
 
 def test_object_patch_labels_name_each_object_at_its_patch(zoo):
