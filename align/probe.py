@@ -26,7 +26,10 @@ the answer (TRL's vision collator, as in SFT), the towers and the LLM frozen; ev
 closed-set accuracy on the held-out images is measured. `--reset_projector` starts from freshly initialised
 projectors (the feature standardisation they keep is a measurement, not a weight), to compare projector designs
 on one LLM or LLMs under one projector. `--llm_lr` trains the LLM too, in full at its own learning rate: whether
-the whole VLM learns to read the image once the LLM can adapt to visual tokens.
+the whole VLM learns to read the image once the LLM can adapt to visual tokens. `--scenes multi` asks the same
+question of scenes with two or more objects, about an object whose other attribute is unique in its scene ("What
+color is the circle?" with one circle among several objects): whether the VLM learns to find an object as well
+as to read it.
 
     python -m align.probe --encoder .cache/zoo/siglip
 
@@ -73,6 +76,23 @@ def single_object_rows(world: datasets.Dataset, limit: int | None) -> list[dict]
         objects = json.loads(row["scene"])["objects"]
         if len(objects) == 1:
             rows.append({"image": row["images"][0], "object": objects[0]})
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def multi_object_rows(world: datasets.Dataset, limit: int | None, attribute: str) -> list[dict]:
+    """The rows of a world split whose scene holds two or more objects, each with its first object whose other
+    attribute (shape for a color question, color for a shape question) no other object of the scene shares, so
+    that `QUESTIONS[attribute]` names it alone; scenes without one are skipped."""
+    other = "shape" if attribute == "color" else "color"
+    rows = []
+    for row in world:
+        objects = json.loads(row["scene"])["objects"]
+        values = Counter(obj[other] for obj in objects)
+        unique = [obj for obj in objects if values[obj[other]] == 1]
+        if len(objects) >= 2 and unique:
+            rows.append({"image": row["images"][0], "object": unique[0]})
         if limit is not None and len(rows) >= limit:
             break
     return rows
@@ -366,9 +386,11 @@ def reset_adapters(vlm) -> None:
 def readout_curve(
     vlm, processor, rows: list[dict], attribute: str, steps: int = 300, eval_every: int = 100, lr: float = 1e-3,
     batch_size: int = 16, holdout: float = 0.3, seed: int = 0, reset: bool = False, llm_lr: float | None = None,
+    scenes: str = "single",
 ) -> dict:
     """Train only the adapters of `vlm` to answer the `attribute` question of the first `1 - holdout` share of
-    `rows` (single-object images), and measure the closed-set accuracy on the rest every `eval_every` steps.
+    `rows` (`single_object_rows`, or `multi_object_rows` with `scenes="multi"`: named in the result), and measure
+    the closed-set accuracy on the rest every `eval_every` steps.
     With `llm_lr`, the LLM (decoder and head) trains too, in full at that learning rate: whether the whole VLM
     learns to read the image when the LLM can adapt to the visual tokens.
 
@@ -386,7 +408,7 @@ def readout_curve(
     other = "shape" if attribute == "color" else "color"
     cut = int(len(rows) * (1 - holdout))
     if cut < 2 or cut >= len(rows):
-        raise ValueError(f"need single-object images on both sides of the holdout split, got {len(rows)} images")
+        raise ValueError(f"need {scenes}-object images on both sides of the holdout split, got {len(rows)} images")
     train, test = rows[:cut], rows[cut:]
 
     def question(row: dict) -> str:
@@ -443,7 +465,7 @@ def readout_curve(
         "attribute": attribute, "train_images": len(train), "test_images": len(test),
         "majority": sum(row["object"][attribute] == majority for row in test) / len(test),
         "trainable_parameters": sum(p.numel() for group in groups for p in group["params"]), "reset": reset,
-        "llm_lr": llm_lr, "standardized": bool(vlm.model.projectors.standardized), "curve": curve,
+        "llm_lr": llm_lr, "standardized": bool(vlm.model.projectors.standardized), "scenes": scenes, "curve": curve,
     }
 
 
@@ -453,7 +475,7 @@ def format_readout(result: dict) -> str:
     lines = [
         f"Read-out probe: {result['attribute']}, {what} ({result['trainable_parameters']:,} parameters"
         f"{', freshly initialised' if result['reset'] else ''}; {standardized}), {result['train_images']} training / "
-        f"{result['test_images']} held-out single-object images; majority {result['majority']:.1%}",
+        f"{result['test_images']} held-out {result.get('scenes', 'single')}-object images; majority {result['majority']:.1%}",
         "",
         "| step | held-out accuracy | training loss |",
         "|---:|---:|---:|",
@@ -490,6 +512,9 @@ def main(argv=None) -> dict:
     readout.add_argument("--llm_lr", type=float, default=None,
                          help="Train the LLM too (in full) at this learning rate; by default it stays frozen.")
     readout.add_argument("--seed", type=int, default=0, help="Seed of the initialisation and the batches.")
+    readout.add_argument("--scenes", choices=("single", "multi"), default="single",
+                         help="Ask about the object of single-object images, or about an object named by a unique "
+                         "attribute in scenes of two or more (multi_object_rows).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 < args.holdout < 1:
@@ -500,6 +525,8 @@ def main(argv=None) -> dict:
         parser.error(f"--llm_lr needs --readout and a positive value, got {args.llm_lr}")
     if args.readout and (args.llm or args.encoder or args.load_in_4bit):
         parser.error("--readout trains a full VLM's adapters: give --model a VLM folder (not --llm or --encoder, no --load_in_4bit)")
+    if args.scenes == "multi" and not args.readout:
+        parser.error("--scenes multi is a read-out probe setting (with --readout): the linear probes pool whole images")
     for name in ("steps", "eval_every", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
@@ -529,7 +556,10 @@ def main(argv=None) -> dict:
 
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     model, processor = load_model_for_eval(args.model, quantization_config=quantization)
-    rows = single_object_rows(world[split], args.images or 1000)
+    if args.scenes == "multi":
+        rows = multi_object_rows(world[split], args.images or 1000, args.attribute)
+    else:
+        rows = single_object_rows(world[split], args.images or 1000)
     if args.readout:
         if hasattr(model, "peft_config"):
             raise SystemExit(f"--readout: {args.model} is an adapter; give a full VLM folder (a stage-1 output or a "
@@ -537,7 +567,7 @@ def main(argv=None) -> dict:
         result = {"model": args.model, **readout_curve(
             model, processor, rows, args.attribute, steps=args.steps, eval_every=args.eval_every, lr=args.lr,
             batch_size=args.batch_size, holdout=args.holdout, seed=args.seed, reset=args.reset_projector,
-            llm_lr=args.llm_lr,
+            llm_lr=args.llm_lr, scenes=args.scenes,
         )}
         print(format_readout(result))
     else:

@@ -15,6 +15,7 @@ from align.probe import (
     format_context_probe,
     format_readout,
     main,
+    multi_object_rows,
     object_patch_features,
     object_probe,
     readout_curve,
@@ -148,6 +149,30 @@ def test_readout_command_writes_its_curve(setup, tmp_path, capsys):
                 ["--model", setup["vlm"], "--load_in_4bit"], ["--model", setup["vlm"], "--llm_lr", "0"]):
         with pytest.raises(SystemExit):
             main(["--readout", "--world", setup["world"], *bad])
+
+
+def test_multi_object_rows_name_an_object_by_its_unique_other_attribute(setup):
+    import datasets
+
+    world = datasets.load_from_disk(setup["world"])["train"]
+    for attribute, other in (("color", "shape"), ("shape", "color")):
+        rows = multi_object_rows(world, None, attribute)
+        scenes = [json.loads(scene)["objects"] for scene in world["scene"]]
+        eligible = [objs for objs in scenes if len(objs) >= 2 and any(
+            sum(o[other] == obj[other] for o in objs) == 1 for obj in objs)]
+        assert len(rows) == len(eligible) > 0
+        for row, objects in zip(rows, eligible):
+            assert row["object"] in objects and sum(o[other] == row["object"][other] for o in objects) == 1
+        assert len(multi_object_rows(world, 3, attribute)) == 3
+
+
+def test_readout_on_multi_object_scenes(setup, capsys):
+    result = main(["--readout", "--model", setup["vlm"], "--world", setup["world"], "--images", "20", "--steps", "2",
+                   "--eval_every", "2", "--scenes", "multi"])
+    assert result["scenes"] == "multi" and result["train_images"] + result["test_images"] == 20
+    assert "held-out multi-object images" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the linear probes pool whole images: single-object scenes only
+        main(["--model", setup["vlm"], "--world", setup["world"], "--scenes", "multi"])
 
 
 class _CopyLM(torch.nn.Module):
