@@ -7,7 +7,8 @@ pipeline continues where it stopped. Each step's output goes to `<run_dir>/<name
 The `forkserver` launcher runs each recipe, still as `__main__` in its own process, in a child forked from a
 server process that imported torch, transformers, PEFT, TRL and this package once (the standard library's
 `multiprocessing` forkserver with preloaded modules). On a small CPU machine those imports take longer than many
-of the default's steps (about 14 s per process on this project's 2-core machine), and a pipeline runs dozens.
+of the default's steps (`bench/launchers.py`: an evaluation step 11.9 s as a new interpreter, 3.8 s forked, on
+this project's 2-core machine), and a pipeline runs dozens.
 """
 
 from __future__ import annotations
