@@ -75,7 +75,7 @@ def single_object_rows(world: datasets.Dataset, limit: int | None) -> list[dict]
     for row in world:
         objects = json.loads(row["scene"])["objects"]
         if len(objects) == 1:
-            rows.append({"image": row["images"][0], "object": objects[0]})
+            rows.append({"image": row["images"][0], "object": objects[0], "objects": objects})
         if limit is not None and len(rows) >= limit:
             break
     return rows
@@ -92,7 +92,7 @@ def multi_object_rows(world: datasets.Dataset, limit: int | None, attribute: str
         values = Counter(obj[other] for obj in objects)
         unique = [obj for obj in objects if values[obj[other]] == 1]
         if len(objects) >= 2 and unique:
-            rows.append({"image": row["images"][0], "object": unique[0]})
+            rows.append({"image": row["images"][0], "object": unique[0], "objects": objects})
         if limit is not None and len(rows) >= limit:
             break
     return rows
@@ -464,6 +464,9 @@ def readout_curve(
     return {
         "attribute": attribute, "train_images": len(train), "test_images": len(test),
         "majority": sum(row["object"][attribute] == majority for row in test) / len(test),
+        # A guess made uniformly among the attribute's values present in the scene: what seeing the image without
+        # finding the named object gets (100% for single-object scenes).
+        "present_guess": sum(1 / len({obj[attribute] for obj in row["objects"]}) for row in test) / len(test),
         "trainable_parameters": sum(p.numel() for group in groups for p in group["params"]), "reset": reset,
         "llm_lr": llm_lr, "standardized": bool(vlm.model.projectors.standardized), "scenes": scenes, "curve": curve,
     }
@@ -475,7 +478,8 @@ def format_readout(result: dict) -> str:
     lines = [
         f"Read-out probe: {result['attribute']}, {what} ({result['trainable_parameters']:,} parameters"
         f"{', freshly initialised' if result['reset'] else ''}; {standardized}), {result['train_images']} training / "
-        f"{result['test_images']} held-out {result.get('scenes', 'single')}-object images; majority {result['majority']:.1%}",
+        f"{result['test_images']} held-out {result.get('scenes', 'single')}-object images; majority {result['majority']:.1%}"
+        + (f"; a guess among the values present in the scene {result['present_guess']:.1%}" if "present_guess" in result else ""),
         "",
         "| step | held-out accuracy | training loss |",
         "|---:|---:|---:|",

@@ -105,6 +105,7 @@ def test_readout_with_llm_lr_trains_the_llm_too_at_its_own_rate(setup):
     adapters = sum(p.numel() for p in model.model.projectors.parameters())
     assert result["trainable_parameters"] == adapters + sum(p.numel() for p in llm.values())
     assert result["llm_lr"] == 1e-3 and "adapters and the LLM (LLM lr 0.001)" in format_readout(result)
+    assert result["present_guess"] == 1.0  # one object: its color is the only one present
 
 
 def test_reset_adapters_keeps_the_feature_standardisation(tiny_parts):
@@ -163,14 +164,20 @@ def test_multi_object_rows_name_an_object_by_its_unique_other_attribute(setup):
         assert len(rows) == len(eligible) > 0
         for row, objects in zip(rows, eligible):
             assert row["object"] in objects and sum(o[other] == row["object"][other] for o in objects) == 1
+            assert row["objects"] == objects
         assert len(multi_object_rows(world, 3, attribute)) == 3
 
 
 def test_readout_on_multi_object_scenes(setup, capsys):
+    import datasets
+
     result = main(["--readout", "--model", setup["vlm"], "--world", setup["world"], "--images", "20", "--steps", "2",
                    "--eval_every", "2", "--scenes", "multi"])
     assert result["scenes"] == "multi" and result["train_images"] + result["test_images"] == 20
-    assert "held-out multi-object images" in capsys.readouterr().out
+    held_out = multi_object_rows(datasets.load_from_disk(setup["world"])["train"], 20, "color")[-result["test_images"]:]
+    expected = sum(1 / len({o["color"] for o in row["objects"]}) for row in held_out) / len(held_out)
+    assert result["present_guess"] == pytest.approx(expected) and 0 < expected < 1
+    assert "held-out multi-object images" in capsys.readouterr().out and "values present in the scene" in format_readout(result)
     with pytest.raises(SystemExit):  # the linear probes pool whole images: single-object scenes only
         main(["--model", setup["vlm"], "--world", setup["world"], "--scenes", "multi"])
 
