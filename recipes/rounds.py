@@ -26,6 +26,7 @@ from trl import TrlParser
 
 from align.evaluation import scoreboard
 from align.pipeline import LAUNCHERS_HELP, RECIPES, Step, derived_step, run_step
+from align.world import CATEGORIES
 
 logger = logging.getLogger(__name__)
 TINY = RECIPES / "configs" / "tiny"
@@ -52,6 +53,11 @@ class RoundsArguments:
     )
     num_candidates: int | None = field(
         default=None, metadata={"help": "Override the rejection-sampling config's num_candidates (N)."}
+    )
+    categories: list[str] | None = field(
+        default=None,
+        metadata={"help": "Sample only questions of these categories (the policy's failure modes, e.g. count spatial), "
+                  "as Llama 3 aims each round's prompts at the capabilities that lag; default: the config's."},
     )
     sampled_weight: float = field(
         default=1.0, metadata={"help": "SFT mixture: weight of the rejection-sampled answers."}
@@ -94,6 +100,9 @@ class RoundsArguments:
         for name in ("rejection_sampling_config", "sft_config", "dpo_config", "evaluate_config"):
             if not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: {getattr(self, name)} does not exist")
+        unknown = set(self.categories or []) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"categories has unknown names {sorted(unknown)}; supported: {list(CATEGORIES)}")
         if self.initial_eval is not None and not Path(self.initial_eval).is_file():
             raise ValueError(f"initial_eval: {self.initial_eval} does not exist")
 
@@ -119,6 +128,8 @@ def sampling_step(args: RoundsArguments, number: int, policy: str) -> Step:
     }
     if args.num_candidates is not None:
         updates["num_candidates"] = args.num_candidates
+    if args.categories:
+        updates["categories"] = list(args.categories)
     if args.reward_model_name_or_path:
         updates["reward_model_name_or_path"] = args.reward_model_name_or_path
     return _step(args, run_dir, "rejection_sampling", "rejection_sampling.py", args.rejection_sampling_config, updates)

@@ -1,6 +1,8 @@
 """recipes/rounds.py end to end: one round (rejection sampling -> SFT on the kept answers mixed with the original
 data -> DPO on the new pairs -> evaluation) on tiny stage configs, every stage a real recipe in its own process."""
 
+import json
+
 import pytest
 import yaml
 
@@ -74,9 +76,33 @@ def test_one_round_on_tiny_configs(setup, tmp_path):
     assert again.stdout.count("done before, reusing") == 5
 
 
+def test_rounds_aim_sampling_at_categories(setup, tmp_path):
+    """`categories` reaches each round's rejection-sampling config, whose prompts are then only of those categories,
+    round r taking the r-th slice of them."""
+    rounds = load_recipe("rounds")
+    (args,) = rounds.make_parser().parse_dict({
+        "policy": setup["vlm"], "output_dir": str(tmp_path), "prompts_per_round": 5, "categories": ["count", "spatial"],
+        **{k: setup[k] for k in ("rejection_sampling_config", "sft_config", "dpo_config", "evaluate_config")},
+    })
+    sampling = load_recipe("rejection_sampling")
+    prompts = {}
+    for number in (1, 2):
+        step = rounds.sampling_step(args, number, setup["vlm"])
+        script_args, _ = sampling.make_parser().parse_args_and_config(["--config", str(step.config)])
+        assert script_args.categories == ["count", "spatial"] and script_args.prompt_offset == 5 * (number - 1)
+        prompts[number] = sampling.load_prompts(script_args, tmp_path / f"round{number}")
+    assert [len(p) for p in prompts.values()] == [5, 5]
+    assert {c for p in prompts.values() for c in p["category"]} <= {"count", "spatial"}
+    first, second = ([json.dumps(row["prompt"]) + row["image_id"] for row in p] for p in prompts.values())
+    assert not set(first) & set(second)
+
+
 def test_bad_settings_are_named(setup, tmp_path):
     path = tmp_path / "config.yaml"
-    for override, message in (({"rounds": 0}, "rounds must be >= 1"), ({"sft_config": "missing.yaml"}, "sft_config")):
+    for override, message in (
+        ({"rounds": 0}, "rounds must be >= 1"), ({"sft_config": "missing.yaml"}, "sft_config"),
+        ({"categories": ["count", "colour"]}, r"categories has unknown names \['colour'\]"),
+    ):
         path.write_text(yaml.safe_dump({"policy": setup["vlm"], "output_dir": str(tmp_path), **override}))
         with pytest.raises(ValueError, match=message):
             load_recipe("rounds").make_parser().parse_args_and_config(["--config", str(path)])
