@@ -115,6 +115,21 @@ def caption_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+AGAINST_SFT = "Against SFT alone, on the same questions"
+
+
+def paired_against_sft(run_dir: Path, rounds: dict) -> str:
+    """DPO and every round minus SFT, per category, paired on the held-out questions all of them answered: what the
+    rounds' required outcome (count and spatial above SFT alone, no category down by more than noise) is read from."""
+    from align.evaluation import PREDICTIONS, paired_difference, paired_table, read_predictions
+
+    sft = read_predictions(run_dir / "eval-sft" / PREDICTIONS)
+    others = {"DPO (LoRA)": run_dir / "eval-dpo"}
+    others.update({f"round {entry['round']}": run_dir / "rounds" / f"round{entry['round']}" / "eval" for entry in rounds["rounds"]})
+    table = paired_table({f"{name} − SFT": paired_difference(read_predictions(path / PREDICTIONS), sft) for name, path in others.items()})
+    return "Accuracy minus SFT's, in points (± the paired standard error):\n\n" + table
+
+
 def main(argv=None):
     from align.evaluation import scoreboard
     from align.report import load_log_history, write_report
@@ -156,10 +171,12 @@ def main(argv=None):
     print(sampling_table(results["rounds"]))
     print("\n## Scoreboard: held-out accuracy per category (seed 0)\n")
     print(scoreboard(board))
+    against_sft = paired_against_sft(run_dir, results["rounds"])
+    print(f"\n## {AGAINST_SFT}\n\n{against_sft}")
     heading = "Students of the final policy: distilled vs labels only, same steps (seed 0)"
     students = (run_dir / "students" / "students.md").read_text().rstrip()
     print(f"\n## {heading}\n\n{students}")
-    paths = write_report(run_dir, board, curves, sections={heading: students})
+    paths = write_report(run_dir, board, curves, sections={AGAINST_SFT: against_sft, heading: students})
     print(f"\nreport: {paths['report']} and {paths['plot']}")
     print(f"make demo finished in {time.time() - t0:.0f} s")
 

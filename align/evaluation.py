@@ -240,6 +240,55 @@ def score_answers(records: Sequence, predictions: Sequence[str]) -> dict:
     return result
 
 
+PREDICTIONS = "predictions.jsonl"  # what recipes/evaluate.py writes next to metrics.json, one row per question
+
+
+def read_predictions(path: str | os.PathLike) -> list[dict]:
+    """The rows of an evaluation's `predictions.jsonl` (`prediction_rows`); a bad line is an error naming it."""
+    rows = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                row = json.loads(line)
+                rows.append({**row, "correct": bool(row["correct"]), "key": (row.get("image_id"), row["question"])})
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{path}, line {number}: not a prediction row ({error})") from error
+    return rows
+
+
+def paired_difference(a: Sequence[dict], b: Sequence[dict]) -> dict:
+    """Accuracy of `a` minus accuracy of `b` on the same questions (prediction rows, matched by image and
+    question), with the standard error of the paired difference.
+
+    Two models scored on one question set are correlated: most questions both get right or both get wrong, so the
+    difference is far more certain than the two rows' own standard errors suggest, and this is the figure to
+    compare. With d_i = a_i - b_i in {-1, 0, 1} per question, se = sqrt((mean(d²) - mean(d)²) / n).
+
+    Returns:
+        `questions`, `difference`, `stderr`, `a_only` (questions only `a` gets right), `b_only`, and per category
+        `difference_<c>`, `stderr_<c>`, `questions_<c>`.
+    """
+    by_key = {row["key"]: row for row in b}
+    pairs = [(row, by_key[row["key"]]) for row in a if row["key"] in by_key]
+    if len(pairs) != len(a) or len(pairs) != len(b):
+        raise ValueError(f"the two evaluations are not on the same questions ({len(a)} and {len(b)}, {len(pairs)} shared)")
+
+    def compare(group: list[tuple[dict, dict]]) -> tuple[float, float, int, int]:
+        a_only = sum(x["correct"] and not y["correct"] for x, y in group)
+        b_only = sum(y["correct"] and not x["correct"] for x, y in group)
+        n = len(group)
+        mean = (a_only - b_only) / n
+        return mean, math.sqrt(max((a_only + b_only) / n - mean**2, 0.0) / n), a_only, b_only
+
+    difference, stderr, a_only, b_only = compare(pairs)
+    result = {"questions": len(pairs), "difference": difference, "stderr": stderr, "a_only": a_only, "b_only": b_only}
+    for category in dict.fromkeys(x["category"] for x, _ in pairs):
+        group = [(x, y) for x, y in pairs if x["category"] == category]
+        result[f"difference_{category}"], result[f"stderr_{category}"], _, _ = compare(group)
+        result[f"questions_{category}"] = len(group)
+    return result
+
+
 def prediction_rows(questions: Dataset, predictions: Sequence[str]) -> list[dict]:
     """One record per question for `predictions.jsonl`: question, answer, prediction, correct, category, image_id."""
     rows = []
@@ -508,7 +557,36 @@ def scoreboard(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(comparisons: dict[str, dict]) -> str:
+    """Markdown table of named `paired_difference` results: questions, the overall difference in points ± its paired
+    standard error, the questions only one side gets right, then the difference ± its standard error per category."""
+    if not comparisons:
+        raise ValueError("paired_table needs at least one comparison")
+    categories = []
+    for result in comparisons.values():
+        categories += [k.removeprefix("difference_") for k in result if k.startswith("difference_")]
+    categories = [c for c in CATEGORIES if c in categories] + sorted(set(categories) - set(CATEGORIES))
+    lines = [
+        "| comparison | questions | difference | only the first right | only the second right | "
+        + " | ".join(categories) + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(categories),
+    ]
+    for name, result in comparisons.items():
+        cells = [
+            f"{100 * result[f'difference_{c}']:+.1f} ± {100 * result[f'stderr_{c}']:.1f}" if f"difference_{c}" in result
+            else "–"
+            for c in categories
+        ]
+        overall = f"{100 * result['difference']:+.1f} ± {100 * result['stderr']:.1f}"
+        lines.append(
+            f"| {name} | {result['questions']} | {overall} | {result['a_only']} | {result['b_only']} | "
+            + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
 __all__ = [
+    "PREDICTIONS",
     "categories_of",
     "category_table",
     "decode_completions",
@@ -517,8 +595,11 @@ __all__ = [
     "is_adapter_dir",
     "load_eval_questions",
     "load_model_for_eval",
+    "paired_difference",
+    "paired_table",
     "prediction_rows",
     "question_rows",
+    "read_predictions",
     "score_answers",
     "scoreboard",
     "standard_error",

@@ -24,6 +24,7 @@ from accelerate.utils import gather_object
 from trl import ModelConfig, TrlParser, get_quantization_config
 
 from align.evaluation import (
+    PREDICTIONS,
     category_table,
     generate_answers,
     load_eval_questions,
@@ -152,7 +153,7 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
     metrics["model_name_or_path"] = model_args.model_name_or_path
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (output_dir / "eval_table.md").write_text(table + "\n")
-    with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+    with open(output_dir / PREDICTIONS, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     config = {"script_args": asdict(script_args), "model_args": asdict(model_args)}
     (output_dir / "eval_config.json").write_text(json.dumps(config, indent=2, default=str))

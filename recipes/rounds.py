@@ -14,7 +14,8 @@ Round r (1..R), with the round r-1 policy (round 0: `policy`):
 Each stage runs in its own process from a config derived from the stage's own YAML (`*_config`), written into the
 round's folder next to its output, so any step can be rerun by hand. A step whose output holds its `metrics.json`
 is skipped: a killed run continues where it stopped. Writes `output_dir/metrics.json` (every round's sampling
-statistics and held-out accuracy) and `output_dir/scoreboard.md`.
+statistics and held-out accuracy, and each round minus round 0 paired on the same questions) and
+`output_dir/scoreboard.md` (both as tables).
 """
 
 import json
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from align.evaluation import scoreboard
+from align.evaluation import PREDICTIONS, paired_difference, paired_table, read_predictions, scoreboard
 from align.pipeline import LAUNCHERS_HELP, RECIPES, Step, derived_step, run_step
 from align.world import CATEGORIES
 
@@ -218,6 +219,19 @@ def main(args: RoundsArguments) -> dict:
 
     # ----- save -------------------------------------------------------------------------------------------------
     board = scoreboard(results)
+    initial_predictions = (Path(args.initial_eval).parent if args.initial_eval else output_dir / "round0-eval") / PREDICTIONS
+    if initial_predictions.is_file():
+        start = read_predictions(initial_predictions)
+        summary["paired"] = {
+            f"round {entry['round']} − round 0": paired_difference(
+                read_predictions(output_dir / f"round{entry['round']}" / "eval" / PREDICTIONS), start
+            )
+            for entry in summary["rounds"]
+        }
+        board += "\n\nAccuracy minus round 0's, in points, on the same questions (± the paired standard error):\n\n"
+        board += paired_table(summary["paired"])
+    else:
+        logger.info("no %s next to the round-0 evaluation: no paired comparison with round 0", PREDICTIONS)
     summary["final_policy"] = policy
     summary["initial_eval"] = initial
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

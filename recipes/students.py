@@ -29,7 +29,14 @@ import datasets
 from transformers import AutoProcessor
 from trl import TrlParser
 
-from align.evaluation import is_adapter_dir, scoreboard
+from align.evaluation import (
+    PREDICTIONS,
+    is_adapter_dir,
+    paired_difference,
+    paired_table,
+    read_predictions,
+    scoreboard,
+)
 from align.pipeline import (
     LAUNCHERS_HELP,
     RECIPES,
@@ -198,6 +205,16 @@ def student_table(summary: dict) -> str:
     return "\n".join([header, rule, *rows])
 
 
+def comparison_table(summary: dict) -> str:
+    """Each student distilled minus the same student on the labels only, paired on the same held-out questions."""
+    table = paired_table({f"{name}: distilled − labels only": student["paired"] for name, student in summary["students"].items()})
+    questions = next(iter(summary["students"].values()))["paired"]["questions"]
+    return (
+        f"Distilled minus labels only, in points, on the same {questions} questions (± the paired standard error):\n\n"
+        + table
+    )
+
+
 def main(args: StudentsArguments) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not Path(args.teacher).is_dir():  # checked here, not at parsing, so configs parse before the teacher exists
@@ -248,11 +265,15 @@ def main(args: StudentsArguments) -> dict:
                 "sizes": entry.get("sizes"), "steps": entry["distilled"]["training"].get("global_step"),
                 "distilled": entry["distilled"]["eval"], "labels_only": entry["labels_only"]["eval"],
                 "distillation": entry["distilled"]["training"].get("distillation"),
+                "paired": paired_difference(
+                    read_predictions(entry["dir"] / "eval-distilled" / PREDICTIONS),
+                    read_predictions(entry["dir"] / "eval-labels-only" / PREDICTIONS),
+                ),
             }
             for name, entry in students.items()
         },
     }
-    table = student_table(summary)
+    table = student_table(summary) + "\n\n" + comparison_table(summary)
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     (output_dir / "students.md").write_text(table + "\n")
     print(table)

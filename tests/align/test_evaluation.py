@@ -19,7 +19,10 @@ from align.evaluation import (
     is_adapter_dir,
     load_eval_questions,
     load_model_for_eval,
+    paired_difference,
+    paired_table,
     question_rows,
+    read_predictions,
     score_answers,
     scoreboard,
     text_regression,
@@ -135,6 +138,58 @@ def test_score_answers_by_hand():
     assert metrics["accuracy_color"] == 0.0 and metrics["stderr_color"] == 0.0
     with pytest.raises(ValueError, match="3 predictions for 4"):
         score_answers(records, ["a", "b", "c"])
+
+
+def _prediction_file(path, correct, categories, shuffle=False):
+    rows = [
+        {"question": f"Q{i}?", "answer": "a", "prediction": "a" if ok else "b", "correct": ok, "category": c,
+         "image_id": f"test-{i // 2:06d}"}
+        for i, (ok, c) in enumerate(zip(correct, categories))
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in (rows[::-1] if shuffle else rows)))
+    return path
+
+
+def test_paired_difference_by_hand(tmp_path):
+    categories = ["count"] * 6 + ["spatial"] * 4
+    a = read_predictions(_prediction_file(tmp_path / "a.jsonl", [1, 1, 1, 0, 0, 1, 1, 1, 0, 0], categories))
+    # The same questions in another order: matched by image and question, not by line.
+    b = read_predictions(_prediction_file(tmp_path / "b.jsonl", [1, 0, 0, 0, 1, 1, 0, 1, 0, 0], categories, shuffle=True))
+    result = paired_difference(a, b)
+    # Only a right: questions 1, 2, 6; only b right: question 4. d = (0,1,1,0,-1,0,1,0,0,0).
+    assert (result["questions"], result["a_only"], result["b_only"]) == (10, 3, 1)
+    assert result["difference"] == pytest.approx(0.2)
+    assert result["stderr"] == pytest.approx(math.sqrt((4 / 10 - 0.2**2) / 10))
+    assert result["difference_count"] == pytest.approx(1 / 6) and result["questions_count"] == 6
+    assert result["stderr_count"] == pytest.approx(math.sqrt((3 / 6 - (1 / 6) ** 2) / 6))
+    assert result["difference_spatial"] == pytest.approx(0.25) and result["questions_spatial"] == 4
+    # Identical answers differ by exactly nothing.
+    assert paired_difference(a, a)["difference"] == 0.0 and paired_difference(a, a)["stderr"] == 0.0
+
+    table = paired_table({"A − B": result})
+    assert table.splitlines()[0].startswith("| comparison | questions | difference | only the first right |")
+    assert "| A − B | 10 | +20.0 ± 19.0 | 3 | 1 | +16.7 ± 28.1 | +25.0 ± 21.7 |" in table
+
+    with pytest.raises(ValueError, match="not on the same questions"):
+        paired_difference(a, b[:9])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "Q?", "correct": True}) + "\n{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl, line 2"):
+        read_predictions(bad)
+
+
+def test_demo_compares_dpo_and_rounds_with_sft(tmp_path):
+    from align.demo import paired_against_sft
+
+    categories = ["count", "spatial"] * 3
+    answers = {"eval-sft": [0, 0, 1, 0, 1, 1], "eval-dpo": [0, 1, 1, 0, 1, 1], "rounds/round1/eval": [1, 1, 1, 1, 0, 1]}
+    for folder, correct in answers.items():
+        (tmp_path / folder).mkdir(parents=True)
+        _prediction_file(tmp_path / folder / "predictions.jsonl", correct, categories)
+    table = paired_against_sft(tmp_path, {"rounds": [{"round": 1}]})
+    # DPO: one spatial question more; round 1: two spatial questions more, one count question more and one less.
+    assert "| DPO (LoRA) − SFT | 6 | +16.7 ± 15.2 | 1 | 0 | +0.0 ± 0.0 | +33.3 ± 27.2 |" in table
+    assert "| round 1 − SFT | 6 | +33.3 ± 30.4 | 3 | 1 | +0.0 ± 47.1 | +66.7 ± 27.2 |" in table
 
 
 def test_text_regression_is_exact_for_cross_attention_and_sees_drift(tiny_parts):

@@ -58,6 +58,11 @@ def test_one_round_on_tiny_configs(setup, tmp_path):
     assert round1["eval"]["total"] == 6 and summary["initial_eval"]["total"] == 6
     board = (out / "scoreboard.md").read_text()
     assert "| round 0 | 6 |" in board and "| round 1 | 6 |" in board
+    # Round 1 minus round 0 on the same questions.
+    paired = summary["paired"]["round 1 − round 0"]
+    assert paired["questions"] == 6
+    assert paired["a_only"] - paired["b_only"] == round1["eval"]["correct"] - summary["initial_eval"]["correct"]
+    assert "| round 1 − round 0 | 6 | " in board
 
     # The SFT mixed the kept answers with the original data; DPO trained on the round's pairs.
     sft_log = (out / "round1" / "sft.log").read_text()

@@ -81,6 +81,12 @@ def test_pruned_and_ternary_students_distilled_and_labels_only(setup, tmp_path):
                 "ternary (b1.58), labels only"):
         assert f"| {row} | " in table, row
     assert f"| pruned to 0.5, distilled | {pruned['parameters']['llm']:,} | " in table
+    # ... and each student distilled minus labels only, paired on the same questions.
+    for name in ("pruned to 0.5", "ternary (b1.58)"):
+        paired = summary["students"][name]["paired"]
+        right = {way: summary["students"][name][way]["correct"] for way in ("distilled", "labels_only")}
+        assert paired["questions"] == 6 and paired["a_only"] - paired["b_only"] == right["distilled"] - right["labels_only"]
+        assert f"| {name}: distilled − labels only | 6 | " in table
 
     # A second run reuses every finished step (4 trainings, 5 evaluations, the pruning).
     again = run_recipe("students.py", config, tmp_path, timeout=300)
