@@ -114,8 +114,15 @@ def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
         return (probe(test_x).argmax(-1) == test_y).float().mean().item()
 
 
-def _chat(processor, question: str, answer: str | None = None) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def _user_turn(question: str, question_first: bool = False) -> dict:
+    """The user message: the image, then the question (or the question first, which lets the visual tokens attend
+    to it in a causal LLM)."""
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    return {"role": "user", "content": content[::-1] if question_first else content}
+
+
+def _chat(processor, question: str, answer: str | None = None, question_first: bool = False) -> str:
+    messages = [_user_turn(question, question_first)]
     if answer is None:
         return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
@@ -146,9 +153,11 @@ def collect(model, processor, rows: list[dict], attribute: str, batch_size: int 
 
 
 @torch.no_grad()
-def closed_set_answer(model, processor, question: str, image, values: tuple[str, ...]) -> int:
+def closed_set_answer(
+    model, processor, question: str, image, values: tuple[str, ...], question_first: bool = False
+) -> int:
     """Index of the value whose answer (with the end-of-turn marker) the model finds most likely."""
-    texts = [_chat(processor, question, value) for value in values]
+    texts = [_chat(processor, question, value, question_first) for value in values]
     enc = processor(text=texts, images=[[image]] * len(values), return_tensors="pt", padding=True).to(model.device)
     logprobs = torch.log_softmax(model(**enc).logits[:, :-1].float(), dim=-1)
     targets, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:]
@@ -386,7 +395,7 @@ def reset_adapters(vlm) -> None:
 def readout_curve(
     vlm, processor, rows: list[dict], attribute: str, steps: int = 300, eval_every: int = 100, lr: float = 1e-3,
     batch_size: int = 16, holdout: float = 0.3, seed: int = 0, reset: bool = False, llm_lr: float | None = None,
-    scenes: str = "single",
+    scenes: str = "single", question_first: bool = False,
 ) -> dict:
     """Train only the adapters of `vlm` to answer the `attribute` question of the first `1 - holdout` share of
     `rows` (`single_object_rows`, or `multi_object_rows` with `scenes="multi"`: named in the result), and measure
@@ -434,8 +443,11 @@ def readout_curve(
 
     def accuracy() -> float:
         vlm.eval()
-        right = sum(values[closed_set_answer(vlm, processor, question(row), row["image"], values)] == row["object"][attribute]
-                    for row in test)
+        right = sum(
+            values[closed_set_answer(vlm, processor, question(row), row["image"], values, question_first)]
+            == row["object"][attribute]
+            for row in test
+        )
         return right / len(test)
 
     majority = Counter(row["object"][attribute] for row in train).most_common(1)[0][0]
@@ -445,7 +457,7 @@ def readout_curve(
         picks = torch.randint(len(train), (batch_size,), generator=order).tolist()
         examples = [
             {"images": [train[i]["image"]], "messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question(train[i])}]},
+                _user_turn(question(train[i]), question_first),
                 {"role": "assistant", "content": [{"type": "text", "text": train[i]["object"][attribute]}]},
             ]}
             for i in picks
@@ -468,7 +480,8 @@ def readout_curve(
         # finding the named object gets (100% for single-object scenes).
         "present_guess": sum(1 / len({obj[attribute] for obj in row["objects"]}) for row in test) / len(test),
         "trainable_parameters": sum(p.numel() for group in groups for p in group["params"]), "reset": reset,
-        "llm_lr": llm_lr, "standardized": bool(vlm.model.projectors.standardized), "scenes": scenes, "curve": curve,
+        "llm_lr": llm_lr, "standardized": bool(vlm.model.projectors.standardized), "scenes": scenes, "question_first": question_first,
+        "curve": curve,
     }
 
 
@@ -519,6 +532,9 @@ def main(argv=None) -> dict:
     readout.add_argument("--scenes", choices=("single", "multi"), default="single",
                          help="Ask about the object of single-object images, or about an object named by a unique "
                          "attribute in scenes of two or more (multi_object_rows).")
+    readout.add_argument("--question_first", action="store_true",
+                         help="Put the question before the image in the user turn, so the visual tokens can attend "
+                         "to it (the LLM is causal), instead of after it.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 < args.holdout < 1:
@@ -571,7 +587,7 @@ def main(argv=None) -> dict:
         result = {"model": args.model, **readout_curve(
             model, processor, rows, args.attribute, steps=args.steps, eval_every=args.eval_every, lr=args.lr,
             batch_size=args.batch_size, holdout=args.holdout, seed=args.seed, reset=args.reset_projector,
-            llm_lr=args.llm_lr, scenes=args.scenes,
+            llm_lr=args.llm_lr, scenes=args.scenes, question_first=args.question_first,
         )}
         print(format_readout(result))
     else:

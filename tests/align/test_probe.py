@@ -182,6 +182,21 @@ def test_readout_on_multi_object_scenes(setup, capsys):
         main(["--model", setup["vlm"], "--world", setup["world"], "--scenes", "multi"])
 
 
+def test_readout_with_the_question_before_the_image(setup, monkeypatch):
+    from align import probe
+
+    rendered = []
+    chat = probe._chat
+    monkeypatch.setattr(probe, "_chat", lambda *a, **k: rendered.append(chat(*a, **k)) or rendered[-1])
+    result = main(["--readout", "--model", setup["vlm"], "--world", setup["world"], "--images", "20", "--steps", "2",
+                   "--eval_every", "2", "--scenes", "multi", "--question_first"])
+    assert result["question_first"] is True
+    # Scored with the question first, as trained (the training turns go through `_user_turn` the same way).
+    assert rendered and all(text.index("?") < text.index("<image>") for text in rendered)
+    assert probe._user_turn("Q?", question_first=True)["content"] == [{"type": "text", "text": "Q?"}, {"type": "image"}]
+    assert probe._user_turn("Q?")["content"] == [{"type": "image"}, {"type": "text", "text": "Q?"}]
+
+
 class _CopyLM(torch.nn.Module):
     """A language model with a known answer: it predicts, with equal odds, any token already in its context."""
 
