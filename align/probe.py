@@ -405,8 +405,9 @@ def readout_curve(
 
     Returns:
         `attribute`, `train_images`, `test_images`, `majority` (the training majority's share of the held-out
-        answers), `trainable_parameters`, `reset`, and `curve`: `[{"step", "accuracy", "loss"}]` from step 0, where
-        `loss` is the mean training loss since the previous point (None at step 0).
+        answers), `trainable_parameters`, `reset`, and `curve`: `[{"step", "accuracy", "train_accuracy", "loss"}]`
+        from step 0, where `train_accuracy` is measured on as many training images as held-out ones (at most 200)
+        and `loss` is the mean training loss since the previous point (None at step 0).
     """
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
@@ -441,17 +442,21 @@ def readout_curve(
     collator = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True, chat_template=template)
     order = torch.Generator().manual_seed(seed)
 
-    def accuracy() -> float:
+    # As many training images as held-out ones (at most 200), scored the same way: a training accuracy far above
+    # the held-out one means the probe memorises its training scenes rather than learning to read.
+    seen = train[: min(len(test), 200)]
+
+    def accuracy(rows: list[dict]) -> float:
         vlm.eval()
         right = sum(
             values[closed_set_answer(vlm, processor, question(row), row["image"], values, question_first)]
             == row["object"][attribute]
-            for row in test
+            for row in rows
         )
-        return right / len(test)
+        return right / len(rows)
 
     majority = Counter(row["object"][attribute] for row in train).most_common(1)[0][0]
-    curve, losses = [{"step": 0, "accuracy": accuracy(), "loss": None}], []
+    curve, losses = [{"step": 0, "accuracy": accuracy(test), "train_accuracy": accuracy(seen), "loss": None}], []
     for step in range(1, steps + 1):
         vlm.train()
         picks = torch.randint(len(train), (batch_size,), generator=order).tolist()
@@ -469,8 +474,10 @@ def readout_curve(
         optimizer.zero_grad()
         losses.append(loss.item())
         if step % eval_every == 0 or step == steps:
-            curve.append({"step": step, "accuracy": accuracy(), "loss": sum(losses) / len(losses)})
-            logger.info("read-out step %d: held-out accuracy %.3f, loss %.3f", step, curve[-1]["accuracy"], curve[-1]["loss"])
+            curve.append({"step": step, "accuracy": accuracy(test), "train_accuracy": accuracy(seen),
+                          "loss": sum(losses) / len(losses)})
+            logger.info("read-out step %d: held-out accuracy %.3f, training accuracy %.3f, loss %.3f", step,
+                        curve[-1]["accuracy"], curve[-1]["train_accuracy"], curve[-1]["loss"])
             losses = []
     vlm.eval()
     return {
@@ -494,12 +501,13 @@ def format_readout(result: dict) -> str:
         f"{result['test_images']} held-out {result.get('scenes', 'single')}-object images; majority {result['majority']:.1%}"
         + (f"; a guess among the values present in the scene {result['present_guess']:.1%}" if "present_guess" in result else ""),
         "",
-        "| step | held-out accuracy | training loss |",
-        "|---:|---:|---:|",
+        "| step | held-out accuracy | training accuracy | training loss |",
+        "|---:|---:|---:|---:|",
     ]
     for point in result["curve"]:
         loss = "" if point["loss"] is None else f"{point['loss']:.3f}"
-        lines.append(f"| {point['step']} | {point['accuracy']:.1%} | {loss} |")
+        seen = "" if point.get("train_accuracy") is None else f"{point['train_accuracy']:.1%}"
+        lines.append(f"| {point['step']} | {point['accuracy']:.1%} | {seen} | {loss} |")
     return "\n".join(lines)
 
 

@@ -83,8 +83,11 @@ def test_readout_trains_only_the_adapters_and_the_answer_loss_falls(setup):
     assert result["curve"][2]["loss"] < result["curve"][1]["loss"]
     tests = result["test_images"]
     assert result["train_images"] + tests == len(rows)
+    seen = min(tests, 200)  # the training accuracy is on as many training images as held-out ones
     for point in result["curve"]:
         assert (point["accuracy"] * tests) == pytest.approx(round(point["accuracy"] * tests))
+        assert (point["train_accuracy"] * seen) == pytest.approx(round(point["train_accuracy"] * seen))
+    assert "| step | held-out accuracy | training accuracy | training loss |" in format_readout(result)
     assert result["trainable_parameters"] == sum(p.numel() for p in model.model.projectors.parameters())
     assert not any(parameter.requires_grad for parameter in model.model.language_model.parameters())
 
