@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -268,6 +269,10 @@ def paired_difference(a: Sequence[dict], b: Sequence[dict]) -> dict:
         `questions`, `difference`, `stderr`, `a_only` (questions only `a` gets right), `b_only`, and per category
         `difference_<c>`, `stderr_<c>`, `questions_<c>`.
     """
+    for name, rows in (("first", a), ("second", b)):
+        repeated = [key for key, n in Counter(row["key"] for row in rows).items() if n > 1]
+        if repeated:
+            raise ValueError(f"the {name} evaluation holds question {repeated[0]} more than once: cannot pair it")
     by_key = {row["key"]: row for row in b}
     pairs = [(row, by_key[row["key"]]) for row in a if row["key"] in by_key]
     if len(pairs) != len(a) or len(pairs) != len(b):

@@ -172,6 +172,8 @@ def test_paired_difference_by_hand(tmp_path):
 
     with pytest.raises(ValueError, match="not on the same questions"):
         paired_difference(a, b[:9])
+    with pytest.raises(ValueError, match="second evaluation holds question .* more than once"):
+        paired_difference(a, b[:9] + b[:1])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "Q?", "correct": True}) + "\n{not json\n")
     with pytest.raises(ValueError, match="bad.jsonl, line 2"):
