@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Features, Value, concatenate_datasets
 
+from align.paths import default_cache_dir
 from align.world import WorldConfig, question_category, record_for_question, verify
 from align.world.dataset import MESSAGES_FEATURE
 from align.world.verify import normalize
@@ -417,7 +418,6 @@ def load_captioned_images(path: str | Path | None = None, split: str = "train", 
     `n` rows when `n` is set; default: the zoo's shapes world."""
     import datasets
 
-    from align.zoo import default_cache_dir
 
     path = Path(path) if path else default_cache_dir() / "world"
     if not path.is_dir():

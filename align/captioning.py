@@ -11,6 +11,7 @@ with the shipped `caption_match` metric against the scene graphs, plus BLEU / RO
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import datasets
 import torch
@@ -18,8 +19,8 @@ from datasets import Dataset, DatasetDict
 
 from align.data import load_dataset_local
 from align.metrics import load_metric
-from align.world import caption_rows
-from align.zoo import default_cache_dir
+from align.paths import default_cache_dir
+from align.world import caption_rows, question_rows
 
 CAPTION_PROMPT = "Describe the image."
 CAPTION_STYLES = ("short", "detailed")
@@ -61,17 +62,32 @@ def load_training_pairs(
     style: str = "short",
     limit: int | None = None,
     rejects_path: str | os.PathLike | None = None,
+    questions: Sequence[str] = (),
+    question_turns: int = 4,
+    seed: int = 0,
 ) -> Dataset:
     """The image-caption rows of adapter pretraining: the world's captions of `split` by default, or any dataset in
     TRL's internal format (`images` + `messages`) saved with `save_to_disk` at `dataset_path` (a `Dataset`, or a
     `DatasetDict` and its `split`), or a data file in one of `align.data.FORMATS` (TRL JSON/JSONL, LLaVA-Instruct,
     ShareGPT), converted on load; rows refused by the conversion are listed in `rejects_path`. `limit` keeps the
-    first rows."""
+    first rows (images, for the world).
+
+    With `questions` (world categories, e.g. `CATEGORIES`), the world's captions come with every question of those
+    categories about the same images (`align.world.question_rows`, conversations of up to `question_turns` turns),
+    shuffled with `seed`: grounded pretraining, where the LLM trains too and learns to answer from the visual tokens
+    (a second stage after adapter pretraining, as Llama 3.2's annealing on grounded data)."""
     if dataset_path is None:
         world = load_world(world_path)
         if split not in world:
             raise ValueError(f"the world has no split {split!r}; it has {list(world)}")
-        return caption_training_rows(world[split], style=style, limit=limit)
+        captions = caption_training_rows(world[split], style=style, limit=limit)
+        if not questions:
+            return captions
+        images = world[split] if limit is None else world[split].select(range(min(limit, len(world[split]))))
+        answered = question_rows(images, categories=questions, max_turns=question_turns)
+        return datasets.concatenate_datasets([captions, answered.select_columns(["images", "messages"])]).shuffle(seed=seed)
+    if questions:
+        raise ValueError("questions are drawn from the shapes world: give no dataset_path with them")
     if os.path.isfile(dataset_path):
         dataset, _ = load_dataset_local(dataset_path, kind="sft", rejects_path=rejects_path)
         return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from align.paths import REPO_ROOT
 from align.pipeline import (
     LAUNCHERS_HELP,
     RECIPES,
@@ -38,7 +39,7 @@ from align.pipeline import (
     start_forkserver,
     threads_per_job,
 )
-from align.zoo import REPO_ROOT, ZooConfig, build_zoo, format_quality
+from align.zoo import ZooConfig, build_zoo, format_quality
 
 CONFIGS = RECIPES / "configs" / "tiny"
 

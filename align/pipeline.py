@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from align.zoo import REPO_ROOT
+from align.paths import REPO_ROOT
 
 RECIPES = REPO_ROOT / "recipes"
 LAUNCHERS_HELP = (

@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from align.evaluation import load_model_for_eval
+from align.paths import default_cache_dir
 from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
 
 logger = logging.getLogger(__name__)
@@ -153,16 +154,34 @@ def collect(model, processor, rows: list[dict], attribute: str, batch_size: int 
 
 
 @torch.no_grad()
+def closed_set_scores(
+    model, processor, question: str, image, values: tuple[str, ...], question_first: bool = False
+) -> torch.Tensor:
+    """Log-likelihood of each value's answer (with the end-of-turn marker) after the question, `[len(values)]`.
+
+    Only the answer's tokens are scored, after the prompt all candidates share, in a right-padded batch. Summing over
+    the whole left-padded sequence instead, as this probe did before, also scored the first real token (`<s>`)
+    from a padding position in every candidate that needed padding: a penalty of several nats on the shorter
+    answers ("red", "green") that decided many closed-set answers by their length.
+    """
+    prompt = processor(text=[_chat(processor, question, None, question_first)], images=[[image]], return_tensors="pt")
+    start = prompt["input_ids"].shape[1]
+    texts = [_chat(processor, question, value, question_first) for value in values]
+    enc = processor(
+        text=texts, images=[[image]] * len(values), return_tensors="pt", padding=True, padding_side="right"
+    ).to(model.device)
+    if not bool((enc["input_ids"][:, :start] == prompt["input_ids"].to(model.device)).all()):
+        raise ValueError(f"the answers to {question!r} do not tokenize as continuations of its prompt")
+    logprobs = torch.log_softmax(model(**enc).logits[:, start - 1 : -1].float(), dim=-1)
+    targets, mask = enc["input_ids"][:, start:], enc["attention_mask"][:, start:]
+    return (logprobs.gather(-1, targets[..., None])[..., 0] * mask).sum(1).cpu()
+
+
 def closed_set_answer(
     model, processor, question: str, image, values: tuple[str, ...], question_first: bool = False
 ) -> int:
-    """Index of the value whose answer (with the end-of-turn marker) the model finds most likely."""
-    texts = [_chat(processor, question, value, question_first) for value in values]
-    enc = processor(text=texts, images=[[image]] * len(values), return_tensors="pt", padding=True).to(model.device)
-    logprobs = torch.log_softmax(model(**enc).logits[:, :-1].float(), dim=-1)
-    targets, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:]
-    scores = (logprobs.gather(-1, targets[..., None])[..., 0] * mask).sum(1)
-    return int(scores.argmax())
+    """Index of the value whose answer the model finds most likely (`closed_set_scores`)."""
+    return int(closed_set_scores(model, processor, question, image, values, question_first).argmax())
 
 
 def probe_model(model, processor, rows: list[dict], attribute: str, holdout: float = 0.3, seed: int = 0) -> dict:
@@ -560,7 +579,6 @@ def main(argv=None) -> dict:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     split = args.split or ("test" if args.llm else "train")
 
-    from align.zoo import default_cache_dir
 
     world_path = args.world or str(default_cache_dir() / "world")
     if not Path(world_path).is_dir():

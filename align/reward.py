@@ -35,6 +35,7 @@ from trl import ModelConfig, RewardConfig
 from trl.trainer.utils import disable_dropout_in_model
 
 from align.data import load_dataset_local, validate_rows, world_preference_rows
+from align.paths import default_cache_dir
 from align.sft import WorldDataArguments
 from align.training import (
     _is_adapter_dir,
@@ -162,7 +163,6 @@ class VLMRewardConfig(RewardConfig):
 def _world(args: WorldDataArguments) -> datasets.DatasetDict:
     path = Path(args.world_path) if args.world_path else None
     if path is None:
-        from align.zoo import default_cache_dir
 
         path = default_cache_dir() / "world"
     if not path.is_dir():

@@ -14,8 +14,8 @@ from datasets import Dataset
 
 from align.data import RejectReport, build_mixture, refusal_rows, validate_rows, world_sft_rows
 from align.data.mixture import MixtureConfig, mixture_counts, sample_indices
+from align.paths import default_cache_dir
 from align.world import caption_rows
-from align.zoo import default_cache_dir
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import datasets
 import torch
 from transformers import AutoTokenizer, HfArgumentParser, LlamaForCausalLM, SiglipModel
 
+from align.paths import default_cache_dir
 from align.world import SIZES, Scene, WorldConfig, build_world, object_documents, text_corpus
 from model.parts import (
     LlamaPartConfig,
@@ -39,13 +39,8 @@ from model.tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "zoo_manifest.json"
 PARTS = ("world", "tokenizer", "siglip", "llama")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("VLM_ALIGN_CACHE", REPO_ROOT / ".cache" / "zoo"))
 
 
 @dataclass

@@ -29,7 +29,8 @@ from trl import SFTConfig, SFTTrainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align.captioning import caption_training_rows, load_world  # noqa: E402
-from align.zoo import ZooConfig, build_zoo, default_cache_dir, read_manifest  # noqa: E402
+from align.paths import default_cache_dir  # noqa: E402
+from align.zoo import ZooConfig, build_zoo, read_manifest  # noqa: E402
 from model import freeze_for_stage  # noqa: E402
 from model.pretrain import load_or_build_vlm, prepare_stage_data  # noqa: E402
 

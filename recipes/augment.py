@@ -29,8 +29,8 @@ from align.augment import (
     needs_reward_model,
     reward_score_fn,
 )
+from align.paths import default_cache_dir
 from align.runs import save_metrics, save_resolved_config
-from align.zoo import default_cache_dir
 
 logger = logging.getLogger(__name__)
 CONFIG_HEADER = "Resolved settings of this run; rerun with: python recipes/augment.py --config <this file>"

@@ -34,7 +34,8 @@ from align.evaluation import (
     text_regression,
     text_regression_table,
 )
-from align.zoo import default_cache_dir, lm_documents
+from align.paths import default_cache_dir
+from align.zoo import lm_documents
 
 logger = logging.getLogger(__name__)
 

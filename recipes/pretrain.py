@@ -29,6 +29,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from align.captioning import CAPTION_STYLES, evaluate_captions, load_training_pairs, load_world
 from align.training import resolve_checkpoint, run_metrics, setup_logging, write_outputs
+from align.world import CATEGORIES
 from model import FUSIONS, PROJECTORS, STAGES, freeze_for_stage
 from model.pretrain import (
     FEATURE_CACHE_MODES,
@@ -97,10 +98,17 @@ class PretrainScriptArguments:
                   "(converted on load; refused rows in rejects_conversion.jsonl)."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of the world or dataset to train on."})
-    train_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only."})
+    train_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only (of the world: its first N images)."})
     caption_style: str = field(
         default="short", metadata={"help": f"World captions to train on: {list(CAPTION_STYLES)}."}
     )
+    world_questions: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Grounded pretraining: also train on every question of these world categories about the same "
+                  f"images (conversations of up to question_turns turns), next to the captions; any of {list(CATEGORIES)}. "
+                  "Empty: captions only.", "nargs": "*"},
+    )
+    question_turns: int = field(default=4, metadata={"help": "Question-answer turns per conversation of world_questions."})
     eval_captions: int = field(
         default=0,
         metadata={"help": "Caption this many held-out world images before and after training and write the "
@@ -133,6 +141,13 @@ class PretrainScriptArguments:
             raise ValueError(f"caption_style must be one of {list(CAPTION_STYLES)}, got {self.caption_style!r}")
         if self.train_samples is not None and self.train_samples <= 0:
             raise ValueError(f"train_samples must be positive or unset, got {self.train_samples}")
+        unknown = set(self.world_questions) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"world_questions has unknown categories {sorted(unknown)}; supported: {list(CATEGORIES)}")
+        if self.world_questions and self.dataset_path is not None:
+            raise ValueError("world_questions come from the shapes world: leave dataset_path unset to use them")
+        if self.question_turns < 1:
+            raise ValueError(f"question_turns must be >= 1, got {self.question_turns}")
         if self.eval_captions < 0:
             raise ValueError(f"eval_captions must be >= 0 (0 skips the evaluation), got {self.eval_captions}")
 
@@ -176,6 +191,7 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
         script_args.world_path, script_args.dataset_path, script_args.dataset_split,
         script_args.caption_style, script_args.train_samples,
         rejects_path=os.path.join(training_args.output_dir, "rejects_conversion.jsonl"),
+        questions=script_args.world_questions, question_turns=script_args.question_turns, seed=training_args.seed,
     )
     with training_args.main_process_first(desc="checking the images and caching their vision features"):
         data = prepare_stage_data(

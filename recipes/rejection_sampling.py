@@ -29,6 +29,7 @@ from trl import ModelConfig, TrlParser, get_quantization_config
 
 from align.data import load_dataset_local
 from align.evaluation import load_eval_questions, load_model_for_eval
+from align.paths import default_cache_dir
 from align.rejection_sampling import (
     SamplingSettings,
     build_datasets,
@@ -38,7 +39,6 @@ from align.rejection_sampling import (
 )
 from align.scoring import SCORERS, RewardModelScorer, VerifierScorer, WeightedScorer
 from align.world import CATEGORIES
-from align.zoo import default_cache_dir
 
 logger = logging.getLogger(__name__)
 

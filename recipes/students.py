@@ -37,6 +37,7 @@ from align.evaluation import (
     read_predictions,
     scoreboard,
 )
+from align.paths import default_cache_dir
 from align.pipeline import (
     LAUNCHERS_HELP,
     RECIPES,
@@ -47,7 +48,7 @@ from align.pipeline import (
     threads_per_job,
 )
 from align.training import merged_base
-from align.zoo import default_cache_dir, lm_documents
+from align.zoo import lm_documents
 from model.prune import PLAN_FILE, PruneArguments, load_teacher, parameter_counts
 from model.prune import main as prune_main
 

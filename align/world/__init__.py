@@ -1,7 +1,7 @@
 """The shapes world: procedural images with a scene graph, captions, checkable questions and a verifier.
 
 Small enough to train and evaluate tiny VLMs on a CPU, with answers that are right or wrong beyond
-doubt. `build_world` writes the dataset; `caption_rows`, `prompt_rows` and `text_corpus` derive the
+doubt. `build_world` writes the dataset; `caption_rows`, `question_rows`, `prompt_rows` and `text_corpus` derive the
 views each training stage needs; `verify` scores a free-text answer against a question record, and
 `record_for_question` turns a free-text question in the world's grammar into one.
 """
@@ -15,6 +15,7 @@ from .dataset import (
     make_example,
     object_documents,
     prompt_rows,
+    question_rows,
     text_corpus,
 )
 from .language import (
@@ -66,6 +67,7 @@ __all__ = [
     "object_documents",
     "prompt_rows",
     "question_category",
+    "question_rows",
     "record_for_question",
     "relation_holds",
     "render",

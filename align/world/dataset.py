@@ -15,6 +15,7 @@ from .language import (
     COLOR_TEMPLATES,
     SHAPE_TEMPLATES,
     caption_messages,
+    conversation_messages,
     make_captions,
     make_conversation,
     make_questions,
@@ -123,6 +124,34 @@ def caption_rows(ds: Dataset, detailed: bool = True) -> Dataset:
     features = Features({"messages": MESSAGES_FEATURE, "caption": Value("string"), "scene": Value("string")})
     columns = {"messages": messages, "caption": list(captions), "scene": list(ds["scene"])}
     return _with_columns(ds.select_columns(["images"]), None, columns, features)
+
+
+@_per_split
+def question_rows(ds: Dataset, categories: Iterable[str] | None = None, max_turns: int = 4) -> Dataset:
+    """Every question of every image as conversations: `images`, `messages`, `image_id`.
+
+    Each image's questions of `categories` (default: all) are shuffled (seeded by the image id) and cut into
+    conversations of at most `max_turns` question-answer turns, the image in the first user turn, answered with the
+    short canonical answers. Where `messages` holds one 2-4 turn conversation per image, this view uses all of its
+    6-12 questions: the grounded data of a second pretraining stage, which needs many more answered questions per
+    image than the conversations give.
+    """
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    wanted = set(CATEGORIES if categories is None else categories)
+    unknown = wanted - set(CATEGORIES)
+    if unknown:
+        raise ValueError(f"categories has unknown names {sorted(unknown)}; supported: {list(CATEGORIES)}")
+    indices, conversations, ids = [], [], []
+    for row, (image_id, questions) in enumerate(zip(ds["image_id"], ds["questions"])):
+        records = [record for record in json.loads(questions) if record["category"] in wanted]
+        random.Random(f"questions:{image_id}").shuffle(records)
+        for start in range(0, len(records), max_turns):
+            indices.append(row)
+            conversations.append(conversation_messages(records[start : start + max_turns]))
+            ids.append(image_id)
+    features = Features({"messages": MESSAGES_FEATURE, "image_id": Value("string")})
+    return _with_columns(ds.select_columns(["images"]), indices, {"messages": conversations, "image_id": ids}, features)
 
 
 @_per_split

@@ -384,8 +384,14 @@ def make_conversation(
             categories.add(record["category"])
     picked += [r for r in shuffled if r not in picked][: n - len(picked)]
     picked.sort(key=shuffled.index)
+    return conversation_messages(picked)
+
+
+def conversation_messages(records: list[dict]) -> list[dict]:
+    """The question records as turns of one conversation, the image in the first user turn, each answered with its
+    short canonical answer."""
     messages = []
-    for turn, record in enumerate(picked):
+    for turn, record in enumerate(records):
         content = [IMAGE_ITEM.copy(), _text(record["question"])] if turn == 0 else [_text(record["question"])]
         messages.append({"role": "user", "content": content})
         messages.append({"role": "assistant", "content": [_text(record["answer"])]})

@@ -22,8 +22,8 @@ from align.augment import (
 )
 from align.data import load_dataset_local
 from align.data.mixture import MixtureConfig, build_mixture
+from align.paths import default_cache_dir
 from align.world import REFUSAL, Scene, SceneObject, WorldConfig, generate_split, record_for_question, verify
-from align.zoo import default_cache_dir
 
 # ---------------------------------------------------------------------------------------------------------------
 # Parsing

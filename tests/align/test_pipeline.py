@@ -77,7 +77,7 @@ if __name__ == "__main__":
 
 
 def test_forkserver_launcher_runs_the_recipe_as_main_with_its_log_threads_and_environment(tmp_path, monkeypatch):
-    from align.zoo import REPO_ROOT
+    from align.paths import REPO_ROOT
 
     start_forkserver()  # as make demo does before building the parts; the steps below then use that server
     script = tmp_path / "recipe.py"

@@ -330,3 +330,31 @@ def test_encoder_probe_command(setup, tiny_parts, tmp_path, capsys):
         main(["--encoder", str(tmp_path / "missing"), "--world", setup["world"]])
     with pytest.raises(SystemExit):
         main(["--encoder", tiny_parts["siglip"], "--world", setup["world"], "--readout"])
+
+
+def test_closed_set_answer_scores_each_answer_as_if_alone(setup):
+    """The closed-set answer is the value whose answer tokens are most likely after the shared prompt, whatever the
+    padding its batch needs: scored one by one, unpadded, the same value wins. (Scoring the whole left-padded
+    sequence penalised the shorter answers by the log-probability of `<s>` after a pad token.)"""
+    import datasets
+
+    from align.evaluation import load_model_for_eval
+    from align.probe import _chat, closed_set_answer, closed_set_scores
+
+    model, processor = load_model_for_eval(setup["vlm"])
+    rows = single_object_rows(datasets.load_from_disk(setup["world"])["train"], 6)
+    values = VALUES["color"]
+    lengths = {len(processor(text=[_chat(processor, "What color is the circle?", v)], images=[[rows[0]["image"]]])["input_ids"][0]) for v in values}
+    assert len(lengths) > 1, "the test needs answers of different token lengths, so the batch is padded"
+    for row in rows:
+        question = f"What color is the {row['object']['shape']}?"
+        prompt_length = processor(text=[_chat(processor, question)], images=[[row["image"]]], return_tensors="pt")["input_ids"].shape[1]
+        alone = []
+        for value in values:
+            enc = processor(text=[_chat(processor, question, value)], images=[[row["image"]]], return_tensors="pt")
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(**enc).logits[0, prompt_length - 1 : -1].float(), dim=-1)
+            alone.append(logprobs.gather(-1, enc["input_ids"][0, prompt_length:, None]).sum().item())
+        scores = closed_set_scores(model, processor, question, row["image"], values)
+        assert scores.tolist() == pytest.approx(alone, abs=1e-4)
+        assert closed_set_answer(model, processor, question, row["image"], values) == max(range(len(values)), key=alone.__getitem__)

@@ -20,6 +20,7 @@ from align.world import (
     make_example,
     object_documents,
     prompt_rows,
+    question_rows,
     record_for_question,
     render,
     text_corpus,
@@ -104,6 +105,32 @@ def test_prompt_rows(world):
         prompt_rows(ds, categories=["colour"])
     per_split = prompt_rows(world)
     assert isinstance(per_split, datasets.DatasetDict) and len(per_split["test"]) == total
+
+
+def test_question_rows_hold_every_question_once_as_conversations(world):
+    ds = world["train"]
+    rows = question_rows(ds, max_turns=3)
+    assert rows.column_names == ["images", "messages", "image_id"]
+    images = {row["image_id"]: row["images"][0].tobytes() for row in ds}
+    asked = {}
+    for row in rows:
+        messages = row["messages"]
+        assert 2 <= len(messages) <= 6 and is_conversational(row)
+        assert messages[0]["content"][0] == {"type": "image", "text": None}
+        assert all(item["type"] == "text" for message in messages[1:] for item in message["content"])
+        assert row["images"][0].tobytes() == images[row["image_id"]]
+        for user, assistant in zip(messages[::2], messages[1::2]):
+            asked.setdefault(row["image_id"], []).append((user["content"][-1]["text"], assistant["content"][0]["text"]))
+    for image_id, questions in zip(ds["image_id"], ds["questions"]):
+        records = json.loads(questions)
+        assert sorted(asked[image_id]) == sorted((r["question"], r["answer"]) for r in records)
+    only = question_rows(ds, categories=["count"])
+    assert len(only) == sum(any(json.loads(q)[i]["category"] == "count" for i in range(len(json.loads(q)))) for q in ds["questions"])
+    assert question_rows(ds, max_turns=3)["messages"] == rows["messages"]  # seeded by the image id
+    with pytest.raises(ValueError, match="categories"):
+        question_rows(ds, categories=["colour"])
+    with pytest.raises(ValueError, match="max_turns"):
+        question_rows(ds, max_turns=0)
 
 
 def test_caption_rows(world):

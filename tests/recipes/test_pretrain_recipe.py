@@ -203,6 +203,35 @@ def test_stages_run_as_successive_invocations(setup):
     assert torch.equal(stats[0][0], stats[1][0]) and stats[0][2] == stats[1][2] > 0
 
 
+def test_grounded_stage_trains_the_llm_on_captions_and_questions(setup, prepend_run):
+    """A second stage from stage 1's output (`finetune`: adapters and LLM), on the world's captions and every question
+    of the chosen categories about the same images; the towers stay frozen and read from the cache."""
+    output_dir = setup["root"] / "grounded"
+    metrics, log = run_recipe(
+        setup, "pretrain.yaml", output_dir, "--stage", "finetune", "--model_name_or_path", str(prepend_run[0]),
+        "--world_questions", "color", "count", "--max_steps", "2",
+    )
+    import datasets
+
+    from align.world import question_rows
+
+    world = datasets.load_from_disk(setup["world"])["train"].select(range(8))
+    expected = 8 + len(question_rows(world, categories=["color", "count"]))
+    assert metrics["rows"]["train"] == expected and metrics["data"]["feature_cache"]
+    llm = "model.language_model.layers.0.mlp.up_proj.weight"
+    before, after = (AutoModelForImageTextToText.from_pretrained(p).state_dict()[llm] for p in (prepend_run[0], output_dir))
+    assert not torch.equal(before, after)
+
+
+def test_the_recipe_names_bad_world_questions():
+    parser = load_recipe("pretrain").make_parser()
+    config = ["--config", str(REPO / "recipes/configs/tiny/pretrain.yaml")]
+    with pytest.raises(ValueError, match="unknown categories \\['colour'\\]"):
+        parser.parse_args_and_config([*config, "--world_questions", "colour"])
+    with pytest.raises(ValueError, match="leave dataset_path unset"):
+        parser.parse_args_and_config([*config, "--world_questions", "count", "--dataset_path", "x"])
+
+
 def test_the_recipe_refuses_the_cache_for_a_stage_that_trains_the_towers():
     parser = load_recipe("pretrain").make_parser()
     argv = ["--config", str(REPO / "recipes/configs/tiny/pretrain.yaml"), "--stage", "prealign"]
