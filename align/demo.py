@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from align.paths import REPO_ROOT
+from align.paths import REPO_ROOT, default_cache_dir
 from align.pipeline import (
     LAUNCHERS_HELP,
     RECIPES,
@@ -46,20 +46,23 @@ CONFIGS = RECIPES / "configs" / "tiny"
 
 def pipeline(run_dir: Path, eval_questions: int, force: bool = False, launcher: str = "forkserver") -> list[list[Step]]:
     """The default pipeline as groups of independent steps; a group starts when the groups before it are done, and
-    its steps run side by side (two at a time, one CPU thread each: `align.pipeline.run_parallel`)."""
+    its steps run side by side (two at a time, one CPU thread each: `align.pipeline.run_parallel`).
+
+    Post-training starts from the zoo's base VLM (`base`: stage 1, then grounded pretraining, shipped with the
+    package); the two short stage-1 runs show adapter pretraining on both fusions (their caption figures)."""
     evaluate = {"num_questions": eval_questions}
+    base = default_cache_dir() / "base"
     return [
-        # Fewer steps (stage 1: 200 each; SFT and DPO: 100) and DPO pairs than the tiny configs, to keep make demo
-        # within 15 minutes. Stage 1 fills the vision-feature cache; the cross-attention run then reads the same
-        # features (one writer).
+        # Stage 1 fills the vision-feature cache; the cross-attention run then reads the same features (one writer).
         [Step("stage1-prepend", "pretrain.py", CONFIGS / "pretrain.yaml", {"max_steps": 200})],
         [
-            Step("sft", "sft.py", CONFIGS / "sft.yaml", {"model_name_or_path": run_dir / "stage1-prepend", "max_steps": 100}),
+            Step("sft", "sft.py", CONFIGS / "sft.yaml", {"model_name_or_path": base, "max_steps": 100}),
             Step("stage1-cross_attention", "pretrain.py", CONFIGS / "pretrain_cross_attention.yaml", {"max_steps": 200}),
         ],
         [
             Step("dpo", "dpo.py", CONFIGS / "dpo.yaml", {"model_name_or_path": run_dir / "sft", "max_steps": 100, "world_images": 100}),
-            Step("eval-stage1", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "stage1-prepend", **evaluate}),
+            Step("reward", "reward.py", CONFIGS / "reward.yaml", {"model_name_or_path": run_dir / "sft"}),
+            Step("eval-base", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": base, **evaluate}),
             Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", **evaluate}),
         ],
         [Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", **evaluate})],
@@ -160,9 +163,9 @@ def main(argv=None):
 
     print("\n## Stage 1: captioning held-out images\n")
     print(caption_table({"prepend": results["stage1-prepend"], "cross-attention": results["stage1-cross_attention"]}))
-    board = {"stage 1": results["eval-stage1"], "SFT (LoRA)": results["eval-sft"], "DPO (LoRA)": results["eval-dpo"]}
+    board = {"base": results["eval-base"], "SFT (LoRA)": results["eval-sft"], "DPO (LoRA)": results["eval-dpo"]}
     curves = {
-        "stage 1": load_log_history(run_dir / "stage1-prepend"),
+        "stage 1 (prepend)": load_log_history(run_dir / "stage1-prepend"),
         "SFT (LoRA)": load_log_history(run_dir / "sft"),
         "DPO (LoRA)": load_log_history(run_dir / "dpo"),
     }

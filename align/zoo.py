@@ -1,29 +1,50 @@
-"""Build the embedded default: the shapes world, a tokenizer, and tiny pretrained parts.
+"""Build the embedded default: the shapes world, a tokenizer, tiny pretrained parts and a base VLM that sees.
 
-    python -m align.zoo                      # builds into .cache/zoo (or $VLM_ALIGN_CACHE)
-    python -m align.zoo --cache_dir DIR --force
+    python -m align.zoo                      # installs the shipped parts into .cache/zoo (or $VLM_ALIGN_CACHE)
+    python -m align.zoo --force              # trains every part here instead (about an hour on 2 CPU cores)
+    python -m align.zoo --force --ship       # ... and ships the result (maintainers, after changing a part's code)
 
 Each part is written to its own folder as an ordinary Hugging Face checkpoint and marked valid by a
 manifest written last, so a killed build redoes only the unfinished part and a rerun skips what is
-built. The quality figures (encoder retrieval, LM perplexity, each against a random-init twin) are
-printed and saved to `quality.json`.
+built. A part's fingerprint covers its settings, the fingerprints of the parts it is built from and the code that
+builds it (`code_fingerprint`: parsed code, so comments and docstrings do not count). The parts are shipped with
+the package (`align/default_parts/`, safetensors with a manifest of checksums); a part whose shipped fingerprint
+matches this code and these settings is installed from there instead of trained, any other is trained here.
+
+The parts: `world` (generated, never shipped: it takes seconds), `tokenizer`, `siglip`, `llama`, and `base`, a
+prepend-fusion VLM from SigLIP and the LLM through the two pretraining stages a real VLM goes through, each a run of
+`recipes/pretrain.py`: adapter pretraining on captions with the LLM frozen (`recipes/configs/tiny/pretrain.yaml`),
+then grounded pretraining, the LLM training too, on the captions and every question of the world's training
+images (`recipes/configs/tiny/pretrain_grounded.yaml`, as Llama 3.2's annealing on grounded data). Post-training
+starts from `base`. The quality figures (encoder retrieval and object probe, LM perplexity, each against a
+random-init twin; the base VLM's held-out accuracy per question category) are printed and saved to
+`quality.json`.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
+import inspect
 import json
 import logging
+import platform
 import shutil
+import textwrap
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import datasets
 import torch
+import transformers
+import trl
+import yaml
 from transformers import AutoTokenizer, HfArgumentParser, LlamaForCausalLM, SiglipModel
 
-from align.paths import default_cache_dir
+from align.paths import REPO_ROOT, SHIPPED_PARTS, default_cache_dir
+from align.pipeline import RECIPES, Step, run_step
 from align.world import SIZES, Scene, WorldConfig, build_world, object_documents, text_corpus
 from model.parts import (
     LlamaPartConfig,
@@ -40,7 +61,19 @@ from model.tokenizer import train_tokenizer
 logger = logging.getLogger(__name__)
 
 MANIFEST = "zoo_manifest.json"
-PARTS = ("world", "tokenizer", "siglip", "llama")
+PARTS = ("world", "tokenizer", "siglip", "llama", "base")
+SHIPPED = ("tokenizer", "siglip", "llama", "base")  # the world is generated in seconds; the rest is shipped
+# The code each part is built by: modules (dotted), repository files (paths) or single functions ("module:name").
+WORLD_CODE = ("align.world.scene", "align.world.render", "align.world.language", "align.world.dataset")
+TOKENIZER_CODE = ("model.tokenizer", "align.zoo:tokenizer_documents")
+SIGLIP_CODE = ("model.parts", "align.zoo:object_patch_labels", "align.probe:object_patch")
+LLAMA_CODE = ("model.parts", "align.zoo:lm_documents")
+BASE_CODE = (
+    "model.build", "model.chat_template", "model.configuration_vlm", "model.cross_attention", "model.feature_cache",
+    "model.modeling_vlm", "model.pretrain", "model.processing_vlm", "model.projectors", "model.stages",
+    "align.captioning", "recipes/pretrain.py",
+)
+BASE_CONFIGS = (RECIPES / "configs" / "tiny" / "pretrain.yaml", RECIPES / "configs" / "tiny" / "pretrain_grounded.yaml")
 
 
 @dataclass
@@ -49,7 +82,11 @@ class ZooConfig:
 
     cache_dir: str | None = field(default=None, metadata={"help": "Output folder (default: .cache/zoo or $VLM_ALIGN_CACHE)."})
     seed: int = field(default=0, metadata={"help": "Seed of the world splits and of the parts' training."})
-    train_images: int = field(default=4000, metadata={"help": "Images in the world's train split."})
+    train_images: int = field(
+        default=20000,
+        metadata={"help": "Images in the world's train split (grounded pretraining needs many distinct scenes to bind a "
+                  "question's object to its patches rather than memorise scenes)."},
+    )
     validation_images: int = field(default=200, metadata={"help": "Images in the validation split."})
     test_images: int = field(default=500, metadata={"help": "Images in the test split."})
     image_size: int = field(default=64, metadata={"help": "Rendered image side in pixels."})
@@ -79,12 +116,38 @@ class ZooConfig:
     llama_steps: int = field(default=LlamaPartConfig.steps, metadata={"help": "Llama training steps."})
     llama_layers: int = field(default=LlamaPartConfig.num_layers, metadata={"help": "Llama decoder layers."})
     llama_hidden_size: int = field(default=LlamaPartConfig.hidden_size, metadata={"help": "Llama hidden size."})
-    force: bool = field(default=False, metadata={"help": "Rebuild every part even if a valid one exists."})
+    base: bool = field(
+        default=True,
+        metadata={"help": "Also build the base VLM (stage 1, then grounded pretraining, through recipes/pretrain.py)."},
+    )
+    base_stage1_steps: int | None = field(
+        default=None, metadata={"help": "Steps of the base VLM's stage 1 (default: recipes/configs/tiny/pretrain.yaml's)."}
+    )
+    base_grounded_steps: int | None = field(
+        default=None,
+        metadata={"help": "Steps of its grounded pretraining (default: recipes/configs/tiny/pretrain_grounded.yaml's)."},
+    )
+    base_eval_questions: int = field(
+        default=600, metadata={"help": "Held-out test questions the base VLM's quality figures are measured on."}
+    )
+    force: bool = field(
+        default=False, metadata={"help": "Train every part here, even where a built or a shipped one matches."}
+    )
+    ship: bool = field(
+        default=False,
+        metadata={"help": "Copy the built parts into align/default_parts with their checksums (maintainers: after "
+                  "a part's code or settings changed and `--force` rebuilt it)."},
+    )
 
     def __post_init__(self):
         for name in ("train_images", "validation_images", "test_images", "siglip_steps", "llama_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.base_eval_questions < 1:
+            raise ValueError(f"base_eval_questions must be positive, got {self.base_eval_questions}")
+        for name in ("base_stage1_steps", "base_grounded_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive or unset, got {getattr(self, name)}")
         if not self.siglip_patch_loss >= 0:
             raise ValueError(f"siglip_patch_loss must be >= 0, got {self.siglip_patch_loss}")
         if self.test_images < 100:
@@ -110,6 +173,36 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def _source(entry: str) -> str:
+    if entry.endswith(".py"):
+        return (REPO_ROOT / entry).read_text()
+    module, _, name = entry.partition(":")
+    if name:
+        return inspect.getsource(getattr(importlib.import_module(module), name))
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"no module {module!r} to fingerprint")
+    return Path(spec.origin).read_text()
+
+
+def code_fingerprint(*entries: str) -> str:
+    """Fingerprint of the code that builds a part: modules (`"model.parts"`), repository files
+    (`"recipes/pretrain.py"`) or single functions (`"align.zoo:lm_documents"`), as parsed, so comments, docstrings
+    and layout do not count and any change in what the code does does."""
+    dumps = [ast.dump(_without_docstrings(ast.parse(textwrap.dedent(_source(e)))))
+             for e in entries]
+    return hashlib.sha256("\n".join(dumps).encode()).hexdigest()[:16]
+
+
 def read_manifest(path: Path) -> dict | None:
     try:
         return json.loads((path / MANIFEST).read_text())
@@ -117,17 +210,60 @@ def read_manifest(path: Path) -> dict | None:
         return None
 
 
+def file_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` but the manifest, by path relative to it."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST
+    }
+
+
+def build_environment() -> dict:
+    """What a build ran with; the same code and settings rebuild a part bit for bit on the same library versions and
+    thread count (torch's CPU kernels reduce in a thread-dependent order)."""
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "trl": trl.__version__, "datasets": datasets.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+
+
 class _Part:
-    """Builds into `<name>.partial` and renames it into place with its manifest, so only whole parts count."""
+    """Builds into `<name>.partial` and renames it into place with its manifest, so only whole parts count; a part
+    shipped with a matching fingerprint is installed from `SHIPPED_PARTS` instead (unless `force`)."""
 
     def __init__(self, root: Path, name: str, fingerprint: str, force: bool):
-        self.final, self.tmp, self.fingerprint = root / name, root / f"{name}.partial", fingerprint
+        self.name, self.fingerprint = name, fingerprint
+        self.final, self.tmp = root / name, root / f"{name}.partial"
         manifest = None if force else read_manifest(self.final)
         self.manifest = manifest if manifest and manifest.get("fingerprint") == fingerprint else None
+        if self.manifest is None and not force and name in SHIPPED:
+            self.manifest = self._install_shipped()
 
     @property
     def valid(self) -> bool:
         return self.manifest is not None
+
+    def _install_shipped(self) -> dict | None:
+        shipped = SHIPPED_PARTS / self.name
+        manifest = read_manifest(shipped)
+        if manifest is None:
+            return None
+        if manifest["fingerprint"] != self.fingerprint:
+            logger.info("the shipped %s part was built from other code or settings (fingerprint %s, here %s): "
+                        "building it here", self.name, manifest["fingerprint"], self.fingerprint)
+            return None
+        found = file_checksums(shipped)
+        for path, checksum in manifest["files"].items():
+            if found.get(path) != checksum:
+                raise ValueError(f"shipped part {self.name}: {shipped / path} is missing or does not match its checksum "
+                                 f"in {shipped / MANIFEST} (a Git LFS pointer or a damaged checkout?)")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.copytree(shipped, self.tmp)
+        shutil.rmtree(self.final, ignore_errors=True)
+        self.tmp.rename(self.final)
+        logger.info("installed the shipped %s part (built in %s s)", self.name, manifest.get("seconds"))
+        return manifest
 
     def start(self) -> Path:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -136,7 +272,10 @@ class _Part:
         return self.tmp
 
     def finish(self, quality: dict) -> dict:
-        self.manifest = {"fingerprint": self.fingerprint, "seconds": round(time.time() - self.t0, 1), "quality": quality}
+        self.manifest = {
+            "fingerprint": self.fingerprint, "seconds": round(time.time() - self.t0, 1), "quality": quality,
+            "built_with": build_environment(),
+        }
         (self.tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
         shutil.rmtree(self.final, ignore_errors=True)
         self.tmp.rename(self.final)
@@ -195,14 +334,35 @@ def object_patch_labels(scenes: list[str], world: WorldConfig, cfg: SiglipPartCo
 
 
 def _siglip_part(cfg: ZooConfig, tokenizer_fingerprint: str) -> _Part:
-    return _Part(cfg.root, "siglip", _fingerprint(tokenizer_fingerprint, asdict(cfg.siglip())), cfg.force)
+    fingerprint = _fingerprint(tokenizer_fingerprint, asdict(cfg.siglip()), code_fingerprint(*SIGLIP_CODE))
+    return _Part(cfg.root, "siglip", fingerprint, cfg.force)
 
 
 def _llama_part(cfg: ZooConfig, tokenizer_fingerprint: str) -> _Part:
-    # As for the tokenizer, the option enters the fingerprint only when on, so built zoos stay valid.
     extra = ("object-documents",) if cfg.llm_object_documents else ()
     extra += ("captioned-chats",) if cfg.llm_captioned_chats else ()
-    return _Part(cfg.root, "llama", _fingerprint(tokenizer_fingerprint, asdict(cfg.llama()), *extra), cfg.force)
+    fingerprint = _fingerprint(tokenizer_fingerprint, asdict(cfg.llama()), code_fingerprint(*LLAMA_CODE), *extra)
+    return _Part(cfg.root, "llama", fingerprint, cfg.force)
+
+
+def _base_overrides(cfg: ZooConfig) -> tuple[dict, dict]:
+    """Command-line overrides of the base VLM's two pretraining runs (the parts and world of this zoo)."""
+    common = {"world_path": cfg.root / "world", "seed": cfg.seed}
+    stage1 = {"vision": cfg.root / "siglip", "text": cfg.root / "llama", "eval_captions": 0, **common}
+    grounded = dict(common)
+    if cfg.base_stage1_steps is not None:
+        stage1["max_steps"] = cfg.base_stage1_steps
+    if cfg.base_grounded_steps is not None:
+        grounded["max_steps"] = cfg.base_grounded_steps
+    return stage1, grounded
+
+
+def _base_part(cfg: ZooConfig, siglip: _Part, llama: _Part) -> _Part:
+    configs = [yaml.safe_load(path.read_text()) for path in BASE_CONFIGS]
+    stage1, grounded = _base_overrides(cfg)
+    overrides = [{k: v for k, v in o.items() if k not in ("vision", "text", "world_path")} for o in (stage1, grounded)]
+    fingerprint = _fingerprint(siglip.fingerprint, llama.fingerprint, configs, overrides, code_fingerprint(*BASE_CODE))
+    return _Part(cfg.root, "base", fingerprint, cfg.force)
 
 
 def _build_siglip(cfg: ZooConfig, part: _Part, world: datasets.DatasetDict, tokenizer) -> None:
@@ -265,6 +425,69 @@ def _build_llama(cfg: ZooConfig, part: _Part, world: datasets.DatasetDict, token
     part.finish(quality)
 
 
+def _build_base(cfg: ZooConfig, part: _Part) -> None:
+    """The base VLM: `recipes/pretrain.py` with the stage-1 config, then with the grounded config from its output,
+    each a process of its own as a user runs them; then `recipes/evaluate.py` on held-out questions. The runs'
+    folders (`base.work/`) are kept until the part is whole, so a killed build continues with the unfinished run."""
+    out = part.start()
+    work = cfg.root / "base.work"
+    stage1_overrides, grounded_overrides = _base_overrides(cfg)
+    stage1 = run_step(Step("stage1", "pretrain.py", BASE_CONFIGS[0], {
+        **stage1_overrides, "feature_cache_dir": work / "features"}), work, tag="zoo")
+    grounded = run_step(Step("grounded", "pretrain.py", BASE_CONFIGS[1], {
+        **grounded_overrides, "model_name_or_path": work / "stage1", "feature_cache_dir": work / "features"}), work, tag="zoo")
+    evaluation = run_step(Step("eval", "evaluate.py", RECIPES / "configs" / "tiny" / "evaluate.yaml", {
+        "model_name_or_path": work / "grounded", "world_path": cfg.root / "world", "num_questions": cfg.base_eval_questions,
+        "base_llm": cfg.root / "llama"}), work, tag="zoo")
+    keep = shutil.ignore_patterns("checkpoint-*", "runs", "rejects*.jsonl", "feature_cache", "README.md")
+    shutil.copytree(work / "grounded", out, ignore=keep, dirs_exist_ok=True)
+    quality = {
+        "stage1_steps": stage1["global_step"], "grounded_steps": grounded["global_step"],
+        "grounded_rows": grounded["rows"]["train"], "eval_questions": evaluation["total"],
+        "accuracy": evaluation["accuracy"],
+        **{key: value for key, value in evaluation.items() if key.startswith(("accuracy_", "total_"))},
+        "text_perplexity": evaluation.get("text_vlm_perplexity"), "base_llm_perplexity": evaluation.get("text_base_perplexity"),
+    }
+    part.finish(quality)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def ship(cfg: ZooConfig) -> list[str]:
+    """Copy the built parts of `cfg.root` into `SHIPPED_PARTS`, each with its manifest and the checksums of its files
+    (SigLIP's dual encoder, kept for the retrieval figure, is left out). Returns the names shipped."""
+    shipped = []
+    for name in SHIPPED:
+        source = cfg.root / name
+        manifest = read_manifest(source)
+        if manifest is None:
+            raise ValueError(f"no built {name} part in {cfg.root} to ship: build the zoo first")
+        target, staging = SHIPPED_PARTS / name, SHIPPED_PARTS / f"{name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("dual", MANIFEST))
+        manifest = {**manifest, "files": file_checksums(staging)}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        shipped.append(name)
+    return shipped
+
+
+def part_fingerprints(cfg: ZooConfig) -> dict[str, str]:
+    """The fingerprint every part of `cfg` has with this code, without building anything."""
+    sizes = {"train": cfg.train_images, "validation": cfg.validation_images, "test": cfg.test_images}
+    world = _fingerprint(asdict(WorldConfig(image_size=cfg.image_size)), sizes, cfg.seed, code_fingerprint(*WORLD_CODE))
+    tokenizer = _tokenizer_fingerprint(cfg, world)
+    siglip, llama = _siglip_part(replace(cfg, force=True), tokenizer), _llama_part(replace(cfg, force=True), tokenizer)
+    base = _base_part(replace(cfg, force=True), siglip, llama)
+    return {"world": world, "tokenizer": tokenizer, "siglip": siglip.fingerprint, "llama": llama.fingerprint,
+            "base": base.fingerprint}
+
+
+def _tokenizer_fingerprint(cfg: ZooConfig, world_fingerprint: str) -> str:
+    extra = ("line-initial-answers",) if cfg.tokenizer_answer_lines else ()
+    return _fingerprint(world_fingerprint, cfg.vocab_size, code_fingerprint(*TOKENIZER_CODE), *extra)
+
+
 def build_zoo(cfg: ZooConfig) -> dict:
     """Build (or reuse) world, tokenizer, SigLIP encoder and Llama LLM under `cfg.root`; return the quality figures."""
     root = cfg.root
@@ -273,7 +496,8 @@ def build_zoo(cfg: ZooConfig) -> dict:
 
     world_cfg = WorldConfig(image_size=cfg.image_size)
     sizes = {"train": cfg.train_images, "validation": cfg.validation_images, "test": cfg.test_images}
-    part = _Part(root, "world", _fingerprint(asdict(world_cfg), sizes, cfg.seed), cfg.force)
+    world_fingerprint = _fingerprint(asdict(world_cfg), sizes, cfg.seed, code_fingerprint(*WORLD_CODE))
+    part = _Part(root, "world", world_fingerprint, cfg.force)
     if not part.valid:
         logger.info("building the shapes world %s", sizes)
         out = part.start()
@@ -282,9 +506,7 @@ def build_zoo(cfg: ZooConfig) -> dict:
     report["world"] = part.manifest
     world = datasets.load_from_disk(str(root / "world"))
 
-    # The default fingerprint is left as it was before `tokenizer_answer_lines` existed, so built zoos stay valid.
-    extra = ("line-initial-answers",) if cfg.tokenizer_answer_lines else ()
-    part = _Part(root, "tokenizer", _fingerprint(part.fingerprint, cfg.vocab_size, *extra), cfg.force)
+    part = _Part(root, "tokenizer", _tokenizer_fingerprint(cfg, part.fingerprint), cfg.force)
     if not part.valid:
         logger.info("training a %d-token BPE tokenizer", cfg.vocab_size)
         out = part.start()
@@ -301,8 +523,16 @@ def build_zoo(cfg: ZooConfig) -> dict:
     if not llama_part.valid:
         _build_llama(cfg, llama_part, world, tokenizer)
     report["siglip"], report["llama"] = siglip_part.manifest, llama_part.manifest
+    if cfg.base:
+        base_part = _base_part(cfg, siglip_part, llama_part)
+        if not base_part.valid:
+            logger.info("pretraining the base VLM (stage 1, then grounded pretraining)")
+            _build_base(cfg, base_part)
+        report["base"] = base_part.manifest
 
     (root / "quality.json").write_text(json.dumps(report, indent=2))
+    if cfg.ship:
+        logger.info("shipped %s to %s", ", ".join(ship(cfg)), SHIPPED_PARTS)
     return report
 
 
@@ -336,6 +566,14 @@ def format_quality(report: dict) -> str:
         f"| Llama LLM ({lm['parameters'] / 1e6:.2f}M params) | perplexity (test) | {lm['test_perplexity']:.2f} "
         f"| {lm['test_perplexity_random_init']:.1f} | {report['llama']['seconds']} |",
     ]
+    if "base" in report:
+        base = report["base"]["quality"]
+        categories = [key.removeprefix("accuracy_") for key in base if key.startswith("accuracy_")]
+        figures = ", ".join(f"{c} {base[f'accuracy_{c}']:.1%}" for c in categories)
+        rows.append(
+            f"| base VLM ({base['stage1_steps']} + {base['grounded_steps']} steps) | held-out accuracy, "
+            f"{base['eval_questions']} questions (test): {figures} | {base['accuracy']:.1%} | | {report['base']['seconds']} |"
+        )
     return "\n".join(rows)
 
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from align.probe import (
     CONTEXT_VALUES,
@@ -358,3 +359,50 @@ def test_closed_set_answer_scores_each_answer_as_if_alone(setup):
         scores = closed_set_scores(model, processor, question, row["image"], values)
         assert scores.tolist() == pytest.approx(alone, abs=1e-4)
         assert closed_set_answer(model, processor, question, row["image"], values) == max(range(len(values)), key=alone.__getitem__)
+
+
+def test_the_vlm_path_equals_hand_built_inputs_embeds(setup):
+    """A rung of README's ladder, exact: the read-out probe's examples through the processor, TRL's vision collator
+    (assistant-only labels) and the VLM's forward give the same loss as the sequence built by hand from the tower's
+    output, the projectors and the LLM's own embeddings, `[text before <image>] + visual tokens + [text after]`, with
+    the loss on the answer's tokens, fed to the LLM as `inputs_embeds`."""
+    import datasets
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from align.evaluation import load_model_for_eval
+    from align.probe import _user_turn
+
+    vlm, processor = load_model_for_eval(setup["vlm"])
+    reset_adapters(vlm)
+    rows = multi_object_rows(datasets.load_from_disk(setup["world"])["train"], 6, "color")
+    examples = [{"images": [r["image"]], "messages": [
+        _user_turn(f"What color is the {r['object']['shape']}?"),
+        {"role": "assistant", "content": [{"type": "text", "text": r["object"]["color"]}]}]} for r in rows]
+    batch = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)(examples)
+    with torch.no_grad():
+        loss = vlm(**batch).loss
+
+        tokenizer, image = processor.tokenizer, processor.image_token_id
+        features = vlm.model.get_vision_features(processor.image_processor([r["image"] for r in rows], return_tensors="pt")["pixel_values"])
+        embed = vlm.get_input_embeddings()
+        sequences, labels = [], []
+        for row, feature in zip(rows, features[0]):
+            user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"What color is the {row['object']['shape']}?"}]}]
+            full = user + [{"role": "assistant", "content": [{"type": "text", "text": row["object"]["color"]}]}]
+            prompt = tokenizer(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            ids = tokenizer(tokenizer.apply_chat_template(full, tokenize=False), add_special_tokens=False)["input_ids"]
+            at, visual = ids.index(image), vlm.model.projectors([feature[None]])[0]
+            sequences.append(torch.cat([embed(torch.tensor(ids[:at])), visual, embed(torch.tensor(ids[at + 1 :]))]))
+            shift = len(visual) - 1
+            label = torch.full((len(ids) + shift,), -100)
+            label[len(prompt) - 1 + shift : len(ids) - 1 + shift] = torch.tensor(ids[len(prompt) :])
+            labels.append(label)
+        width = max(len(s) for s in sequences)
+        embeds = torch.zeros(len(sequences), width, sequences[0].shape[-1])
+        targets = torch.full((len(sequences), width), -100)
+        for i, (sequence, label) in enumerate(zip(sequences, labels)):
+            embeds[i, : len(sequence)], targets[i, : len(label)] = sequence, label
+        logits = vlm.lm_head(vlm.model.language_model(inputs_embeds=embeds).last_hidden_state)
+        by_hand = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert (batch["labels"] != -100).sum() == (targets != -100).sum()
+    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-5)

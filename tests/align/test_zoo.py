@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from align.zoo import ZooConfig, build_zoo, format_quality
+from align.zoo import ZooConfig, build_zoo, file_checksums, format_quality
 
 TINY = dict(
     train_images=64, validation_images=8, test_images=100, image_size=64, vocab_size=400,
-    siglip_steps=2, llama_steps=2, llama_layers=4, llama_hidden_size=32,
+    siglip_steps=2, llama_steps=2, llama_layers=4, llama_hidden_size=32, base=False,
 )
 
 
@@ -143,7 +143,7 @@ def test_llm_object_documents_option(zoo):
     import datasets
 
     from align.world import object_documents, text_corpus
-    from align.zoo import _fingerprint, lm_documents, read_manifest
+    from align.zoo import LLAMA_CODE, _fingerprint, code_fingerprint, lm_documents, read_manifest
 
     cfg, report = zoo
     world = datasets.load_from_disk(str(cfg.root / "world"))
@@ -161,14 +161,15 @@ def test_llm_object_documents_option(zoo):
     assert rebuilt["llama"]["fingerprint"] != report["llama"]["fingerprint"]
     for name in ("world", "tokenizer", "siglip"):
         assert rebuilt[name] == copied[name]  # reused, not rebuilt
-    # Off, the LLM's fingerprint is the tokenizer's (the part it is built from) and its config, as without the option.
-    assert report["llama"]["fingerprint"] == _fingerprint(report["tokenizer"]["fingerprint"], asdict(cfg.llama()))
+    # Off, the LLM's fingerprint is the tokenizer's (the part it is built from), its config and its code alone.
+    assert report["llama"]["fingerprint"] == _fingerprint(
+        report["tokenizer"]["fingerprint"], asdict(cfg.llama()), code_fingerprint(*LLAMA_CODE))
 
 
 def test_llm_captioned_chats_put_the_detailed_caption_where_the_image_was(zoo):
     import datasets
 
-    from align.zoo import _fingerprint, _llama_part, lm_documents
+    from align.zoo import LLAMA_CODE, _fingerprint, _llama_part, code_fingerprint, lm_documents
 
     cfg, report = zoo
     world = datasets.load_from_disk(str(cfg.root / "world"))
@@ -183,11 +184,12 @@ def test_llm_captioned_chats_put_the_detailed_caption_where_the_image_was(zoo):
     assert "<|user|>\n" + row["caption_detailed"] + "\n" + question in captioned[-n]
     assert "<image>" not in captioned[-n]
 
-    # On, the option enters the LLM's fingerprint; off, the fingerprint is as before the option existed.
+    # On, the option enters the LLM's fingerprint; off, it is the tokenizer's, the config's and the code's alone.
     tokenizer_fingerprint = report["tokenizer"]["fingerprint"]
     on = replace(cfg, llm_captioned_chats=True)
     assert _llama_part(on, tokenizer_fingerprint).fingerprint != report["llama"]["fingerprint"]
-    assert _llama_part(cfg, tokenizer_fingerprint).fingerprint == _fingerprint(tokenizer_fingerprint, asdict(cfg.llama()))
+    assert _llama_part(cfg, tokenizer_fingerprint).fingerprint == _fingerprint(
+        tokenizer_fingerprint, asdict(cfg.llama()), code_fingerprint(*LLAMA_CODE))
 
 
 def test_object_patch_labels_name_each_object_at_its_patch(zoo):
@@ -211,3 +213,75 @@ def test_object_patch_labels_name_each_object_at_its_patch(zoo):
             if sum(object_patch(o, scene.image_size, 32, 8) == patch for o in scene.objects) == 1:
                 assert labels[i, :, patch].tolist() == [
                     world.colors.index(obj.color), world.shapes.index(obj.shape), SIZES.index(obj.size)]
+
+
+def test_a_rebuild_is_bit_for_bit(zoo, tmp_path):
+    """The same code and settings on the same machine and thread count train the same weights, to the bit."""
+    cfg, _ = zoo
+    again = replace(cfg, cache_dir=str(tmp_path / "again"), force=True)
+    build_zoo(again)
+    for part in ("tokenizer", "siglip", "llama"):
+        assert file_checksums(cfg.root / part) == file_checksums(again.root / part), part
+
+
+@pytest.fixture(scope="module")
+def based(tmp_path_factory):
+    """A tiny zoo with its base VLM: stage 1 and grounded pretraining, two steps each, then the evaluation."""
+    cfg = ZooConfig(cache_dir=str(tmp_path_factory.mktemp("based")), **{
+        **TINY, "base": True, "base_stage1_steps": 2, "base_grounded_steps": 2, "base_eval_questions": 8})
+    return cfg, build_zoo(cfg)
+
+
+def test_base_vlm_is_stage1_then_grounded_pretraining(based):
+    from transformers import AutoModelForImageTextToText
+
+    import model  # noqa: F401  (registers the VLM)
+
+    cfg, report = based
+    quality = report["base"]["quality"]
+    assert quality["stage1_steps"] == 2 and quality["grounded_steps"] == 2 and quality["eval_questions"] == 8
+    assert 0.0 <= quality["accuracy"] <= 1.0 and "base VLM (2 + 2 steps)" in format_quality(report)
+    vlm = AutoModelForImageTextToText.from_pretrained(cfg.root / "base")
+    assert vlm.config.fusion == "prepend" and vlm.model.projectors.standardized
+    # Grounded pretraining trains the LLM: its weights left the zoo LLM's.
+    llm = AutoModelForCausalLM.from_pretrained(cfg.root / "llama").state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(vlm.state_dict()["model.language_model.layers.0.mlp.up_proj.weight"], llm)
+    assert not (cfg.root / "base.work").exists()  # the runs' folders go once the part is whole
+
+
+def test_shipped_parts_are_installed_instead_of_trained(based, tmp_path, monkeypatch):
+    import align.zoo as zoo_module
+
+    cfg, report = based
+    monkeypatch.setattr(zoo_module, "SHIPPED_PARTS", tmp_path / "shipped")
+    assert zoo_module.ship(cfg) == ["tokenizer", "siglip", "llama", "base"]
+    assert not (tmp_path / "shipped" / "siglip" / "dual").exists()
+    fresh = replace(cfg, cache_dir=str(tmp_path / "fresh"))
+    installed = build_zoo(fresh)
+    for part in ("tokenizer", "siglip", "llama", "base"):
+        assert installed[part]["fingerprint"] == report[part]["fingerprint"]
+        shipped = file_checksums(tmp_path / "shipped" / part)
+        assert file_checksums(fresh.root / part) == shipped and installed[part]["files"] == shipped
+    # A damaged shipped file is an error naming it, never a silent rebuild or a broken part.
+    (fresh.root / "llama" / "zoo_manifest.json").unlink()
+    (tmp_path / "shipped" / "llama" / "model.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1")
+    with pytest.raises(ValueError, match="llama/model.safetensors is missing or does not match its checksum"):
+        build_zoo(fresh)
+    # Other settings than the shipped ones: the part is trained here.
+    other = replace(cfg, cache_dir=str(tmp_path / "other"), llama_steps=3, base=False)
+    assert build_zoo(other)["llama"]["fingerprint"] != report["llama"]["fingerprint"]
+
+
+def test_shipped_parts_match_this_code_and_settings():
+    """The parts shipped in align/default_parts were built by this code with these settings. When this fails, a part's
+    code or settings changed: rebuild and ship them (`python -m align.zoo --force --ship`, about an hour on 2 CPU
+    cores) and re-measure README's figures."""
+    from align.paths import SHIPPED_PARTS
+    from align.zoo import SHIPPED, part_fingerprints, read_manifest
+
+    expected = part_fingerprints(ZooConfig())
+    for part in SHIPPED:
+        manifest = read_manifest(SHIPPED_PARTS / part)
+        assert manifest is not None, f"no shipped {part} part in {SHIPPED_PARTS}"
+        assert manifest["fingerprint"] == expected[part], f"the shipped {part} part was built from other code or settings"
+        assert file_checksums(SHIPPED_PARTS / part) == manifest["files"], f"the shipped {part} part's files changed"
