@@ -39,6 +39,8 @@ from align.pipeline import (
     start_forkserver,
     threads_per_job,
 )
+from align.reward import accuracy_table
+from align.world import build_world
 from align.zoo import ZooConfig, build_zoo, format_quality
 
 CONFIGS = RECIPES / "configs" / "tiny"
@@ -65,14 +67,34 @@ def pipeline(run_dir: Path, eval_questions: int, force: bool = False, launcher: 
             Step("eval-base", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": base, **evaluate}),
             Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", **evaluate}),
         ],
-        [Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", **evaluate})],
+        [
+            Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", **evaluate}),
+            # The same SFT policy on a world generated with another seed: the figures must not be the seed's.
+            Step(f"eval-sft-seed{OTHER_SEED}", "evaluate.py", CONFIGS / "evaluate.yaml", {
+                "model_name_or_path": run_dir / "sft", "world_path": other_world(run_dir), **evaluate}),
+        ],
         [Step("rounds", "rounds.py", CONFIGS / "rounds.yaml", {
             "policy": run_dir / "dpo", "initial_eval": run_dir / "eval-dpo" / "metrics.json",
             "num_questions": eval_questions, "force": force, "launcher": launcher,
+            # The reward model only ranks the candidates next to the verifier here: its agreement is reported.
+            "reward_model_name_or_path": run_dir / "reward",
             # Fewer prompts, candidates and steps than the tiny rounds config, to keep make demo within 15 minutes.
             "prompts_per_round": 100, "num_candidates": 6, "sft_max_steps": 40, "dpo_max_steps": 40,
         })],
     ]
+
+
+OTHER_SEED = 1
+
+
+def other_world(run_dir: Path) -> Path:
+    """A test split of 500 images generated with `OTHER_SEED` (`python -m align.world --seed 1`), built once."""
+    path = run_dir / f"world-seed{OTHER_SEED}"
+    if not (path / "dataset_dict.json").exists():
+        partial = run_dir / f"world-seed{OTHER_SEED}.partial"
+        build_world(str(partial), sizes={"test": 500}, seed=OTHER_SEED)
+        partial.rename(path)
+    return path
 
 
 def run_group(steps: list[Step], run_dir: Path, force: bool, launcher: str = "forkserver") -> dict:
@@ -96,14 +118,20 @@ def students_step(run_dir: Path, rounds: dict, eval_questions: int, force: bool 
 
 
 def sampling_table(rounds: dict) -> str:
-    """Markdown table of each round's rejection sampling: prompts, pass@1, pass@N, kept SFT rows and DPO pairs."""
-    lines = ["| round | prompts | pass@1 | pass@N | SFT rows kept | DPO pairs |", "|---|---:|---:|---:|---:|---:|"]
+    """Markdown table of each round's rejection sampling: prompts, pass@1, pass@N, kept SFT rows and DPO pairs, and how
+    often the reward model orders two candidates as the verifier does."""
+    lines = [
+        "| round | prompts | pass@1 | pass@N | SFT rows kept | DPO pairs | reward model agrees with the verifier |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for entry in rounds["rounds"]:
         stats = entry["rejection_sampling"]
         pass_n = next((v for k, v in stats.items() if k.startswith("pass@") and k != "pass@1"), float("nan"))
+        agreement = stats.get("reward_verifier_agreement")
+        agreement = "" if agreement is None else f"{agreement:.1%} of {stats['reward_verifier_pairs']} pairs"
         lines.append(
             f"| {entry['round']} | {stats['prompts']} | {stats.get('pass@1', float('nan')):.1%} | {pass_n:.1%} "
-            f"| {stats['sft_rows']} | {stats['dpo_pairs']} |"
+            f"| {stats['sft_rows']} | {stats['dpo_pairs']} | {agreement} |"
         )
     return "\n".join(lines)
 
@@ -120,6 +148,8 @@ def caption_table(results: dict[str, dict]) -> str:
 
 
 AGAINST_SFT = "Against SFT alone, on the same questions"
+OTHER_WORLD = f"The SFT policy on a world generated with another seed ({OTHER_SEED}), same number of questions"
+REWARD_MODEL = "Reward model (LoRA on the SFT policy): held-out pairwise accuracy on world pairs (validation split)"
 
 
 def paired_against_sft(run_dir: Path, rounds: dict) -> str:
@@ -175,12 +205,18 @@ def main(argv=None):
     print(sampling_table(results["rounds"]))
     print("\n## Scoreboard: held-out accuracy per category (seed 0)\n")
     print(scoreboard(board))
+    seeds = scoreboard({"SFT, world seed 0": results["eval-sft"],
+                        f"SFT, world seed {OTHER_SEED}": results[f"eval-sft-seed{OTHER_SEED}"]})
+    print(f"\n## {OTHER_WORLD}\n\n{seeds}")
+    reward = accuracy_table(results["reward"]["eval_before"], results["reward"]["eval"])
+    print(f"\n## {REWARD_MODEL}\n\n{reward}")
     against_sft = paired_against_sft(run_dir, results["rounds"])
     print(f"\n## {AGAINST_SFT}\n\n{against_sft}")
     heading = "Students of the final policy: distilled vs labels only, same steps (seed 0)"
     students = (run_dir / "students" / "students.md").read_text().rstrip()
     print(f"\n## {heading}\n\n{students}")
-    paths = write_report(run_dir, board, curves, sections={AGAINST_SFT: against_sft, heading: students})
+    sections = {AGAINST_SFT: against_sft, OTHER_WORLD: seeds, REWARD_MODEL: reward, heading: students}
+    paths = write_report(run_dir, board, curves, sections=sections)
     print(f"\nreport: {paths['report']} and {paths['plot']}")
     print(f"make demo finished in {time.time() - t0:.0f} s")
 

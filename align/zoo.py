@@ -12,11 +12,12 @@ the package (`align/default_parts/`, safetensors with a manifest of checksums); 
 matches this code and these settings is installed from there instead of trained, any other is trained here.
 
 The parts: `world` (generated, never shipped: it takes seconds), `tokenizer`, `siglip`, `llama`, and `base`, a
-prepend-fusion VLM from SigLIP and the LLM through the two pretraining stages a real VLM goes through, each a run of
-`recipes/pretrain.py`: adapter pretraining on captions with the LLM frozen (`recipes/configs/tiny/pretrain.yaml`),
-then grounded pretraining, the LLM training too, on the captions and every question of the world's training
-images (`recipes/configs/tiny/pretrain_grounded.yaml`, as Llama 3.2's annealing on grounded data). Post-training
-starts from `base`. The quality figures (encoder retrieval and object probe, LM perplexity, each against a
+prepend-fusion VLM from SigLIP and the LLM through the pretraining stages a real VLM goes through, each a run of
+`recipes/pretrain.py` (`BASE_STAGES`): adapter pretraining on captions with the LLM frozen
+(`recipes/configs/tiny/pretrain.yaml`), then grounded pretraining, the LLM training too, on the captions and every
+question of the world's training images (`pretrain_grounded.yaml`), then annealing, a second pass weighted to what
+the first leaves behind (`pretrain_anneal.yaml`, as Llama 3.2's last pretraining stage). Post-training starts from
+`base`. The quality figures (encoder retrieval and object probe, LM perplexity, each against a
 random-init twin; the base VLM's held-out accuracy per question category) are printed and saved to
 `quality.json`.
 """
@@ -73,7 +74,12 @@ BASE_CODE = (
     "model.modeling_vlm", "model.pretrain", "model.processing_vlm", "model.projectors", "model.stages",
     "align.captioning", "recipes/pretrain.py",
 )
-BASE_CONFIGS = (RECIPES / "configs" / "tiny" / "pretrain.yaml", RECIPES / "configs" / "tiny" / "pretrain_grounded.yaml")
+# The base VLM's pretraining runs of recipes/pretrain.py, in order, each from the previous one's output.
+BASE_STAGES = (
+    ("stage1", RECIPES / "configs" / "tiny" / "pretrain.yaml"),
+    ("grounded", RECIPES / "configs" / "tiny" / "pretrain_grounded.yaml"),
+    ("anneal", RECIPES / "configs" / "tiny" / "pretrain_anneal.yaml"),
+)
 
 
 @dataclass
@@ -120,12 +126,10 @@ class ZooConfig:
         default=True,
         metadata={"help": "Also build the base VLM (stage 1, then grounded pretraining, through recipes/pretrain.py)."},
     )
-    base_stage1_steps: int | None = field(
-        default=None, metadata={"help": "Steps of the base VLM's stage 1 (default: recipes/configs/tiny/pretrain.yaml's)."}
-    )
-    base_grounded_steps: int | None = field(
+    base_steps: list[int] | None = field(
         default=None,
-        metadata={"help": "Steps of its grounded pretraining (default: recipes/configs/tiny/pretrain_grounded.yaml's)."},
+        metadata={"help": "Steps of each of the base VLM's pretraining runs, in order (default: each config's).",
+                  "nargs": "+"},
     )
     base_eval_questions: int = field(
         default=600, metadata={"help": "Held-out test questions the base VLM's quality figures are measured on."}
@@ -145,9 +149,9 @@ class ZooConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.base_eval_questions < 1:
             raise ValueError(f"base_eval_questions must be positive, got {self.base_eval_questions}")
-        for name in ("base_stage1_steps", "base_grounded_steps"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive or unset, got {getattr(self, name)}")
+        if self.base_steps is not None and (len(self.base_steps) != len(BASE_STAGES) or min(self.base_steps) <= 0):
+            raise ValueError(f"base_steps must give {len(BASE_STAGES)} positive step counts ({', '.join(n for n, _ in BASE_STAGES)}), "
+                             f"got {self.base_steps}")
         if not self.siglip_patch_loss >= 0:
             raise ValueError(f"siglip_patch_loss must be >= 0, got {self.siglip_patch_loss}")
         if self.test_images < 100:
@@ -345,22 +349,22 @@ def _llama_part(cfg: ZooConfig, tokenizer_fingerprint: str) -> _Part:
     return _Part(cfg.root, "llama", fingerprint, cfg.force)
 
 
-def _base_overrides(cfg: ZooConfig) -> tuple[dict, dict]:
-    """Command-line overrides of the base VLM's two pretraining runs (the parts and world of this zoo)."""
-    common = {"world_path": cfg.root / "world", "seed": cfg.seed}
-    stage1 = {"vision": cfg.root / "siglip", "text": cfg.root / "llama", "eval_captions": 0, **common}
-    grounded = dict(common)
-    if cfg.base_stage1_steps is not None:
-        stage1["max_steps"] = cfg.base_stage1_steps
-    if cfg.base_grounded_steps is not None:
-        grounded["max_steps"] = cfg.base_grounded_steps
-    return stage1, grounded
+def _base_overrides(cfg: ZooConfig) -> list[dict]:
+    """Command-line overrides of the base VLM's pretraining runs (the parts and world of this zoo), one per stage."""
+    overrides = []
+    for index, _ in enumerate(BASE_STAGES):
+        stage = {"world_path": cfg.root / "world", "seed": cfg.seed}
+        if index == 0:
+            stage.update(vision=cfg.root / "siglip", text=cfg.root / "llama", eval_captions=0)
+        if cfg.base_steps is not None:
+            stage["max_steps"] = cfg.base_steps[index]
+        overrides.append(stage)
+    return overrides
 
 
 def _base_part(cfg: ZooConfig, siglip: _Part, llama: _Part) -> _Part:
-    configs = [yaml.safe_load(path.read_text()) for path in BASE_CONFIGS]
-    stage1, grounded = _base_overrides(cfg)
-    overrides = [{k: v for k, v in o.items() if k not in ("vision", "text", "world_path")} for o in (stage1, grounded)]
+    configs = [yaml.safe_load(path.read_text()) for _, path in BASE_STAGES]
+    overrides = [{k: v for k, v in o.items() if k not in ("vision", "text", "world_path")} for o in _base_overrides(cfg)]
     fingerprint = _fingerprint(siglip.fingerprint, llama.fingerprint, configs, overrides, code_fingerprint(*BASE_CODE))
     return _Part(cfg.root, "base", fingerprint, cfg.force)
 
@@ -426,24 +430,25 @@ def _build_llama(cfg: ZooConfig, part: _Part, world: datasets.DatasetDict, token
 
 
 def _build_base(cfg: ZooConfig, part: _Part) -> None:
-    """The base VLM: `recipes/pretrain.py` with the stage-1 config, then with the grounded config from its output,
-    each a process of its own as a user runs them; then `recipes/evaluate.py` on held-out questions. The runs'
+    """The base VLM: `recipes/pretrain.py` with each config of `BASE_STAGES`, each run from the previous one's output
+    and in a process of its own as a user runs them; then `recipes/evaluate.py` on held-out questions. The runs'
     folders (`base.work/`) are kept until the part is whole, so a killed build continues with the unfinished run."""
     out = part.start()
     work = cfg.root / "base.work"
-    stage1_overrides, grounded_overrides = _base_overrides(cfg)
-    stage1 = run_step(Step("stage1", "pretrain.py", BASE_CONFIGS[0], {
-        **stage1_overrides, "feature_cache_dir": work / "features"}), work, tag="zoo")
-    grounded = run_step(Step("grounded", "pretrain.py", BASE_CONFIGS[1], {
-        **grounded_overrides, "model_name_or_path": work / "stage1", "feature_cache_dir": work / "features"}), work, tag="zoo")
+    previous, steps = None, {}
+    for (name, config), overrides in zip(BASE_STAGES, _base_overrides(cfg)):
+        if previous is not None:
+            overrides["model_name_or_path"] = previous
+        metrics = run_step(Step(name, "pretrain.py", config, {**overrides, "feature_cache_dir": work / "features"}),
+                           work, tag="zoo")
+        previous, steps[name] = work / name, metrics["global_step"]
     evaluation = run_step(Step("eval", "evaluate.py", RECIPES / "configs" / "tiny" / "evaluate.yaml", {
-        "model_name_or_path": work / "grounded", "world_path": cfg.root / "world", "num_questions": cfg.base_eval_questions,
+        "model_name_or_path": previous, "world_path": cfg.root / "world", "num_questions": cfg.base_eval_questions,
         "base_llm": cfg.root / "llama"}), work, tag="zoo")
     keep = shutil.ignore_patterns("checkpoint-*", "runs", "rejects*.jsonl", "feature_cache", "README.md")
-    shutil.copytree(work / "grounded", out, ignore=keep, dirs_exist_ok=True)
+    shutil.copytree(previous, out, ignore=keep, dirs_exist_ok=True)
     quality = {
-        "stage1_steps": stage1["global_step"], "grounded_steps": grounded["global_step"],
-        "grounded_rows": grounded["rows"]["train"], "eval_questions": evaluation["total"],
+        "steps": steps, "rows": metrics["rows"]["train"], "eval_questions": evaluation["total"],
         "accuracy": evaluation["accuracy"],
         **{key: value for key, value in evaluation.items() if key.startswith(("accuracy_", "total_"))},
         "text_perplexity": evaluation.get("text_vlm_perplexity"), "base_llm_perplexity": evaluation.get("text_base_perplexity"),
@@ -571,7 +576,7 @@ def format_quality(report: dict) -> str:
         categories = [key.removeprefix("accuracy_") for key in base if key.startswith("accuracy_")]
         figures = ", ".join(f"{c} {base[f'accuracy_{c}']:.1%}" for c in categories)
         rows.append(
-            f"| base VLM ({base['stage1_steps']} + {base['grounded_steps']} steps) | held-out accuracy, "
+            f"| base VLM ({' + '.join(str(n) for n in base['steps'].values())} steps) | held-out accuracy, "
             f"{base['eval_questions']} questions (test): {figures} | {base['accuracy']:.1%} | | {report['base']['seconds']} |"
         )
     return "\n".join(rows)

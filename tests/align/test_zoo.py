@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from align.zoo import ZooConfig, build_zoo, file_checksums, format_quality
+from align.zoo import BASE_STAGES, ZooConfig, build_zoo, file_checksums, format_quality
 
 TINY = dict(
     train_images=64, validation_images=8, test_images=100, image_size=64, vocab_size=400,
@@ -94,6 +94,8 @@ def test_bad_sizes_name_the_parameter():
         ZooConfig(test_images=10)
     with pytest.raises(ValueError, match="llama_steps"):
         ZooConfig(llama_steps=0)
+    with pytest.raises(ValueError, match="base_steps must give"):
+        ZooConfig(base_steps=[10])
 
 
 @pytest.mark.parametrize("fusion", ["prepend", "cross_attention"])
@@ -228,19 +230,19 @@ def test_a_rebuild_is_bit_for_bit(zoo, tmp_path):
 def based(tmp_path_factory):
     """A tiny zoo with its base VLM: stage 1 and grounded pretraining, two steps each, then the evaluation."""
     cfg = ZooConfig(cache_dir=str(tmp_path_factory.mktemp("based")), **{
-        **TINY, "base": True, "base_stage1_steps": 2, "base_grounded_steps": 2, "base_eval_questions": 8})
+        **TINY, "base": True, "base_steps": [2] * len(BASE_STAGES), "base_eval_questions": 8})
     return cfg, build_zoo(cfg)
 
 
-def test_base_vlm_is_stage1_then_grounded_pretraining(based):
+def test_base_vlm_is_its_pretraining_runs_in_order(based):
     from transformers import AutoModelForImageTextToText
 
     import model  # noqa: F401  (registers the VLM)
 
     cfg, report = based
     quality = report["base"]["quality"]
-    assert quality["stage1_steps"] == 2 and quality["grounded_steps"] == 2 and quality["eval_questions"] == 8
-    assert 0.0 <= quality["accuracy"] <= 1.0 and "base VLM (2 + 2 steps)" in format_quality(report)
+    assert quality["steps"] == {name: 2 for name, _ in BASE_STAGES} and quality["eval_questions"] == 8
+    assert 0.0 <= quality["accuracy"] <= 1.0 and f"base VLM ({' + '.join(['2'] * len(BASE_STAGES))} steps)" in format_quality(report)
     vlm = AutoModelForImageTextToText.from_pretrained(cfg.root / "base")
     assert vlm.config.fusion == "prepend" and vlm.model.projectors.standardized
     # Grounded pretraining trains the LLM: its weights left the zoo LLM's.
