@@ -852,8 +852,6 @@ if __name__ == "__main__":
     import json
     import sys
 
-    import torch
-
     job = json.loads(open(sys.argv[1]).read())
     if job["import_model"]:
         importlib.import_module("model")
@@ -870,7 +868,12 @@ if __name__ == "__main__":
             results[name] = probe_model(reloaded, processor, job["image"], job["question"], job["new_tokens"])
         results[name]["class"] = type(reloaded).__name__
     project = sorted({m.split(".")[0] for m in sys.modules} & {"model", "align", "recipes", "tests"})
-    torch.save({"results": results, "project_modules": project}, job["out"])
+    # Tensors as safetensors and the rest as JSON in its metadata: the parent loads no pickle.
+    from safetensors.torch import save_file
+
+    info = {"classes": {name: result.pop("class") for name, result in results.items()}, "project_modules": project}
+    tensors = {f"{name}/{field}": value.contiguous() for name, result in results.items() for field, value in result.items()}
+    save_file(tensors, job["out"], metadata={"info": json.dumps(info)})
 '''
 
 
@@ -885,7 +888,7 @@ def _run_children(jobs: list[dict], workdir: Path, timeout: int) -> list[dict]:
     running = []
     for index, job in enumerate(jobs):
         job_path = workdir / f"job-{index}.json"
-        job = {**job, "out": str(job_path.with_suffix(".pt"))}
+        job = {**job, "out": str(job_path.with_suffix(".safetensors"))}
         job_path.write_text(json.dumps(job))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         if len(jobs) > 1:
@@ -909,8 +912,21 @@ def _run_children(jobs: list[dict], workdir: Path, timeout: int) -> list[dict]:
             raise RuntimeError(f"reloading {sorted(job['specs'])} took longer than {timeout} s") from None
         if process.returncode != 0:
             raise RuntimeError(f"reloading {sorted(job['specs'])} in a fresh process failed:\n{stderr[-4000:]}")
-        results.append(torch.load(job["out"], weights_only=False))
+        results.append(_read_child_results(job["out"]))
     return results
+
+
+def _read_child_results(path: str) -> dict:
+    """What a verification child wrote: per format its tensors (safetensors) and class name (JSON metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        info = json.loads(handle.metadata()["info"])
+        results = {name: {"class": cls} for name, cls in info["classes"].items()}
+        for key in handle.keys():
+            name, field = key.rsplit("/", 1)
+            results[name][field] = handle.get_tensor(key)
+    return {"results": results, "project_modules": info["project_modules"]}
 
 
 def probe_batch(workdir: Path) -> tuple[str, str, str]:

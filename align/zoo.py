@@ -459,7 +459,8 @@ def _build_base(cfg: ZooConfig, part: _Part) -> None:
 
 def ship(cfg: ZooConfig) -> list[str]:
     """Copy the built parts of `cfg.root` into `SHIPPED_PARTS`, each with its manifest and the checksums of its files
-    (SigLIP's dual encoder, kept for the retrieval figure, is left out). Returns the names shipped."""
+    (SigLIP's dual encoder, kept for the retrieval figure, and the trainer's pickled `training_args.bin` are left
+    out: the settings are in `config.yaml`). Returns the names shipped."""
     shipped = []
     for name in SHIPPED:
         source = cfg.root / name
@@ -468,13 +469,27 @@ def ship(cfg: ZooConfig) -> list[str]:
             raise ValueError(f"no built {name} part in {cfg.root} to ship: build the zoo first")
         target, staging = SHIPPED_PARTS / name, SHIPPED_PARTS / f"{name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("dual", MANIFEST))
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("dual", "training_args.bin", MANIFEST))
+        _strip_build_paths(staging, cfg.root)
         manifest = {**manifest, "files": file_checksums(staging)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         shipped.append(name)
     return shipped
+
+
+def _strip_build_paths(folder: Path, root: Path) -> None:
+    """Rewrite the building machine's absolute paths in a part's text files (configs, metrics, card) as paths
+    relative to the repository (or `<zoo>` for a zoo outside it): a shipped part names no machine's folders."""
+    root = root.resolve()
+    zoo = str(root.relative_to(REPO_ROOT)) if root.is_relative_to(REPO_ROOT) else "<zoo>"
+    for path in folder.rglob("*"):
+        if path.suffix in (".json", ".yaml", ".md") and path.is_file():
+            text = path.read_text()
+            stripped = text.replace(str(root), zoo).replace(f"{REPO_ROOT}/", "")
+            if stripped != text:
+                path.write_text(stripped)
 
 
 def part_fingerprints(cfg: ZooConfig) -> dict[str, str]:

@@ -1,0 +1,57 @@
+"""The demo's gates table: each target next to what a run measured, and whether it is met."""
+
+import json
+
+from align.demo import gates_table
+from align.evaluation import PREDICTIONS, standard_error
+
+CATEGORIES = ["color", "shape", "count", "existence", "spatial", "unanswerable"]
+
+
+def _write_eval(path, right: dict[str, int], per_category: int = 40) -> dict:
+    """An evaluation folder whose first `right[c]` questions of each category are answered right; its metrics."""
+    path.mkdir(parents=True)
+    rows = [
+        {"image_id": i, "question": f"{c} {i}", "category": c, "correct": i < right.get(c, per_category)}
+        for c in CATEGORIES for i in range(per_category)
+    ]
+    (path / PREDICTIONS).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    metrics = {"accuracy": sum(row["correct"] for row in rows) / len(rows)}
+    for category in CATEGORIES:
+        accuracy = right.get(category, per_category) / per_category
+        metrics[f"accuracy_{category}"], metrics[f"stderr_{category}"] = accuracy, standard_error(accuracy, per_category)
+    return metrics
+
+
+def _student(distilled: dict, labels: dict, paired: dict, ternary: bool = False) -> dict:
+    return {"ternary": ternary, "distilled": distilled, "labels_only": labels, "paired": paired}
+
+
+def test_gates_table_reports_each_target_against_the_run(tmp_path):
+    sft = _write_eval(tmp_path / "eval-sft", {"color": 20, "count": 30})  # color 50%, count 75%, the rest 100%
+    _write_eval(tmp_path / "eval-dpo", {"color": 20, "count": 30})  # equal to SFT
+    final = _write_eval(tmp_path / "rounds" / "round2" / "eval", {"color": 20, "count": 40, "spatial": 40, "shape": 20})
+    rounds = {"rounds": [{"round": 1, "rejection_sampling": {"reward_verifier_agreement": 0.8}}, {"round": 2}]}
+    students = {
+        "teacher": {"eval": final},
+        "students": {
+            "pruned to 0.375": _student({"accuracy": 0.5 * final["accuracy"]}, {"accuracy": 0.1},
+                                        {"difference": 0.10, "stderr": 0.02}),
+            "ternary": _student({"accuracy": 0.6}, {"accuracy": 0.55}, {"difference": 0.05, "stderr": 0.02}, ternary=True),
+        },
+    }
+    results = {"eval-sft": sft, "rounds": rounds, "students": students, "reward": {"eval": {"accuracy": 0.95, "pairs": 400}}}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in gates_table(tmp_path, results).splitlines()[2:]}
+
+    assert rows["SFT: color"].endswith("| 50.0% ± 7.9 | no |")
+    assert rows["SFT: count"].endswith("| yes |") and rows["SFT: shape"].endswith("| yes |")
+    assert rows["DPO − SFT"].endswith("| +0.0 ± 0.0 | yes |")
+    assert rows["round 2 − SFT: count"].endswith("| +25.0 ± 6.8 | yes |")
+    assert rows["round 2 − SFT: spatial"].endswith("| +0.0 ± 0.0 | no |")
+    # shape fell from 40 to 20 right answers of 40: 50 points, far more than twice its paired standard error.
+    assert "lowest: shape -50.0" in rows["round 2 − SFT: every category"] and rows["round 2 − SFT: every category"].endswith("| no |")
+    assert rows["pruned to 0.375 student / teacher"].endswith("= 50% | no |")
+    assert rows["pruned to 0.375: distilled − labels only"].endswith("| +10.0 ± 2.0 | yes |")
+    assert "distilled 60.0%, labels only 55.0%" in rows["ternary student"]
+    assert rows["reward model, held-out pairs"].endswith("| yes |")
+    assert "80.0% of candidate pairs" in rows["reward model agrees with the verifier"]
