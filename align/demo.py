@@ -128,7 +128,8 @@ def sampling_table(rounds: dict) -> str:
         stats = entry["rejection_sampling"]
         pass_n = next((v for k, v in stats.items() if k.startswith("pass@") and k != "pass@1"), float("nan"))
         agreement = stats.get("reward_verifier_agreement")
-        agreement = "" if agreement is None else f"{agreement:.1%} of {stats['reward_verifier_pairs']} pairs"
+        pairs = stats.get("reward_verifier_pairs")
+        agreement = "" if agreement is None else f"{agreement:.1%}" + ("" if pairs is None else f" of {pairs} pairs")
         lines.append(
             f"| {entry['round']} | {stats['prompts']} | {stats.get('pass@1', float('nan')):.1%} | {pass_n:.1%} "
             f"| {stats['sft_rows']} | {stats['dpo_pairs']} | {agreement} |"

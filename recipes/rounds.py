@@ -185,7 +185,9 @@ def run_round(args: RoundsArguments, number: int, policy: str) -> tuple[str, dic
     return policy, metrics
 
 
-SAMPLING_KEYS = ("prompts", "sft_rows", "dpo_pairs", "any_correct", "pass@1", "reward_verifier_agreement")
+SAMPLING_KEYS = (
+    "prompts", "sft_rows", "dpo_pairs", "any_correct", "pass@1", "reward_verifier_agreement", "reward_verifier_pairs",
+)
 
 
 def main(args: RoundsArguments) -> dict:
