@@ -51,6 +51,8 @@ recipes: install
 	$(ACCELERATE) recipes/rejection_sampling.py --config $(TINY)/rejection_sampling.yaml --reward_model_name_or_path runs/tiny/reward
 	$(ACCELERATE) recipes/augment.py --config $(TINY)/augment.yaml
 	$(PY) recipes/rounds.py --config $(TINY)/rounds.yaml --rounds 1 --launcher "$(ACCELERATE)"
+	$(ACCELERATE) recipes/grpo.py --config $(TINY)/grpo.yaml
+	$(PY) recipes/rounds.py --config $(TINY)/rounds.yaml --algorithm grpo --rounds 1 --output_dir runs/tiny/rounds_grpo --launcher "$(ACCELERATE)"
 	$(ACCELERATE) recipes/distill.py --config $(TINY)/distill.yaml
 	$(PY) recipes/students.py --config $(TINY)/students.yaml --launcher "$(ACCELERATE)"
 	$(PY) recipes/export.py --config $(TINY)/export.yaml

@@ -32,6 +32,7 @@ import yaml
 from align.paths import REPO_ROOT
 
 RECIPES = REPO_ROOT / "recipes"
+WALL_SECONDS = "wall_seconds.json"  # next to a step's metrics.json: how long its run took
 LAUNCHERS_HELP = (
     "Command each stage runs under: python (a new interpreter), forkserver (forked from one process that imported "
     "the libraries once: align.pipeline), or e.g. `accelerate launch --config_file ...`."
@@ -71,21 +72,24 @@ class Step:
         cmd = [*launcher, str(RECIPES / self.script), "--config", str(self.config)]
         cmd += ["--output_dir", str(run_dir / self.name)]
         for key, value in self.overrides.items():
-            cmd += [f"--{key}", str(value)]
+            # A list is one flag with several values (`--categories count spatial`), as HfArgumentParser reads it.
+            cmd += [f"--{key}", *map(str, value)] if isinstance(value, (list, tuple)) else [f"--{key}", str(value)]
         return cmd
 
 
 def run_step(step: Step, run_dir: Path, force: bool = False, tag: str = "pipeline") -> dict:
-    """Run `step` (unless its `metrics.json` exists and not `force`) and return its metrics.
+    """Run `step` (unless its `metrics.json` exists and not `force`) and return its metrics, with `wall_seconds`
+    (the run's time, kept in `<output>/wall_seconds.json`).
 
     Raises:
         SystemExit: when the step fails, with the last lines of its log.
     """
     out = run_dir / step.name
     metrics_file = out / "metrics.json"
+    seconds_file = out / WALL_SECONDS
     if metrics_file.exists() and not force:
         print(f"[{tag}] {step.name}: done before, reusing {out}", flush=True)
-        return json.loads(metrics_file.read_text())
+        return _with_seconds(json.loads(metrics_file.read_text()), seconds_file)
     print(f"[{tag}] {step.name}: {' '.join(step.command(run_dir)[1:])}", flush=True)
     start = time.time()
     log = run_dir / f"{step.name}.log"
@@ -101,8 +105,17 @@ def run_step(step: Step, run_dir: Path, force: bool = False, tag: str = "pipelin
     if returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise SystemExit(f"[{tag}] {step.name} failed (exit {returncode}); last lines of {log}:\n{tail}")
-    print(f"[{tag}] {step.name}: {time.time() - start:.0f} s", flush=True)
-    return json.loads(metrics_file.read_text())
+    seconds = time.time() - start
+    print(f"[{tag}] {step.name}: {seconds:.0f} s", flush=True)
+    seconds_file.write_text(json.dumps({"wall_seconds": seconds}))
+    return _with_seconds(json.loads(metrics_file.read_text()), seconds_file)
+
+
+def _with_seconds(metrics: dict, seconds_file: Path) -> dict:
+    """The step's metrics with `wall_seconds`, the time its run took (when it was recorded)."""
+    if seconds_file.is_file():
+        metrics["wall_seconds"] = json.loads(seconds_file.read_text())["wall_seconds"]
+    return metrics
 
 
 def _run_forked(step: Step, run_dir: Path, log: Path) -> int:

@@ -88,15 +88,24 @@ def stage_notes(scoreboard_results: dict[str, dict], curves: dict[str, list[dict
 
 
 def plot_report(scoreboard_results: dict[str, dict], curves: dict[str, list[dict]], path: str | os.PathLike) -> Path:
-    """Save a PNG: training (and eval) loss per stage on the left, accuracy per category per stage (with ± s.e.
+    """Save a PNG: training (and eval) loss per stage on the left; for online RL stages (logs with a `reward`), the
+    mean reward and the KL to the reference per step in the middle; accuracy per category per stage (with ± s.e.
     error bars) on the right."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(13, 4.8), dpi=110, layout="constrained")
-    loss_axes, bar_axes = figure.subplots(1, 2, width_ratios=[1, 1.4])
+    rl_curves = {stage: history for stage, history in curves.items() if any("reward" in entry for entry in history)}
+    if rl_curves:
+        figure = Figure(figsize=(17, 4.8), dpi=110, layout="constrained")
+        loss_axes, rl_axes, bar_axes = figure.subplots(1, 3, width_ratios=[1, 1, 1.4])
+        _plot_rl(rl_axes, rl_curves)
+    else:
+        figure = Figure(figsize=(13, 4.8), dpi=110, layout="constrained")
+        loss_axes, bar_axes = figure.subplots(1, 2, width_ratios=[1, 1.4])
 
     drawn = False
     for stage, history in curves.items():
+        if stage in rl_curves:
+            continue  # a policy-gradient loss is not a fit: its reward and KL are drawn instead
         steps, losses = loss_points(history)
         if losses:
             (line,) = loss_axes.plot(steps, losses, label=f"{stage} train", linewidth=1.6)
@@ -144,6 +153,24 @@ def plot_report(scoreboard_results: dict[str, dict], curves: dict[str, list[dict
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return path
+
+
+def _plot_rl(axes, curves: dict[str, list[dict]]) -> None:
+    """Mean reward per step (solid, left axis) and KL to the reference (dashed, right axis) of each RL stage."""
+    kl_axes = axes.twinx()
+    for stage, history in curves.items():
+        steps, rewards = loss_points(history, "reward")
+        (line,) = axes.plot(steps, rewards, label=f"{stage} reward", linewidth=1.6)
+        kl_steps, kls = loss_points(history, "kl")
+        if kls:
+            kl_axes.plot(kl_steps, kls, "--", color=line.get_color(), linewidth=1.2, label=f"{stage} KL")
+    axes.set_title("Online RL: mean reward and KL to the reference")
+    axes.set_xlabel("step")
+    axes.set_ylabel("reward")
+    kl_axes.set_ylabel("KL")
+    axes.grid(alpha=0.3)
+    lines = axes.get_legend_handles_labels()[0] + kl_axes.get_legend_handles_labels()[0]
+    axes.legend(lines, [line.get_label() for line in lines], fontsize=8)
 
 
 def write_report(

@@ -27,9 +27,8 @@ import transformers
 from accelerate import PartialState
 from trl import ModelConfig, TrlParser, get_quantization_config
 
-from align.data import load_dataset_local
-from align.evaluation import load_eval_questions, load_model_for_eval
-from align.paths import default_cache_dir
+from align.evaluation import load_model_for_eval
+from align.prompts import load_prompts as prompt_rows
 from align.rejection_sampling import (
     SamplingSettings,
     build_datasets,
@@ -122,22 +121,11 @@ class RejectionSamplingArguments:
 
 def load_prompts(args: RejectionSamplingArguments, output_dir: Path) -> datasets.Dataset:
     """The prompt rows: world questions (with records) or a local prompt set; bad rows listed in rejects.jsonl."""
-    source = Path(args.dataset_path or args.world_path or default_cache_dir() / "world")
-    try:
-        prompts = load_eval_questions(source, split=args.dataset_split)
-    except ValueError as error:
-        if args.scorer == "verifier" or "record" not in str(error):
-            raise
-        prompts, report = load_dataset_local(source, kind="prompt", split=args.dataset_split)
-        report.write(output_dir / "rejects.jsonl")
-    if args.categories:
-        if "category" not in prompts.column_names:
-            raise ValueError(f"{source}: the prompts have no `category` column to filter on")
-        prompts = prompts.filter(lambda c: c in args.categories, input_columns="category")
-    end = len(prompts) if args.num_prompts is None else min(len(prompts), args.prompt_offset + args.num_prompts)
-    if args.prompt_offset >= end:
-        raise ValueError(f"{source}: no prompts from offset {args.prompt_offset} (it has {len(prompts)})")
-    return prompts.select(range(args.prompt_offset, end))
+    return prompt_rows(
+        args.dataset_path or args.world_path, split=args.dataset_split, offset=args.prompt_offset,
+        num_prompts=args.num_prompts, categories=args.categories, needs_records=args.scorer == "verifier",
+        rejects_path=output_dir / "rejects.jsonl",
+    )
 
 
 def check_settings(output_dir: Path, settings: dict, overwrite: bool) -> None:

@@ -1,15 +1,18 @@
 """Multi-round post-training, as in Llama 3's: each round samples answers from the current policy, keeps the best,
-fine-tunes on them and runs DPO on the new pairs.
+fine-tunes on them and runs DPO on the new pairs; or, with `algorithm: grpo`, online RL rounds.
 
     python recipes/rounds.py --config recipes/configs/tiny/rounds.yaml
     python recipes/rounds.py --config recipes/configs/tiny/rounds.yaml --rounds 3 --launcher "accelerate launch --config_file recipes/accelerate/single.yaml"
+    python recipes/rounds.py --config recipes/configs/tiny/rounds.yaml --algorithm grpo --rounds 1
 
-Round r (1..R), with the round r-1 policy (round 0: `policy`):
+Round r (1..R), with the round r-1 policy (round 0: `policy`), `algorithm: rejection_sampling` (the default):
 
     rejection sampling (recipes/rejection_sampling.py, a new slice of prompts each round)
     -> SFT (recipes/sft.py) on the kept answers mixed with the original SFT data (refusals included)
     -> DPO (recipes/dpo.py) on the new (best, worst) pairs
     -> evaluation (recipes/evaluate.py) on the held-out questions
+
+`algorithm: grpo`: GRPO (recipes/grpo.py, on the round's slice of prompts) -> evaluation.
 
 Each stage runs in its own process from a config derived from the stage's own YAML (`*_config`), written into the
 round's folder next to its output, so any step can be rerun by hand. A step whose output holds its `metrics.json`
@@ -31,6 +34,7 @@ from align.world import CATEGORIES
 
 logger = logging.getLogger(__name__)
 TINY = RECIPES / "configs" / "tiny"
+ALGORITHMS = ("rejection_sampling", "grpo")
 
 
 @dataclass
@@ -40,6 +44,10 @@ class RoundsArguments:
     output_dir: str = field(metadata={"help": "Folder for every round's outputs, metrics.json and scoreboard.md."})
     policy: str = field(metadata={"help": "The round-0 policy: a VLM folder or an adapter folder (e.g. a DPO run)."})
     rounds: int = field(default=2, metadata={"help": "Number of rounds R."})
+    algorithm: str = field(
+        default="rejection_sampling",
+        metadata={"help": f"What a round runs: one of {list(ALGORITHMS)} (rejection sampling -> SFT -> DPO, or GRPO)."},
+    )
     policy_load_in_4bit: bool = field(
         default=False, metadata={"help": "Load adapter policies over a 4-bit base to sample and evaluate (QLoRA runs)."}
     )
@@ -49,6 +57,7 @@ class RoundsArguments:
     sft_config: str = field(default=str(TINY / "sft_qlora.yaml"), metadata={"help": "YAML of recipes/sft.py."})
     dpo_config: str = field(default=str(TINY / "dpo_qlora.yaml"), metadata={"help": "YAML of recipes/dpo.py."})
     evaluate_config: str = field(default=str(TINY / "evaluate.yaml"), metadata={"help": "YAML of recipes/evaluate.py."})
+    grpo_config: str = field(default=str(TINY / "grpo.yaml"), metadata={"help": "YAML of recipes/grpo.py."})
     prompts_per_round: int = field(
         default=400, metadata={"help": "Prompts sampled per round; round r takes the r-th slice of the prompt set."}
     )
@@ -72,6 +81,7 @@ class RoundsArguments:
     )
     sft_max_steps: int | None = field(default=None, metadata={"help": "Override the SFT config's max_steps."})
     dpo_max_steps: int | None = field(default=None, metadata={"help": "Override the DPO config's max_steps."})
+    grpo_max_steps: int | None = field(default=None, metadata={"help": "Override the GRPO config's max_steps."})
     reward_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A reward model for rejection sampling (its scorer, or only compared with the verifier)."},
@@ -90,6 +100,8 @@ class RoundsArguments:
     force: bool = field(default=False, metadata={"help": "Rerun every step, even those whose metrics.json exists."})
 
     def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.prompts_per_round < 1:
@@ -98,7 +110,8 @@ class RoundsArguments:
             raise ValueError(
                 f"sampled_weight must be > 0 and original_weight >= 0, got {self.sampled_weight}, {self.original_weight}"
             )
-        for name in ("rejection_sampling_config", "sft_config", "dpo_config", "evaluate_config"):
+        configs = ("grpo_config",) if self.algorithm == "grpo" else ("rejection_sampling_config", "sft_config", "dpo_config")
+        for name in (*configs, "evaluate_config"):
             if not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: {getattr(self, name)} does not exist")
         unknown = set(self.categories or []) - set(CATEGORIES)
@@ -166,10 +179,31 @@ def dpo_step(args: RoundsArguments, number: int) -> Step:
     return _step(args, run_dir, "dpo", "dpo.py", args.dpo_config, updates)
 
 
+def grpo_step(args: RoundsArguments, number: int, policy: str) -> Step:
+    """Round `number`'s GRPO from `policy`, on the round's own slice of prompts."""
+    run_dir = Path(args.output_dir) / f"round{number}"
+    updates = {
+        "model_name_or_path": policy, "seed": args.seed + number,
+        "prompt_offset": (number - 1) * args.prompts_per_round, "num_prompts": args.prompts_per_round,
+    }
+    if args.categories:
+        updates["categories"] = list(args.categories)
+    if args.reward_model_name_or_path:
+        updates["reward_model_name_or_path"] = args.reward_model_name_or_path
+    if args.grpo_max_steps is not None:
+        updates["max_steps"] = args.grpo_max_steps
+    return _step(args, run_dir, "grpo", "grpo.py", args.grpo_config, updates)
+
+
 def run_round(args: RoundsArguments, number: int, policy: str) -> tuple[str, dict]:
     """Run round `number` from `policy`; returns the round's policy and its stages' metrics."""
     run_dir = Path(args.output_dir) / f"round{number}"
     tag = f"round {number}"
+    if args.algorithm == "grpo":
+        metrics = {"grpo": run_step(grpo_step(args, number, policy), run_dir, args.force, tag=tag)}
+        policy = str(run_dir / "grpo")
+        metrics["eval"] = run_step(evaluation_step(args, run_dir, "eval", policy, args.seed + number), run_dir, args.force, tag=tag)
+        return policy, metrics
     metrics = {"rejection_sampling": run_step(sampling_step(args, number, policy), run_dir, args.force, tag=tag)}
     sampled = metrics["rejection_sampling"]
     if not sampled["sft_rows"]:
@@ -210,14 +244,18 @@ def main(args: RoundsArguments) -> dict:
     for number in range(1, args.rounds + 1):
         start_policy = policy
         policy, metrics = run_round(args, number, policy)
-        sampled = metrics["rejection_sampling"]
-        kept = {key: sampled[key] for key in (*SAMPLING_KEYS, f"pass@{_candidates(sampled)}") if key in sampled}
-        summary["rounds"].append(
-            {"round": number, "start_policy": start_policy, "policy": policy, "rejection_sampling": kept,
-             "eval": metrics["eval"]}
-        )
+        entry = {"round": number, "algorithm": args.algorithm, "start_policy": start_policy, "policy": policy}
+        if args.algorithm == "grpo":
+            entry["grpo"] = grpo_summary(metrics["grpo"])
+        else:
+            sampled = metrics["rejection_sampling"]
+            entry["rejection_sampling"] = {
+                key: sampled[key] for key in (*SAMPLING_KEYS, f"pass@{_candidates(sampled)}") if key in sampled
+            }
+        summary["rounds"].append({**entry, "eval": metrics["eval"]})
         results[f"round {number}"] = metrics["eval"]
-        logger.info("round %d: %s -> held-out accuracy %.1f%%", number, kept, 100 * metrics["eval"]["accuracy"])
+        stats = entry.get("grpo", entry.get("rejection_sampling"))
+        logger.info("round %d: %s -> held-out accuracy %.1f%%", number, stats, 100 * metrics["eval"]["accuracy"])
 
     # ----- save -------------------------------------------------------------------------------------------------
     board = scoreboard(results)
@@ -240,6 +278,17 @@ def main(args: RoundsArguments) -> dict:
     (output_dir / "scoreboard.md").write_text(board + "\n")
     print(board)
     return summary
+
+
+def grpo_summary(metrics: dict) -> dict:
+    """A GRPO run's steps, first and last logged reward and KL, images encoded and seconds (its metrics.json)."""
+    rewards, kls = metrics["reward"]["history"], metrics["kl"]["history"]
+    return {
+        "steps": metrics["global_step"], "prompts": metrics["rows"]["train"],
+        "reward_first": rewards[0][1] if rewards else None, "reward_last": rewards[-1][1] if rewards else None,
+        "kl_last": kls[-1][1] if kls else None, "images_encoded": metrics["images_encoded"],
+        "seconds": metrics["train"].get("train_runtime"),
+    }
 
 
 def _candidates(stats: dict) -> int:

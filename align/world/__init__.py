@@ -39,7 +39,7 @@ from .scene import (
     image_rng,
     relation_holds,
 )
-from .verify import is_refusal, normalize, verify
+from .verify import is_refusal, normalize, verify, well_formed
 
 __all__ = [
     "ANSWER_TYPES",
@@ -73,4 +73,5 @@ __all__ = [
     "render",
     "text_corpus",
     "verify",
+    "well_formed",
 ]

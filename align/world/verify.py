@@ -116,3 +116,37 @@ def verify(record: dict, answer_text: str) -> bool:
         named = [c for c in record["choices"] if _contains(content, [t for t in normalize(c) if t not in _ARTICLES])]
         return len(named) == 1 and normalize(named[0]) == normalize(expected)
     raise ValueError(f"unknown answer_type {answer_type!r}; supported: yes_no, number, color, shape, choice, refusal")
+
+
+def well_formed(record: dict, answer_text: str) -> bool:
+    """Whether `answer_text` has the form of an answer to the question `record`, right or wrong: it declines, or it
+    commits to exactly one value of the question's answer type (yes or no, one number, one color, one shape, one of
+    the two candidates). Hedges, several values and empty answers are not well formed. Every answer `verify`
+    accepts is well formed; for an unanswerable question any committed answer is (whether it should have declined
+    is the verifier's call)."""
+    if not isinstance(answer_text, str):
+        return False
+    tokens = normalize(answer_text)
+    if not tokens:
+        return False
+    if is_refusal(answer_text):
+        return True
+    if _hedged(tokens):
+        return False
+    answer_type = record["answer_type"]
+    if answer_type == "refusal":
+        return True
+    if answer_type == "yes_no":
+        return _yes_no(answer_text, tokens) is not None
+    if answer_type == "number":
+        return len(_numbers(tokens)) == 1
+    if _NEGATIONS.intersection(tokens):
+        return False
+    if answer_type == "color":
+        return len({_COLOR_WORDS[t] for t in tokens if t in _COLOR_WORDS}) == 1
+    if answer_type == "shape":
+        return len({_SHAPE_WORDS[t] for t in tokens if t in _SHAPE_WORDS}) == 1
+    if answer_type == "choice":
+        content = [t for t in tokens if t not in _ARTICLES]
+        return sum(_contains(content, [t for t in normalize(c) if t not in _ARTICLES]) for c in record["choices"]) == 1
+    raise ValueError(f"unknown answer_type {answer_type!r}; supported: yes_no, number, color, shape, choice, refusal")

@@ -31,6 +31,7 @@ def test_gates_table_reports_each_target_against_the_run(tmp_path):
     sft = _write_eval(tmp_path / "eval-sft", {"color": 20, "count": 30})  # color 50%, count 75%, the rest 100%
     _write_eval(tmp_path / "eval-dpo", {"color": 20, "count": 30})  # equal to SFT
     final = _write_eval(tmp_path / "rounds" / "round2" / "eval", {"color": 20, "count": 40, "spatial": 40, "shape": 20})
+    _write_eval(tmp_path / "eval-grpo", {"color": 20, "count": 40, "spatial": 39})
     rounds = {"rounds": [{"round": 1, "rejection_sampling": {"reward_verifier_agreement": 0.8}}, {"round": 2}]}
     students = {
         "teacher": {"eval": final},
@@ -42,6 +43,8 @@ def test_gates_table_reports_each_target_against_the_run(tmp_path):
     }
     results = {"eval-sft": sft, "rounds": rounds, "students": students, "reward": {"eval": {"accuracy": 0.95, "pairs": 400}}}
     rows = {line.split(" | ")[0].lstrip("| "): line for line in gates_table(tmp_path, results).splitlines()[2:]}
+    (tmp_path / "eval-grpo" / PREDICTIONS).unlink()
+    assert "| GRPO − SFT | count and spatial above +2 paired SE | not run | — |" in gates_table(tmp_path, results)
 
     assert rows["SFT: color"].endswith("| 50.0% ± 7.9 | no |")
     assert rows["SFT: count"].endswith("| yes |") and rows["SFT: shape"].endswith("| yes |")
@@ -49,7 +52,11 @@ def test_gates_table_reports_each_target_against_the_run(tmp_path):
     assert rows["round 2 − SFT: count"].endswith("| +25.0 ± 6.8 | yes |")
     assert rows["round 2 − SFT: spatial"].endswith("| +0.0 ± 0.0 | no |")
     # shape fell from 40 to 20 right answers of 40: 50 points, far more than twice its paired standard error.
-    assert "lowest: shape -50.0" in rows["round 2 − SFT: every category"] and rows["round 2 − SFT: every category"].endswith("| no |")
+    assert "lowest in paired SEs: shape -50.0" in rows["round 2 − SFT: every category"]
+    assert rows["round 2 − SFT: every category"].endswith("| no |")
+    assert rows["GRPO − SFT: count"].endswith("| +25.0 ± 6.8 | yes |")
+    assert rows["GRPO − SFT: spatial"].endswith("| -2.5 ± 2.5 | no |")
+    assert rows["GRPO − SFT: every category"].endswith("| yes |")
     assert rows["pruned to 0.375 student / teacher"].endswith("= 50% | no |")
     assert rows["pruned to 0.375: distilled − labels only"].endswith("| +10.0 ± 2.0 | yes |")
     assert "distilled 60.0%, labels only 55.0%" in rows["ternary student"]

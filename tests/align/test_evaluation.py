@@ -281,6 +281,7 @@ def test_report_writes_markdown_and_png(tmp_path):
     (tmp_path / "sft" / "checkpoint-2").mkdir(parents=True)
     (tmp_path / "sft" / "checkpoint-2" / "trainer_state.json").write_text(json.dumps(state))
     curves = {"stage 1": [{"loss": 3.0, "step": 5}, {"loss": 2.0, "step": 10}], "SFT": load_log_history(tmp_path / "sft")}
+    curves["GRPO"] = [{"loss": 0.0, "reward": 0.5 + 0.1 * step, "kl": 0.001 * step, "step": step} for step in (1, 2, 3)]
     assert curves["SFT"] == state["log_history"] and load_log_history(tmp_path / "nothing") == []
 
     students = "| model | LLM parameters |\n|---|---:|\n| teacher | 1,000 |"

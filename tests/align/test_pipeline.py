@@ -83,12 +83,16 @@ def test_forkserver_launcher_runs_the_recipe_as_main_with_its_log_threads_and_en
     script = tmp_path / "recipe.py"
     script.write_text(RECIPE)
     monkeypatch.setenv("PIPELINE_TEST", "seen")
-    step = Step("ok", str(script), "c.yaml", {"seed": 3}, launcher="forkserver", threads=1)
+    step = Step("ok", str(script), "c.yaml", {"seed": 3, "categories": ["count", "spatial"]}, launcher="forkserver", threads=1)
     metrics = run_step(step, tmp_path / "run")
-    assert metrics["argv"] == ["--config", "c.yaml", "--output_dir", str(tmp_path / "run" / "ok"), "--seed", "3"]
+    assert metrics["argv"] == [
+        "--config", "c.yaml", "--output_dir", str(tmp_path / "run" / "ok"), "--seed", "3", "--categories", "count", "spatial",
+    ]
     assert metrics["threads"] == 1 and metrics["marker"] == "seen" and metrics["cwd"] == str(REPO_ROOT)
     assert "hello from recipe.py" in (tmp_path / "run" / "ok.log").read_text()
-    assert run_step(step, tmp_path / "run")["argv"] == metrics["argv"]  # done before: reused, not rerun
+    assert metrics["wall_seconds"] > 0
+    again = run_step(step, tmp_path / "run")  # done before: reused, not rerun, its time kept
+    assert again["argv"] == metrics["argv"] and again["wall_seconds"] == metrics["wall_seconds"]
 
     failing = Step("bad", str(script), "c.yaml", {"fail": 1}, launcher="forkserver")
     with pytest.raises(SystemExit, match="(?s)bad failed .*this recipe failed on purpose"):

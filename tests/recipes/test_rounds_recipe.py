@@ -1,5 +1,6 @@
 """recipes/rounds.py end to end: one round (rejection sampling -> SFT on the kept answers mixed with the original
-data -> DPO on the new pairs -> evaluation) on tiny stage configs, every stage a real recipe in its own process."""
+data -> DPO on the new pairs -> evaluation; or GRPO -> evaluation) on tiny stage configs, every stage a real recipe
+in its own process."""
 
 import json
 
@@ -34,6 +35,11 @@ def setup(tiny_parts, tmp_path_factory):
         }),
         "dpo_config": write_yaml(root / "dpo.yaml", {
             **TINY_TRAINING, **lora, "output_dir": "unused", "beta": 0.1, "precompute_ref_log_probs": True,
+        }),
+        "grpo_config": write_yaml(root / "grpo.yaml", {
+            **TINY_TRAINING, **{k: v for k, v in lora.items() if k != "max_length"}, "output_dir": "unused",
+            "world_path": world, "num_generations": 4,
+            "per_device_train_batch_size": 8, "max_completion_length": 6, "beta": 0.04,
         }),
         "evaluate_config": write_yaml(root / "eval.yaml", {
             "dtype": "float32", "world_path": world, "dataset_split": "train", "output_dir": "unused",
@@ -81,6 +87,24 @@ def test_one_round_on_tiny_configs(setup, tmp_path):
     assert again.stdout.count("done before, reusing") == 5
 
 
+@pytest.mark.slow
+def test_one_grpo_round(setup, tmp_path):
+    out = tmp_path / "rounds"
+    config = {
+        "policy": setup["vlm"], "output_dir": str(out), "rounds": 1, "prompts_per_round": 8, "algorithm": "grpo",
+        "categories": ["count", "spatial"], **{k: setup[k] for k in ("grpo_config", "evaluate_config")},
+    }
+    run_recipe("rounds.py", config, tmp_path, timeout=600)
+    summary = read_json(out / "metrics.json")
+    (round1,) = summary["rounds"]
+    assert round1["algorithm"] == "grpo" and round1["policy"] == str(out / "round1" / "grpo")
+    assert round1["grpo"]["steps"] == 2 and round1["grpo"]["prompts"] == 8 and round1["grpo"]["kl_last"] >= 0
+    assert round1["eval"]["total"] == 6 and "round 1 − round 0" in summary["paired"]
+    derived = yaml.safe_load((out / "round1" / "grpo.yaml").read_text())
+    assert derived["model_name_or_path"] == setup["vlm"] and derived["categories"] == ["count", "spatial"]
+    assert load_recipe("grpo").make_parser().parse_args_and_config(["--config", str(out / "round1" / "grpo.yaml")])
+
+
 def test_rounds_aim_sampling_at_categories(setup, tmp_path):
     """`categories` reaches each round's rejection-sampling config, whose prompts are then only of those categories,
     round r taking the r-th slice of them."""
@@ -106,6 +130,7 @@ def test_bad_settings_are_named(setup, tmp_path):
     path = tmp_path / "config.yaml"
     for override, message in (
         ({"rounds": 0}, "rounds must be >= 1"), ({"sft_config": "missing.yaml"}, "sft_config"),
+        ({"algorithm": "ppo"}, "algorithm must be one of"), ({"algorithm": "grpo", "grpo_config": "no.yaml"}, "grpo_config"),
         ({"categories": ["count", "colour"]}, r"categories has unknown names \['colour'\]"),
     ):
         path.write_text(yaml.safe_dump({"policy": setup["vlm"], "output_dir": str(tmp_path), **override}))

@@ -1,0 +1,345 @@
+"""Online RL for VLMs: GRPO (Shao et al. 2024, arXiv:2402.03300) on TRL's `GRPOTrainer`, with verifiable rewards
+from the shapes world, each image encoded once per group of completions.
+
+Rewards are TRL reward functions `f(prompts, completions, **columns) -> list[float]`; the dataset's columns
+(`record`, `images`, ...) arrive as keyword arguments. Several are summed with `GRPOConfig.reward_weights`:
+
+- `verifier`: 1 for an answer the world's verifier accepts (`align.world.verify`), 0 otherwise (Tülu 3's RLVR);
+- `format`: 1 for a short answer that commits to one value of the asked type or declines (`well_formed`), right
+  or wrong; a shaping term that keeps answers checkable;
+- `reward_model`: the Bradley-Terry score of a VLM reward model from `recipes/reward.py` (`align.scoring`).
+
+Why `VisionGRPOTrainer` extends TRL's trainer: TRL repeats each prompt `num_generations` times and hands the
+processor's pixels of every copy to generation, to the old-policy and reference passes and to the loss, so a
+group of G completions runs the vision tower G times per pass. `TowerMemo` sits on the VLM's
+`get_vision_features` and encodes each distinct image of a generation batch once: with a frozen tower the
+features are kept for every pass over that batch (generation, reference, loss, and the later steps of
+`steps_per_generation`); with a trainable tower, copies within one forward share one encode (gradients flow to
+it through the index). TRL also generates with the model's `use_cache` setting, which training turns off; the
+trainer generates with the KV cache (and the images encoded at prefill only) unless `generation_kwargs` says
+otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from trl import GRPOTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+
+from align.prompts import load_prompts
+from align.world import verify, well_formed
+
+logger = logging.getLogger(__name__)
+
+REWARDS = ("verifier", "format", "reward_model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rewards
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def completion_text(completion) -> str:
+    """The answer text of a TRL completion: a string, or conversational messages (the last one's text)."""
+    if isinstance(completion, str):
+        return completion
+    content = completion[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
+
+
+def _records(record, count: int, reward: str) -> list[dict]:
+    if record is None:
+        raise ValueError(
+            f"the {reward} reward needs prompts with a `record` column (question records, as the shapes world's "
+            "prompts have); use the reward_model reward for prompts without one"
+        )
+    if len(record) != count:
+        raise ValueError(f"{count} completions but {len(record)} question records")
+    return [json.loads(r) if isinstance(r, str) else r for r in record]
+
+
+def verifier_reward(prompts, completions, record=None, **kwargs) -> list[float]:
+    """1.0 for an answer the world's verifier accepts, 0.0 otherwise."""
+    records = _records(record, len(completions), "verifier")
+    return [1.0 if verify(r, completion_text(c)) else 0.0 for r, c in zip(records, completions, strict=True)]
+
+
+def format_reward(prompts, completions, record=None, max_words: int = 12, **kwargs) -> list[float]:
+    """1.0 for an answer of at most `max_words` words that commits to exactly one value of the question's type or
+    declines (`align.world.well_formed`), right or wrong; 0.0 for hedges, lists of values, empty or long answers.
+    Without question records only the length counts."""
+    texts = [completion_text(c) for c in completions]
+    records = _records(record, len(texts), "format") if record is not None else [None] * len(texts)
+    out = []
+    for r, text in zip(records, texts, strict=True):
+        words = len(text.split())
+        ok = 0 < words <= max_words and (r is None or well_formed(r, text))
+        out.append(1.0 if ok else 0.0)
+    return out
+
+
+class RewardModelReward:
+    """A trained VLM reward model (`recipes/reward.py`) as a GRPO reward: its score of each (image, prompt,
+    answer), batched (`align.scoring.RewardModelScorer`)."""
+
+    __name__ = "reward_model"
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def __call__(self, prompts, completions, images=None, **kwargs) -> list[float]:
+        if images is None:
+            raise ValueError("the reward_model reward needs the prompts' `images` column")
+        rows = [{"images": imgs, "prompt": prompt} for imgs, prompt in zip(images, prompts, strict=True)]
+        scores = self.scorer(rows, [[completion_text(c)] for c in completions])
+        return [s[0] for s in scores]
+
+
+def _named(name: str, func: Callable) -> Callable:
+    """`func` under `name`: TRL logs each reward function's mean as `rewards/<its __name__>/mean`."""
+
+    def reward(prompts, completions, **kwargs):
+        return func(prompts, completions, **kwargs)
+
+    reward.__name__ = name
+    return reward
+
+
+def reward_functions(
+    names: Sequence[str], reward_model_name_or_path: str | None = None, max_words: int = 12, device=None
+) -> list[Callable]:
+    """The named reward functions, in order (their weights are `GRPOConfig.reward_weights`)."""
+    unknown = [n for n in names if n not in REWARDS]
+    if unknown or not names:
+        raise ValueError(f"reward_funcs must name one or more of {list(REWARDS)}, got {list(names)}")
+    funcs = []
+    for name in names:
+        if name == "verifier":
+            funcs.append(_named("verifier", verifier_reward))
+        elif name == "format":
+            funcs.append(_named("format", functools.partial(format_reward, max_words=max_words)))
+        else:
+            if not reward_model_name_or_path:
+                raise ValueError("the reward_model reward needs reward_model_name_or_path (a recipes/reward.py output)")
+            from align.scoring import RewardModelScorer
+
+            funcs.append(RewardModelReward(RewardModelScorer.from_pretrained(reward_model_name_or_path, device=device)))
+    return funcs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One tower pass per distinct image
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _digest(image: torch.Tensor) -> bytes:
+    return hashlib.blake2b(image.detach().contiguous().cpu().numpy().tobytes(), digest_size=16).digest()
+
+
+class TowerMemo:
+    """Wraps a `VLMModel`'s `get_vision_features` so that each distinct image (by pixel content) runs the towers
+    once: across every call until `clear()` when the towers are frozen, within one call when they train.
+
+    `images_encoded` counts the images that went through the towers (what the group-encode test reads)."""
+
+    def __init__(self, vlm):
+        self.vlm = vlm
+        self.encode = vlm.get_vision_features
+        self.features: dict[bytes, list[torch.Tensor]] = {}
+        self.images_encoded = 0
+        vlm.get_vision_features = self
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.vlm.vision_towers.parameters())
+
+    def clear(self) -> None:
+        self.features.clear()
+
+    def _run(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        self.images_encoded += pixel_values.shape[0]
+        return self.encode(pixel_values)
+
+    def __call__(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        keys = [_digest(image) for image in pixel_values]
+        first: dict[bytes, int] = {}
+        for index, key in enumerate(keys):
+            first.setdefault(key, index)
+        if not self.frozen:
+            unique = list(first.values())
+            position = {key: i for i, key in enumerate(first)}
+            inverse = torch.tensor([position[k] for k in keys], device=pixel_values.device)
+            return [out[inverse] for out in self._run(pixel_values[unique])]
+        missing = [index for key, index in first.items() if key not in self.features]
+        if missing:
+            with torch.no_grad():
+                encoded = self._run(pixel_values[missing])
+            for row, index in enumerate(missing):
+                self.features[keys[index]] = [out[row] for out in encoded]
+        return [torch.stack([self.features[key][tower] for key in keys]) for tower in range(len(self.features[keys[0]]))]
+
+
+def _same_frozen_towers(a, b) -> bool:
+    """Whether two VLMs' vision towers are frozen and hold the same weights (a policy and its reference copy)."""
+    towers = (a.vision_towers, b.vision_towers)
+    if any(p.requires_grad for t in towers for p in t.parameters()):
+        return False
+    sa, sb = (t.state_dict() for t in towers)
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].device == sb[k].device and torch.equal(sa[k], sb[k]) for k in sa
+    )
+
+
+def vlm_models(*models) -> list:
+    """The suite's `VLMModel`s inside the given models (PEFT-wrapped or not), each once."""
+    from model import VLMModel
+
+    found, seen = [], set()
+    for model in models:
+        if model is None:
+            continue
+        for module in model.modules():
+            if isinstance(module, VLMModel) and id(module) not in seen:
+                seen.add(id(module))
+                found.append(module)
+    return found
+
+
+class VisionGRPOTrainer(GRPOTrainer):
+    """TRL's `GRPOTrainer` with each image encoded once per group (`TowerMemo` on the policy's and, when it is a
+    separate model, the reference's VLM), and generation with the KV cache. Stock VLMs (no suite `VLMModel`
+    inside) train as TRL trains them.
+
+    `ref_model`: the reference of a full fine-tuning run with `beta > 0` (a frozen copy of the starting policy).
+    TRL builds that copy itself from the policy's config through the architectures transformers ships, which a
+    suite VLM is not one of; given here, it is prepared as TRL prepares its own."""
+
+    def __init__(self, model, reward_funcs, args, *, ref_model=None, **kwargs):
+        separate_reference = ref_model is not None and args.beta != 0.0
+        if separate_reference and (isinstance(model, PeftModel) or kwargs.get("peft_config") is not None):
+            raise ValueError("ref_model is for full fine-tuning: under LoRA the reference is the policy without adapters")
+        if separate_reference and args.sync_ref_model:
+            raise ValueError("sync_ref_model with an explicit ref_model is not supported")
+        beta = args.beta
+        if separate_reference:
+            args.beta = 0.0  # TRL then builds no reference of its own
+        try:
+            super().__init__(model, reward_funcs, args, **kwargs)
+        finally:
+            args.beta = beta
+        if separate_reference:
+            self.beta = beta
+            self.ref_model = self._prepare_reference(ref_model)
+        self.tower_memos: list[TowerMemo] = []
+        for vlm in vlm_models(self.model, self.ref_model):
+            # A separate reference with the policy's frozen towers reads the policy's memo: one encode serves both.
+            shared = next((memo for memo in self.tower_memos if _same_frozen_towers(memo.vlm, vlm)), None)
+            if shared is not None:
+                vlm.get_vision_features = shared
+            else:
+                self.tower_memos.append(TowerMemo(vlm))
+        if "use_cache" not in (self.args.generation_kwargs or {}):
+            self.generation_config.use_cache = True
+            self.generation_kwargs["use_cache"] = True
+
+    def _prepare_reference(self, ref_model):
+        """What `GRPOTrainer.__init__` does to the reference it builds: no dropout, the fused LM head that returns
+        log-probs, and placement by accelerate (or DeepSpeed / FSDP)."""
+        ref_model.eval().requires_grad_(False)
+        if self.args.disable_dropout:
+            disable_dropout_in_model(ref_model)
+        add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(ref_model, self.accelerator)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    @property
+    def images_encoded(self) -> int:
+        return sum(memo.images_encoded for memo in self.tower_memos)
+
+    def _generate_and_score_completions(self, inputs):
+        # A new generation batch: the features of the previous one are not needed again.
+        for memo in self.tower_memos:
+            memo.clear()
+        return super()._generate_and_score_completions(inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOScriptArguments:
+    """Prompts and rewards of the GRPO recipe (the policy is `VLMModelConfig.model_name_or_path`)."""
+
+    world_path: str | None = field(
+        default=None, metadata={"help": "Shapes world folder (default: the zoo's, .cache/zoo/world)."}
+    )
+    dataset_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts: a world folder, a save_to_disk folder or a TRL JSON/JSONL file of prompt rows (with a "
+            "`record` per row for the verifier and format rewards). Default: world_path."
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of the world / DatasetDict to train on."})
+    prompt_offset: int = field(default=0, metadata={"help": "Skip this many prompts first."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Prompts to train on (default: all after the offset)."})
+    categories: list[str] | None = field(
+        default=None, metadata={"help": "Only questions of these categories (world prompts)."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["verifier", "format"],
+        metadata={"help": f"Rewards, summed with GRPOConfig.reward_weights: any of {list(REWARDS)}."},
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The reward model (recipes/reward.py output) of the reward_model reward."}
+    )
+    format_max_words: int = field(default=12, metadata={"help": "`format` reward: the longest well-formed answer."})
+
+    def __post_init__(self):
+        unknown = [n for n in self.reward_funcs if n not in REWARDS]
+        if unknown or not self.reward_funcs:
+            raise ValueError(f"reward_funcs must name one or more of {list(REWARDS)}, got {self.reward_funcs}")
+        if "reward_model" in self.reward_funcs and not self.reward_model_name_or_path:
+            raise ValueError("reward_funcs has reward_model: set reward_model_name_or_path (a recipes/reward.py output)")
+        if self.format_max_words < 1:
+            raise ValueError(f"format_max_words must be >= 1, got {self.format_max_words}")
+
+    def prompts(self, rejects_path=None) -> Dataset:
+        """The prompt rows; question records are required when a reward reads them."""
+        needs_records = "verifier" in self.reward_funcs
+        return load_prompts(
+            self.dataset_path or self.world_path, split=self.dataset_split, offset=self.prompt_offset,
+            num_prompts=self.num_prompts, categories=self.categories, needs_records=needs_records,
+            rejects_path=rejects_path,
+        )
+
+
+__all__ = [
+    "REWARDS",
+    "GRPOScriptArguments",
+    "RewardModelReward",
+    "TowerMemo",
+    "VisionGRPOTrainer",
+    "completion_text",
+    "format_reward",
+    "reward_functions",
+    "verifier_reward",
+    "vlm_models",
+]

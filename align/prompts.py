@@ -1,0 +1,65 @@
+"""Prompt rows for the stages that sample from a policy (rejection sampling, GRPO): the shapes world's questions
+with their question records (what the verifier checks answers against), or a local prompt set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+
+from align.data import load_dataset_local
+from align.evaluation import load_eval_questions
+from align.paths import default_cache_dir
+from align.world import CATEGORIES
+
+
+def load_prompts(
+    source: str | os.PathLike | None,
+    split: str = "train",
+    offset: int = 0,
+    num_prompts: int | None = None,
+    categories: list[str] | None = None,
+    needs_records: bool = True,
+    rejects_path: str | os.PathLike | None = None,
+) -> datasets.Dataset:
+    """Prompt rows (`images`, `prompt` and, for world questions, `record`, `answer`, `category`).
+
+    Args:
+        source: a shapes world folder, a `save_to_disk` folder of prompt rows, or a TRL JSON/JSONL file of prompt
+            rows (`images` paths, `prompt`, optionally a `record` each). Default: the zoo's world.
+        split: the split of a world / `DatasetDict`.
+        offset, num_prompts: keep prompts `offset` to `offset + num_prompts` (all after `offset` when None).
+        categories: keep only questions of these categories (needs a `category` column).
+        needs_records: whether prompts without question records are an error (the verifier needs them); when
+            False, a prompt set without records is read as plain prompts.
+        rejects_path: where bad rows of a plain prompt set are listed (`rejects.jsonl`).
+
+    Raises:
+        ValueError: naming the source when it is missing, lacks what is asked, or leaves no prompt.
+    """
+    source = Path(source or default_cache_dir() / "world")
+    unknown = set(categories or []) - set(CATEGORIES)
+    if unknown:
+        raise ValueError(f"categories has unknown names {sorted(unknown)}; supported: {list(CATEGORIES)}")
+    if offset < 0 or (num_prompts is not None and num_prompts < 1):
+        raise ValueError(f"need offset >= 0 and num_prompts >= 1 or unset, got {offset} and {num_prompts}")
+    try:
+        prompts = load_eval_questions(source, split=split)
+    except ValueError as error:
+        if needs_records or "record" not in str(error):
+            raise
+        prompts, report = load_dataset_local(source, kind="prompt", split=split)
+        if rejects_path is not None:
+            report.write(rejects_path)
+    if categories:
+        if "category" not in prompts.column_names:
+            raise ValueError(f"{source}: the prompts have no `category` column to filter on")
+        prompts = prompts.filter(lambda c: c in categories, input_columns="category")
+    end = len(prompts) if num_prompts is None else min(len(prompts), offset + num_prompts)
+    if offset >= end:
+        raise ValueError(f"{source}: no prompts from offset {offset} (it has {len(prompts)})")
+    return prompts.select(range(offset, end))
+
+
+__all__ = ["load_prompts"]

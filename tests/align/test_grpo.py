@@ -1,0 +1,142 @@
+"""GRPO's pieces: the rewards on fixed answers, the answer-form check, and one tower pass per distinct image (a
+group of completions shares its image's encode across generation, reference and loss passes)."""
+
+import json
+
+import pytest
+import torch
+from trl import GRPOConfig
+
+from align.grpo import (
+    GRPOScriptArguments,
+    TowerMemo,
+    VisionGRPOTrainer,
+    completion_text,
+    format_reward,
+    reward_functions,
+    verifier_reward,
+)
+from align.training import VLMModelConfig, load_reference, load_vlm, prepare_for_training
+from align.world import verify, well_formed
+from model import VLMForConditionalGeneration
+from tests.align.training_helpers import TINY_TRAINING, tiny_vlm, tiny_world
+
+COLOR = {"category": "color", "answer": "red", "answer_type": "color", "choices": []}
+COUNT = {"category": "count", "answer": "2", "answer_type": "number", "choices": []}
+EXIST = {"category": "existence", "answer": "yes", "answer_type": "yes_no", "choices": []}
+CHOICE = {"category": "spatial", "answer": "the circle", "answer_type": "choice", "choices": ["the circle", "the square"]}
+UNANSWERABLE = {"category": "unanswerable", "answer": "The image does not show that.", "answer_type": "refusal", "choices": []}
+
+
+def _messages(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+@pytest.mark.parametrize(
+    ("record", "answer", "right", "formed"),
+    [
+        (COLOR, "Red.", True, True),
+        (COLOR, "The square is blue.", False, True),
+        (COLOR, "It is red or blue.", False, False),
+        (COLOR, "Maybe red.", False, False),
+        (COUNT, "There are two circles.", True, True),
+        (COUNT, "3", False, True),
+        (COUNT, "Two or three.", False, False),
+        (EXIST, "Yes, there is.", True, True),
+        (EXIST, "No.", False, True),
+        (EXIST, "", False, False),
+        (CHOICE, "The circle.", True, True),
+        (CHOICE, "The square is.", False, True),
+        (CHOICE, "The circle and the square.", False, False),
+        (UNANSWERABLE, "I can't tell from the image.", True, True),
+        (UNANSWERABLE, "It says hello.", False, True),
+        (COLOR, "The image does not show that.", False, True),
+    ],
+)
+def test_verifier_and_format_rewards_on_fixed_answers(record, answer, right, formed):
+    assert verify(record, answer) is right and well_formed(record, answer) is formed
+    rows = {"record": [json.dumps(record)]}
+    assert verifier_reward(None, [_messages(answer)], **rows) == [1.0 if right else 0.0]
+    assert format_reward(None, [_messages(answer)], **rows) == [1.0 if formed else 0.0]
+
+
+def test_format_reward_length_and_plain_prompts():
+    long = "The square in the picture is red and it sits near the top left corner of the image."
+    assert format_reward(None, [long], record=[COLOR]) == [0.0]
+    assert format_reward(None, [long], record=[COLOR], max_words=40) == [1.0]
+    # Without question records only the length counts.
+    assert format_reward(None, ["Red.", "", long]) == [1.0, 0.0, 0.0]
+
+
+def test_completion_text_and_reward_errors():
+    assert completion_text("Red.") == "Red."
+    assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "Red"}, {"type": "text", "text": "."}]}]) == "Red."
+    with pytest.raises(ValueError, match="needs prompts with a `record` column"):
+        verifier_reward(None, ["Red."])
+    with pytest.raises(ValueError, match="reward_funcs must name"):
+        reward_functions(["verifier", "length"])
+    with pytest.raises(ValueError, match="needs reward_model_name_or_path"):
+        reward_functions(["reward_model"])
+    assert [f.__name__ for f in reward_functions(["verifier", "format"])] == ["verifier", "format"]
+    with pytest.raises(ValueError, match="set reward_model_name_or_path"):
+        GRPOScriptArguments(reward_funcs=["reward_model"])
+
+
+@pytest.fixture(scope="module")
+def vlms(tiny_parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    return {
+        "prepend": tiny_vlm(root / "vlm-prepend", tiny_parts["siglip"], tiny_parts["llama"]),
+        "cross_attention": tiny_vlm(root / "vlm-cross", tiny_parts["siglip"], tiny_parts["llama"], "cross_attention"),
+        "world": tiny_world(root / "world", images=6),
+    }
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_tower_memo_encodes_each_distinct_image_once_with_the_same_features_and_gradients(vlms, trainable):
+    model = VLMForConditionalGeneration.from_pretrained(vlms["prepend"]).eval()
+    model.model.vision_towers.requires_grad_(trainable)
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32)
+    batch = images[torch.tensor([0, 1, 0, 2, 1, 0])]
+    expected = model.model.get_vision_features(batch)
+    memo = TowerMemo(model.model)
+    got = model.model.get_vision_features(batch)
+    assert memo.images_encoded == 3
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected, strict=True))
+    model.model.get_vision_features(batch[:2])
+    # A frozen tower's features are kept until clear(); a trainable one encodes again (its weights may change).
+    assert memo.images_encoded == (5 if trainable else 3)
+    if trainable:
+        got[0].sum().backward()
+        assert next(model.model.vision_towers.parameters()).grad is not None
+    memo.clear()
+    model.model.get_vision_features(batch[:2])
+    assert memo.images_encoded == (7 if trainable else 5)
+
+
+@pytest.mark.parametrize(("fusion", "use_peft", "beta"), [("prepend", True, 0.04), ("cross_attention", False, 0.04)])
+def test_one_tower_pass_per_group(vlms, tmp_path, fusion, use_peft, beta):
+    """Two steps of 2 prompts x 4 answers: each prompt's image goes through the tower once, not once per answer and
+    pass (generation, reference, loss)."""
+    model_args = VLMModelConfig(model_name_or_path=vlms[fusion], use_peft=use_peft, lora_r=4, lora_alpha=8)
+    model, processor = load_vlm(vlms[fusion], model_args)
+    peft_config = prepare_for_training(model, model_args)
+    prompts = GRPOScriptArguments(world_path=vlms["world"]).prompts()
+    first = {image_id: index for index, image_id in reversed(list(enumerate(prompts["image_id"])))}
+    prompts = prompts.select(sorted(first.values())[:4])  # four prompts, four different images
+    settings = {k: v for k, v in TINY_TRAINING.items() if k != "dtype"}
+    settings.update(
+        report_to=[], num_generations=4, per_device_train_batch_size=8, max_completion_length=6, max_steps=2,
+        beta=beta, shuffle_dataset=False,
+    )
+    args = GRPOConfig(output_dir=str(tmp_path), **settings)
+    reference = None if use_peft else load_reference(vlms[fusion], model_args)
+    trainer = VisionGRPOTrainer(
+        model=model, reward_funcs=reward_functions(["verifier", "format"]), args=args, train_dataset=prompts,
+        processing_class=processor, peft_config=peft_config, ref_model=reference,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert trainer.images_encoded == 4
+    assert any("kl" in log for log in trainer.state.log_history)
