@@ -4,9 +4,9 @@ As in Llama 2/3's post-training (arXiv:2307.09288 §3.2.3, arXiv:2407.21783 §4.
 above a score threshold becomes SFT data, and the (best, worst) pair of a prompt whose scores differ by at least a
 margin becomes a DPO pair. The scorer is the world's verifier, a reward model or both (`align.scoring`).
 
-- Sampling is batched and uses the KV cache; each prompt's images go through the vision towers once and their
-  features are shared by its N candidates (`generate`'s own `num_return_sequences` would copy the pixels and
-  encode every image N times).
+- Sampling is batched and uses the KV cache; each prompt's images go through the vision towers once and the prompt
+  through the model once, its N candidates decoded from copies of that cache (`align.sampling`; `generate`'s own
+  `num_return_sequences` would encode every image and prefill every prompt N times).
 - Each batch is seeded from the run's seed and the batch's first prompt, so a run gives the same candidates
   however it is split into sessions.
 - `candidates.jsonl` (one line per prompt: candidates, scores) is appended a whole batch at a time and flushed
@@ -30,9 +30,9 @@ from datasets import Dataset, Features, Value
 
 from align.data.world import _assistant, with_images
 from align.evaluation import _model_device, _tokenizer, decode_completions, stop_token_ids
+from align.sampling import generate_groups
 from align.scoring import Scorer, WeightedScorer, ranking_agreement
 from align.world.dataset import MESSAGES_FEATURE
-from model import pack_image_features
 
 logger = logging.getLogger(__name__)
 
@@ -73,49 +73,35 @@ def _images_of(row: dict) -> list:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
-def _vlm(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @torch.no_grad()
 def sample_candidates(model, processor, rows: Sequence[dict], settings: SamplingSettings, seed: int | None = None) -> list[list[str]]:
     """`settings.num_candidates` sampled answers to each prompt row (`images`, `prompt` messages), one list per row.
 
-    The rows' images are encoded once; their features are repeated for the candidates (in the sample's own image
-    order, also with several images per sample) and the prompts decoded together, left-padded, with the KV cache.
+    The rows' images are encoded once and each prompt is prefilled once; its candidates are decoded together from
+    copies of that KV cache, left-padded (`align.sampling.generate_groups`).
     """
     tokenizer = _tokenizer(processor)
-    n = settings.num_candidates
     texts = [processor.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
     images = [_images_of(r) for r in rows]
     device = _model_device(model)
     inputs = processor(
         images=images if any(images) else None, text=texts, padding=True, padding_side="left", return_tensors="pt"
     ).to(device)
-    pixel_values = inputs.pop("pixel_values", None)
-    expand = torch.arange(len(rows), device=device).repeat_interleave(n)
-    kwargs = {k: v[expand] for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape[0] == len(rows)}
-    if pixel_values is not None:
-        features = pack_image_features(_vlm(model).model.get_vision_features(pixel_values))
-        first = [0]
-        for sample in images:
-            first.append(first[-1] + len(sample))
-        image_index = [i for s in expand.tolist() for i in range(first[s], first[s + 1])]
-        kwargs["image_features"] = features[torch.tensor(image_index, device=features.device)]
     if seed is not None:
         torch.manual_seed(seed)
     stop_ids = stop_token_ids(model, processor)
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(
-            **kwargs, do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-            max_new_tokens=settings.max_new_tokens, num_beams=1, use_cache=True, eos_token_id=stop_ids,
+        output = generate_groups(
+            model, inputs, settings.num_candidates, do_sample=True, temperature=settings.temperature,
+            top_p=settings.top_p, top_k=0, max_new_tokens=settings.max_new_tokens, num_beams=1, eos_token_id=stop_ids,
             pad_token_id=tokenizer.pad_token_id,
         )
     finally:
         model.train(was_training)
-    answers = decode_completions(tokenizer, output[:, kwargs["input_ids"].shape[1] :].cpu(), stop_ids)
+    answers = decode_completions(tokenizer, output[:, inputs["input_ids"].shape[1] :].cpu(), stop_ids)
+    n = settings.num_candidates
     return [answers[i * n : (i + 1) * n] for i in range(len(rows))]
 
 
