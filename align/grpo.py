@@ -33,10 +33,11 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 from trl import GRPOTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
 from align.prompts import load_prompts
+from align.sampling import generate_groups
 from align.world import verify, well_formed
 
 logger = logging.getLogger(__name__)
@@ -270,6 +271,58 @@ class VisionGRPOTrainer(GRPOTrainer):
     @property
     def images_encoded(self) -> int:
         return sum(memo.images_encoded for memo in self.tower_memos)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """Each group's prompt prefilled once and its answers decoded from copies of its KV cache
+        (`align.sampling.generate_groups`), where TRL's own path would prefill every copy of the prompt: a suite
+        VLM, plain `generate` (no vLLM, no continuous batching, no tools), and the batch made of whole groups (runs
+        of `num_generations` identical prompts with identical images, as TRL's sampler deals them). Anything else
+        goes TRL's way."""
+        groups = self._whole_groups(prompt_ids, multimodal_fields, num_generations)
+        if groups is None or self.use_vllm or self.use_transformers_continuous_batching or self.tools or has_tool_images:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        firsts, image_rows = groups
+        device = self.accelerator.device
+        prompts = [torch.tensor(prompt_ids[i]) for i in firsts]
+        inputs = {
+            "input_ids": pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
+            "attention_mask": pad([torch.ones_like(t) for t in prompts], padding_value=0, padding_side="left").to(device),
+        }
+        if image_rows is not None:
+            inputs["pixel_values"] = multimodal_fields["pixel_values"][image_rows].to(device)
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+        ):
+            output = generate_groups(unwrapped_model, inputs, num_generations, generation_config=self.generation_config)
+        completion_ids = output[:, inputs["input_ids"].shape[1] :]
+        # As TRL: everything after the first EOS is dropped.
+        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=completion_ids.device))
+        ends = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], is_eos.shape[1], dtype=torch.long))
+        return [row[: end + 1].tolist() for row, end in zip(completion_ids.cpu(), ends.cpu().tolist(), strict=True)], None
+
+    def _whole_groups(self, prompt_ids, multimodal_fields, group: int):
+        """(index of each group's first prompt, the pixel rows of those prompts' images or None) when the batch is
+        whole groups of `group` identical prompts with identical images, for a suite VLM; else None."""
+        if not self.tower_memos or len(prompt_ids) % group or set(multimodal_fields) - {"pixel_values"}:
+            return None
+        firsts = list(range(0, len(prompt_ids), group))
+        if any(prompt_ids[i + j] != prompt_ids[i] for i in firsts for j in range(group)):
+            return None
+        pixels = multimodal_fields.get("pixel_values")
+        if pixels is None:
+            return firsts, None
+        if pixels.shape[0] % len(prompt_ids):
+            return None  # a varying number of images per prompt: leave it to TRL
+        per_prompt = pixels.shape[0] // len(prompt_ids)
+        rows = pixels.reshape(len(prompt_ids), per_prompt, -1)
+        if any(not torch.equal(rows[i + j], rows[i]) for i in firsts for j in range(1, group)):
+            return None
+        return firsts, [i * per_prompt + k for i in firsts for k in range(per_prompt)]
 
     def _generate_and_score_completions(self, inputs):
         # A new generation batch: the features of the previous one are not needed again.

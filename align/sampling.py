@@ -14,6 +14,7 @@ Row `i * N + j` of the output is candidate `j` of prompt `i`, as with `num_retur
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 
 import torch
@@ -73,11 +74,17 @@ def generate_groups(model, inputs: dict, num_candidates: int, **generate_kwargs)
             "cross_attention_states": states.repeat_interleave(num_candidates, dim=0),
             "cross_attention_mask": cross_mask.repeat_interleave(num_candidates, dim=0),
         }
+    config = generate_kwargs.pop("generation_config", None)
+    if config is not None:
+        config = copy.deepcopy(config)
+        config.use_cache = True
+    else:
+        generate_kwargs["use_cache"] = True
     with _accepting_a_cache(_vlm(model)):
         return model.generate(
             input_ids=ids.repeat_interleave(num_candidates, dim=0),
             attention_mask=mask.repeat_interleave(num_candidates, dim=0),
-            cache=cache, use_cache=True, **extra, **generate_kwargs,
+            cache=cache, generation_config=config, **extra, **generate_kwargs,
         )
 
 

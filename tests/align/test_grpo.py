@@ -140,3 +140,47 @@ def test_one_tower_pass_per_group(vlms, tmp_path, fusion, use_peft, beta):
     assert trainer.state.global_step == 2
     assert trainer.images_encoded == 4
     assert any("kl" in log for log in trainer.state.log_history)
+
+
+def test_shared_prefill_generation_matches_trls(vlms, tmp_path, monkeypatch):
+    """Two steps decoded from one prefill per group give the answers, rewards and losses of TRL's own generation (which
+    prefills every copy of a prompt) under the same seed."""
+    import align.grpo
+
+    runs = {}
+    for way in ("shared", "trl"):
+        if way == "trl":
+            monkeypatch.setattr(VisionGRPOTrainer, "_whole_groups", lambda self, *args: None)
+        shared_calls = []
+        monkeypatch.setattr(
+            align.grpo, "generate_groups",
+            lambda *a, calls=shared_calls, f=align.grpo.generate_groups, **k: calls.append(1) or f(*a, **k),
+        )
+        # No LoRA dropout: its random draws during generation depend on the batch's shape, so the two ways would
+        # consume the random stream differently.
+        model_args = VLMModelConfig(
+            model_name_or_path=vlms["prepend"], use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0
+        )
+        model, processor = load_vlm(vlms["prepend"], model_args)
+        settings = {k: v for k, v in TINY_TRAINING.items() if k != "dtype"}
+        settings.update(report_to=[], num_generations=4, per_device_train_batch_size=8, max_completion_length=6,
+                        max_steps=2, beta=0.04, shuffle_dataset=False, temperature=1.0)
+        trainer = VisionGRPOTrainer(
+            model=model, reward_funcs=reward_functions(["format"]), args=GRPOConfig(output_dir=str(tmp_path / way), **settings),
+            train_dataset=GRPOScriptArguments(world_path=vlms["world"], num_prompts=8).prompts(), processing_class=processor,
+            peft_config=prepare_for_training(model, model_args),
+        )
+        completions = []
+        original = trainer._generate_single_turn
+        monkeypatch.setattr(
+            trainer, "_generate_single_turn",
+            lambda *a, out=completions, f=original, **k: out.append(f(*a, **k)[0]) or (out[-1], None),
+        )
+        trainer.train()
+        losses = [(log["loss"], log["reward"], log["kl"]) for log in trainer.state.log_history if "loss" in log]
+        runs[way] = {"shared_calls": len(shared_calls), "completions": completions, "losses": losses}
+    assert runs["shared"]["shared_calls"] == 2 and runs["trl"]["shared_calls"] == 0
+    assert runs["shared"]["completions"] == runs["trl"]["completions"]
+    assert len({tuple(c) for step in runs["shared"]["completions"] for c in step}) > 1  # sampled, not all alike
+    for shared, trl in zip(runs["shared"]["losses"], runs["trl"]["losses"], strict=True):
+        assert shared == pytest.approx(trl, rel=1e-4, abs=1e-6)
