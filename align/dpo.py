@@ -22,6 +22,7 @@ from trl import DPOConfig, DPOTrainer
 
 from align.data import build_mixture, world_preference_rows
 from align.sft import WorldDataArguments, checked
+from align.towers import TowerMemo, vlm_models
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,22 @@ def preference_dataset(args: DPOScriptArguments, output_dir: str, seed: int, mai
 
 
 class VisionDPOTrainer(DPOTrainer):
-    """TRL's `DPOTrainer`, keeping the precomputed reference columns of a vision dataset.
+    """TRL's `DPOTrainer`, keeping the precomputed reference columns of a vision dataset, and encoding each pair's
+    image once (`align.towers.TowerMemo`; TRL's collator hands it over twice, for chosen and rejected).
 
-    Only `_set_signature_columns_if_needed` is overridden: for vision data TRL keeps just the raw columns its
+    `_set_signature_columns_if_needed` is overridden: for vision data TRL keeps just the raw columns its
     collator reads (`prompt`, `chosen`, `rejected`, `images`, ...) and drops the rest before batching, which would
     drop `ref_chosen_logps`/`ref_rejected_logps` too.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # TRL's vision collator repeats each pair's images for chosen and rejected: encode each copy once.
+        self.tower_memos = [TowerMemo(vlm, keep=False) for vlm in vlm_models(self.model, self.ref_model)]
+
+    @property
+    def images_encoded(self) -> int:
+        return sum(memo.images_encoded for memo in self.tower_memos)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

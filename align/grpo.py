@@ -23,7 +23,6 @@ otherwise.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
 from align.prompts import load_prompts
 from align.sampling import generate_groups
+from align.towers import TowerMemo, same_frozen_towers, vlm_models
 from align.world import verify, well_formed
 
 logger = logging.getLogger(__name__)
@@ -141,81 +141,8 @@ def reward_functions(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One tower pass per distinct image
+# The trainer
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _digest(image: torch.Tensor) -> bytes:
-    return hashlib.blake2b(image.detach().contiguous().cpu().numpy().tobytes(), digest_size=16).digest()
-
-
-class TowerMemo:
-    """Wraps a `VLMModel`'s `get_vision_features` so that each distinct image (by pixel content) runs the towers
-    once: across every call until `clear()` when the towers are frozen, within one call when they train.
-
-    `images_encoded` counts the images that went through the towers (what the group-encode test reads)."""
-
-    def __init__(self, vlm):
-        self.vlm = vlm
-        self.encode = vlm.get_vision_features
-        self.features: dict[bytes, list[torch.Tensor]] = {}
-        self.images_encoded = 0
-        vlm.get_vision_features = self
-
-    @property
-    def frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.vlm.vision_towers.parameters())
-
-    def clear(self) -> None:
-        self.features.clear()
-
-    def _run(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        self.images_encoded += pixel_values.shape[0]
-        return self.encode(pixel_values)
-
-    def __call__(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        keys = [_digest(image) for image in pixel_values]
-        first: dict[bytes, int] = {}
-        for index, key in enumerate(keys):
-            first.setdefault(key, index)
-        if not self.frozen:
-            unique = list(first.values())
-            position = {key: i for i, key in enumerate(first)}
-            inverse = torch.tensor([position[k] for k in keys], device=pixel_values.device)
-            return [out[inverse] for out in self._run(pixel_values[unique])]
-        missing = [index for key, index in first.items() if key not in self.features]
-        if missing:
-            with torch.no_grad():
-                encoded = self._run(pixel_values[missing])
-            for row, index in enumerate(missing):
-                self.features[keys[index]] = [out[row] for out in encoded]
-        return [torch.stack([self.features[key][tower] for key in keys]) for tower in range(len(self.features[keys[0]]))]
-
-
-def _same_frozen_towers(a, b) -> bool:
-    """Whether two VLMs' vision towers are frozen and hold the same weights (a policy and its reference copy)."""
-    towers = (a.vision_towers, b.vision_towers)
-    if any(p.requires_grad for t in towers for p in t.parameters()):
-        return False
-    sa, sb = (t.state_dict() for t in towers)
-    return sa.keys() == sb.keys() and all(
-        sa[k].shape == sb[k].shape and sa[k].device == sb[k].device and torch.equal(sa[k], sb[k]) for k in sa
-    )
-
-
-def vlm_models(*models) -> list:
-    """The suite's `VLMModel`s inside the given models (PEFT-wrapped or not), each once."""
-    from model import VLMModel
-
-    found, seen = [], set()
-    for model in models:
-        if model is None:
-            continue
-        for module in model.modules():
-            if isinstance(module, VLMModel) and id(module) not in seen:
-                seen.add(id(module))
-                found.append(module)
-    return found
 
 
 class VisionGRPOTrainer(GRPOTrainer):
@@ -246,7 +173,7 @@ class VisionGRPOTrainer(GRPOTrainer):
         self.tower_memos: list[TowerMemo] = []
         for vlm in vlm_models(self.model, self.ref_model):
             # A separate reference with the policy's frozen towers reads the policy's memo: one encode serves both.
-            shared = next((memo for memo in self.tower_memos if _same_frozen_towers(memo.vlm, vlm)), None)
+            shared = next((memo for memo in self.tower_memos if same_frozen_towers(memo.vlm, vlm)), None)
             if shared is not None:
                 vlm.get_vision_features = shared
             else:
@@ -388,11 +315,9 @@ __all__ = [
     "REWARDS",
     "GRPOScriptArguments",
     "RewardModelReward",
-    "TowerMemo",
     "VisionGRPOTrainer",
     "completion_text",
     "format_reward",
     "reward_functions",
     "verifier_reward",
-    "vlm_models",
 ]

@@ -9,13 +9,13 @@ from trl import GRPOConfig
 
 from align.grpo import (
     GRPOScriptArguments,
-    TowerMemo,
     VisionGRPOTrainer,
     completion_text,
     format_reward,
     reward_functions,
     verifier_reward,
 )
+from align.towers import TowerMemo
 from align.training import VLMModelConfig, load_reference, load_vlm, prepare_for_training
 from align.world import verify, well_formed
 from model import VLMForConditionalGeneration

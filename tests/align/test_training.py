@@ -306,6 +306,8 @@ def test_precomputed_reference_logps_equal_the_reference_forward(vlms, world_tra
     pairs = world_preference_rows(world_train, per_image=1).select(range(4))
     trainer = _dpo(vlms["prepend"], pairs, tmp_path / "pre", precompute=True)
     assert trainer.precompute_ref_logps and trainer.args.precompute_ref_log_probs
+    # TRL's collator repeats each pair's image for chosen and rejected; the towers encode it once.
+    assert trainer.images_encoded == len(pairs)
     data = trainer.train_dataset
     assert set(REF_COLUMNS) <= set(data.column_names)
 
@@ -322,7 +324,10 @@ def test_precomputed_reference_logps_equal_the_reference_forward(vlms, world_tra
     trainer.train()
     on_the_fly = _dpo(vlms["prepend"], pairs, tmp_path / "live", precompute=False)
     assert not on_the_fly.precompute_ref_logps
+    encoded = on_the_fly.images_encoded
     on_the_fly.train()
+    batch = on_the_fly.args.per_device_train_batch_size
+    assert on_the_fly.images_encoded - encoded == 2 * 2 * batch  # 2 steps, policy + reference, one per pair
     for key in ("loss", "rewards/chosen", "rewards/rejected"):
         precomputed = [log[key] for log in trainer.state.log_history if key in log]
         live = [log[key] for log in on_the_fly.state.log_history if key in log]
