@@ -1,0 +1,117 @@
+"""DPO with LoRA two ways, in one run, at two shapes: stock TRL's `DPOTrainer` (the reference forward on every
+batch, as TRL refuses precomputed reference log-probs for vision data; each pair's image encoded for chosen and for
+rejected, by the policy and by the reference) and the suite's `align.dpo.dpo_trainer` (the reference log-probs
+computed once before training, each pair's image encoded once per forward).
+
+    python bench/dpo.py                      # both shapes
+    python bench/dpo.py --shape tiny --steps 20
+
+Both ways train the same VLM (reloaded for every run) with LoRA r=16 on the same world preference pairs, batch and
+seed, one epoch over `steps x batch` pairs; the suite's time includes its reference precompute. Shapes as in
+`bench/grpo.py`. Runs alternate; medians of pairs/s, their ratio, the images the towers encoded per pair and the
+peak resident memory of the process are printed. Writes `runs/bench/dpo.json`. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+from trl import DPOConfig, DPOTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from grpo import realistic_vlm  # noqa: E402
+from pretrain_cache import EncoderCounter  # noqa: E402
+
+from align.data import world_preference_rows  # noqa: E402
+from align.dpo import dpo_trainer  # noqa: E402
+from align.paths import REPO_ROOT, default_cache_dir  # noqa: E402
+from align.training import VLMModelConfig, load_vlm, prepare_for_training  # noqa: E402
+from align.zoo import ZooConfig, build_zoo  # noqa: E402
+
+
+def run_once(way: str, path: str, pairs, args, output_dir: str) -> dict:
+    model_args = VLMModelConfig(model_name_or_path=path, use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0)
+    model, processor = load_vlm(path, model_args)
+    peft_config = prepare_for_training(model, model_args)
+    config = DPOConfig(
+        output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size, beta=0.1,
+        learning_rate=1e-4, report_to="none", save_strategy="no", logging_steps=args.steps, bf16=False, use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0, seed=0, max_length=None, activation_checkpointing=False,
+        precompute_ref_log_probs=way == "ours",
+    )
+    counter = EncoderCounter(model.model.vision_towers)
+    t0 = time.perf_counter()
+    if way == "ours":
+        trainer = dpo_trainer(model, config, pairs, processor, peft_config=peft_config)
+    else:
+        trainer = DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=processor, peft_config=peft_config)
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "pairs": len(pairs), "images": counter.images}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="both", choices=["tiny", "realistic", "both"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+
+    import datasets
+
+    build_zoo(ZooConfig())
+    root = default_cache_dir()
+    world = datasets.load_from_disk(str(root / "world"))["train"].select(range(args.steps * args.batch_size))
+    pairs = world_preference_rows(world, per_image=1)
+    report = {}
+    names = {"stock": "stock TRL DPOTrainer", "ours": "dpo_trainer (precomputed reference, one encode per pair)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        shapes = ["tiny", "realistic"] if args.shape == "both" else [args.shape]
+        for shape in shapes:
+            path = str(root / "base") if shape == "tiny" else realistic_vlm(Path(tmp) / "realistic", root / "tokenizer")
+            results = {way: [] for way in names}
+            for repeat in range(args.repeats):
+                for way in (list(names) if repeat % 2 == 0 else list(reversed(names))):
+                    result = run_once(way, path, pairs, args, str(Path(tmp) / "run"))
+                    results[way].append(result)
+                    print(f"  {shape} repeat {repeat + 1} {way:>5}: {result['pairs'] / result['seconds']:6.2f} pairs/s "
+                          f"({result['seconds']:.1f} s, {result['images']} images encoded)", flush=True)
+            speed = {way: statistics.median(r["pairs"] / r["seconds"] for r in runs) for way, runs in results.items()}
+            report[shape] = {
+                "ratio": speed["ours"] / speed["stock"], "baseline": speed["stock"], "ours": speed["ours"],
+                "unit": "pairs/s (one epoch, the reference precompute included)",
+                "shape": f"{shape}: {len(pairs)} pairs, batch {args.batch_size}, LoRA r=16",
+                "images_per_pair": {way: runs[-1]["images"] / runs[-1]["pairs"] for way, runs in results.items()},
+            }
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nDPO with LoRA, {torch.get_num_threads()} torch thread(s), median of {args.repeats} alternating runs "
+          f"(peak resident memory of the whole run: {peak:.0f} MB):\n")
+    print("| shape | stock TRL pairs/s | ours pairs/s | ratio | images encoded per pair (stock -> ours) |")
+    print("|---|---:|---:|---:|---|")
+    for shape, r in report.items():
+        images = r["images_per_pair"]
+        print(f"| {shape} | {r['baseline']:.2f} | {r['ours']:.2f} | {r['ratio']:.2f}x | "
+              f"{images['stock']:.0f} -> {images['ours']:.0f} |")
+    out = REPO_ROOT / "runs" / "bench" / "dpo.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
