@@ -86,10 +86,22 @@ class VisionDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
         # TRL's vision collator repeats each pair's images for chosen and rejected: encode each copy once.
         self.tower_memos = [TowerMemo(vlm, keep=False) for vlm in vlm_models(self.model, self.ref_model)]
+        self.shared_prefix = bool(self.tower_memos)  # packing needs the suite's VLM (4-D masks, shift_labels)
 
     @property
     def images_encoded(self) -> int:
         return sum(memo.images_encoded for memo in self.tower_memos)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Chosen and rejected share their image and prompt: one forward per pair (SharedPrefixModel).
+        if self.shared_prefix:
+            model = SharedPrefixModel(model, inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def compute_ref_log_probs(self, model, inputs):
+        if self.shared_prefix:
+            model = SharedPrefixModel(model, inputs)
+        return super().compute_ref_log_probs(model, inputs)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -163,6 +175,130 @@ def precompute_reference(trainer: DPOTrainer, batch_size: int | None = None) -> 
     trainer.precompute_ref_logps = True
     trainer.ref_model = None
     logger.info("precomputed the reference log-probs of %d preference pairs", len(trainer.train_dataset))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One forward per pair: the image and prompt shared by chosen and rejected
+# ---------------------------------------------------------------------------------------------------------------
+
+FUSED_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def pack_pairs(batch: dict) -> dict | None:
+    """One sequence per preference pair from TRL's batch (`[chosen rows; rejected rows]` of width W, a pair's two rows
+    starting with the same prompt): with P the leading columns where no row has a completion token (the shortest
+    prompt), `[the P shared columns | chosen's columns P.. | copy of column P-1 | rejected's columns P..]`; whatever
+    follows the shared columns (a longer prompt's tail, the answer, padding) is kept per row.
+
+    The copy of the prompt's last token stands where the rejected answer starts: it has that token's position and
+    sees the prompt as the original does (not the chosen answer), so its hidden state is the original's, and it
+    scores the rejected answer's first token while the original scores the chosen's. The rejected tokens see the
+    prompt without its last token (the copy stands for it), the copy and the rejected tokens before them; the chosen
+    tokens never see the rejected ones (they come later). Each row keeps the positions the model gives it unpacked.
+    The images go in once per pair.
+
+    Returns:
+        `input_ids`, `attention_mask` (4-D, additive), `position_ids`, `shift_labels` (each position's next-token
+        label, -100 where none), the model's other inputs halved to the pairs, and `index` (the packed position of
+        each log-prob of TRL's `[2B, P + C - 1]` layout); None when the rows do not share their prompts.
+    """
+    ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    rows, width = ids.shape
+    if rows % 2 or completion.shape != ids.shape:
+        return None
+    pairs = rows // 2
+    in_prompt = (completion == 0).all(dim=0)
+    prompt = int(in_prompt.long().cumprod(0).sum())  # P: the leading columns no completion reaches
+    if prompt < 1 or prompt == width:
+        return None
+    if not (torch.equal(ids[:pairs, :prompt], ids[pairs:, :prompt]) and torch.equal(attention[:pairs, :prompt], attention[pairs:, :prompt])):
+        return None
+    answer = width - prompt  # the columns after the shared ones
+    device = ids.device
+    chosen, rejected = ids[:pairs], ids[pairs:]
+    packed = torch.cat([chosen, chosen[:, prompt - 1 : prompt], rejected[:, prompt:]], dim=1)  # [B, W + 1 + W - P]
+    length = packed.shape[1]
+    keys = torch.cat([attention[:pairs], attention[:pairs, prompt - 1 : prompt], attention[pairs:, prompt:]], dim=1).bool()
+
+    # Segments: 0 prompt, 1 chosen, 2 the copy, 3 rejected.
+    segment = torch.cat([
+        torch.zeros(prompt, dtype=torch.long), torch.ones(answer, dtype=torch.long),
+        torch.full((1,), 2, dtype=torch.long), torch.full((answer,), 3, dtype=torch.long),
+    ]).to(device)
+    position = torch.arange(length, device=device)
+    q_seg, k_seg = segment[:, None], segment[None, :]
+    allowed = position[None, :] <= position[:, None]  # causal in packed order
+    allowed &= ~((q_seg >= 2) & (k_seg == 1))  # the copy and the rejected answer do not see the chosen one
+    last_prompt = position == prompt - 1
+    allowed &= ~((q_seg >= 2) & last_prompt[None, :])  # nor the original last prompt token: the copy stands for it
+    allowed = allowed[None] & keys[:, None, :]
+    allowed |= torch.eye(length, dtype=torch.bool, device=device)[None]  # padding rows attend to themselves
+    dtype = batch.get("pixel_values", torch.zeros((), dtype=torch.float32)).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    counted = (attention.long().cumsum(-1) - 1).clamp(min=0)  # each row's positions, as the model counts them
+    positions = torch.cat([counted[:pairs], counted[:pairs, prompt - 1 : prompt], counted[pairs:, prompt:]], dim=1)
+
+    labels = torch.full_like(packed, -100)
+    targets_chosen = chosen[:, prompt:].masked_fill(completion[:pairs, prompt:] == 0, -100)
+    targets_rejected = rejected[:, prompt:].masked_fill(completion[pairs:, prompt:] == 0, -100)
+    labels[:, prompt - 1 : prompt - 1 + answer] = targets_chosen  # the original last prompt token onwards
+    labels[:, prompt + answer : prompt + answer + answer] = targets_rejected  # the copy onwards
+
+    # TRL's layout scores token t+1 at position t: [2B, W - 1]. Chosen rows read the same packed positions;
+    # rejected rows read position P - 1 + j from the copy onwards, the prompt part (no label) from the prompt.
+    base = torch.arange(width - 1, device=device)
+    shifted = torch.where(base >= prompt - 1, base + answer + 1, base)
+    index = torch.cat([base.expand(pairs, -1), shifted.expand(pairs, -1)], dim=0)
+
+    other = {}
+    for key, value in batch.items():
+        if key in ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"):
+            continue
+        if key == "pixel_values":
+            if value.shape[0] % 2:
+                return None
+            other[key] = value[: value.shape[0] // 2]  # the collator repeats the images: chosen's copy is enough
+        else:
+            return None  # an input this packing does not know how to halve (token_type_ids, image_grid_thw, ...)
+    return {
+        "input_ids": packed, "attention_mask": additive[:, None], "position_ids": positions, "shift_labels": labels,
+        "index": index, **other,
+    }
+
+
+def unpack_outputs(outputs, index: torch.Tensor, pairs: int):
+    """The fused head's per-token fields of the packed pairs, in TRL's `[chosen rows; rejected rows]` layout."""
+    fields = {}
+    for name in FUSED_FIELDS:
+        value = getattr(outputs, name, None)
+        if value is not None:
+            doubled = torch.cat([value, value], dim=0)
+            fields[name] = doubled.gather(1, index)
+    return type(outputs)(**{**{k: v for k, v in outputs.items() if k not in FUSED_FIELDS}, **fields})
+
+
+class SharedPrefixModel:
+    """Stands in for the policy (or its reference) in TRL's DPO loss: called with TRL's `[chosen; rejected]` batch
+    and `fused_lm_head=True`, it runs one packed sequence per pair (`pack_pairs`) and returns the fused head's
+    per-token fields in TRL's layout. A batch it cannot pack goes to the model as is."""
+
+    def __init__(self, model, batch: dict):
+        self.model = model
+        self.packed = pack_pairs(batch)
+
+    def __call__(self, fused_lm_head: bool = False, labels=None, **kwargs):
+        if self.packed is None or not fused_lm_head:
+            return self.model(fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        packed = dict(self.packed)
+        index = packed.pop("index")
+        extra = {k: v for k, v in kwargs.items() if k in ("output_router_logits",)}
+        outputs = self.model(**packed, fused_lm_head=True, use_cache=False, **extra)
+        return unpack_outputs(outputs, index, index.shape[0] // 2)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
 
 
 def dpo_trainer(

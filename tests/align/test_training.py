@@ -12,7 +12,7 @@ from peft import get_peft_model
 from trl import DPOConfig, SFTConfig, SFTTrainer
 
 from align.data import world_preference_rows, world_sft_rows
-from align.dpo import REF_COLUMNS, DPOScriptArguments, dpo_trainer, preference_dataset
+from align.dpo import REF_COLUMNS, DPOScriptArguments, SharedPrefixModel, dpo_trainer, preference_dataset
 from align.sft import REJECTS_FILE, SFTScriptArguments, checked, sft_dataset
 from align.training import (
     VLMModelConfig,
@@ -333,3 +333,57 @@ def test_precomputed_reference_logps_equal_the_reference_forward(vlms, world_tra
         live = [log[key] for log in on_the_fly.state.log_history if key in log]
         assert len(precomputed) == 2 and precomputed == pytest.approx(live, abs=1e-4), key
     assert trainer.state.log_history[1]["rewards/margins"] != 0  # the second step really compared to the reference
+
+
+@pytest.mark.parametrize("fusion", ["prepend", "cross_attention"])
+def test_one_forward_per_pair_gives_the_separate_forwards_log_probs(vlms, world_train, tmp_path, fusion):
+    """Chosen and rejected packed behind their shared image and prompt (`SharedPrefixModel`) score every completion
+    token as TRL's two separate rows do, within 1e-5 in float32, under LoRA with the adapters on and off, for both
+    fusions; each pair's image goes through the tower once."""
+    pairs = world_preference_rows(world_train, per_image=2).select(range(6))
+    trainer = _dpo(vlms[fusion], pairs, tmp_path, precompute=False)
+    model = trainer.model
+    if fusion == "cross_attention":  # open the zero-initialised gates so that the images matter
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "gate" in name:
+                    parameter.fill_(0.5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():  # non-zero LoRA B, so adapters on and off differ
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    batch = trainer.data_collator([dict(pairs[i]) for i in range(len(pairs))])
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    mask = batch["completion_mask"][:, 1:].bool()
+    for adapters in (True, False):
+        context = torch.no_grad() if adapters else model.disable_adapter()
+        with torch.no_grad(), context:
+            separate = model(**inputs, labels=labels, fused_lm_head=True, use_cache=False)
+            encoded = trainer.images_encoded
+            shared = SharedPrefixModel(model, batch)(**inputs, labels=labels, fused_lm_head=True, use_cache=False)
+            assert trainer.images_encoded - encoded == len(set(pairs["image_id"]))  # each distinct image once
+        assert shared.log_probs.shape == separate.log_probs.shape
+        torch.testing.assert_close(shared.log_probs[mask], separate.log_probs[mask], rtol=0, atol=1e-5)
+        torch.testing.assert_close(shared.entropy[mask], separate.entropy[mask], rtol=0, atol=1e-5)
+        assert (shared.log_probs[~mask] == 0).all()
+    other = batch["input_ids"].clone()
+    other[len(pairs), 1] += 1  # the first rejected row no longer starts with its chosen row's prompt
+    assert SharedPrefixModel(model, {**batch, "input_ids": other}).packed is None
+
+
+def test_dpo_with_one_forward_per_pair_trains_as_trl(vlms, world_train, tmp_path, monkeypatch):
+    """Two DPO steps, the reference precomputed, with one forward per pair and with TRL's two rows: the same losses
+    and margins."""
+    import align.dpo
+
+    pairs = world_preference_rows(world_train, per_image=1).select(range(4))
+    logs = {}
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(align.dpo, "pack_pairs", lambda batch: None)
+        trainer = _dpo(vlms["prepend"], pairs, tmp_path / str(shared), precompute=True)
+        trainer.train()
+        logs[shared] = [log[k] for log in trainer.state.log_history if "loss" in log for k in ("loss", "rewards/margins")]
+    assert logs[True] == pytest.approx(logs[False], abs=1e-4)
+    assert logs[True][3] != 0  # the second step's margin: the policy moved away from its reference
