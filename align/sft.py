@@ -83,8 +83,24 @@ class SFTScriptArguments(WorldDataArguments):
         },
     )
 
+    use_feature_cache: str = field(
+        default="false",
+        metadata={
+            "help": "Train on the vision towers' cached output instead of pixels (0 tower calls per step): true, auto "
+            "(when the stage freezes the towers) or false. The cache encodes every image of the data once first "
+            "(model.feature_cache), so it pays off over more than one pass or with large towers (bench/sft.py)."
+        },
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Root folder of the feature cache (default: <output_dir>/feature_cache)."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.use_feature_cache, bool):
+            self.use_feature_cache = str(self.use_feature_cache).lower()
+        if self.use_feature_cache not in ("auto", "true", "false"):
+            raise ValueError(f"use_feature_cache must be one of auto, true, false; got {self.use_feature_cache!r}")
         for name in ("refusal_weight", "caption_weight", "world_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -126,3 +126,18 @@ def test_real_config_on_tiny_stand_ins(setup, tmp_path):
     recipe.main(*recipe.make_parser().parse_args_and_config(["--config", str(tmp_path / "real.yaml")]))
     metrics = read_json(tmp_path / "run" / "metrics.json")
     assert metrics["global_step"] == 1 and metrics["rows"]["rejected"] == 12  # 4 bad rows in each of 3 sources
+
+
+@pytest.mark.slow
+def test_lora_on_cached_features_trains_as_on_pixels(setup, tmp_path):
+    """`use_feature_cache: true`: the towers' output is cached once and training reads it (no tower call per step);
+    the losses are those of training on pixels."""
+    losses = {}
+    for mode in ("true", "false"):
+        config = sft_config(setup["prepend"], tmp_path / mode, world_path=setup["world"], use_feature_cache=mode, max_steps=3)
+        result = run_recipe("sft.py", config, tmp_path)
+        cached = "reading cached vision features" in result.stdout
+        assert cached == (mode == "true")
+        losses[mode] = [loss for _, loss in check_output(tmp_path / mode, steps=3)["loss"]["history"]]
+    assert (tmp_path / "true" / "feature_cache").is_dir()
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)

@@ -1,0 +1,117 @@
+"""SFT with LoRA on pixels and on cached vision features, in one run, at two shapes.
+
+    python bench/sft.py                      # both shapes
+    python bench/sft.py --shape realistic --steps 10
+
+Both ways train the same VLM (reloaded for every run) with LoRA r=16 on the same world conversations, batch and seed
+through TRL's `SFTTrainer`: "pixels" is TRL's vision collator (images preprocessed and the frozen towers run every
+step), "cached" reads the towers' output from the feature cache (`recipes/sft.py --use_feature_cache true`; filled once
+before, its cost printed apart). Shapes as in `bench/grpo.py`. Runs alternate; medians of samples/s and their ratio
+are printed with the images encoded per sample. Writes `runs/bench/sft.json`. Asserts nothing.
+Not measured here: packing (not built yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import datasets
+import torch
+from transformers.utils import logging as hf_logging
+from trl import SFTConfig, SFTTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from grpo import realistic_vlm  # noqa: E402
+from pretrain_cache import EncoderCounter  # noqa: E402
+
+from align.data import world_sft_rows  # noqa: E402
+from align.paths import REPO_ROOT, default_cache_dir  # noqa: E402
+from align.training import VLMModelConfig, load_vlm, prepare_for_training  # noqa: E402
+from align.zoo import ZooConfig, build_zoo  # noqa: E402
+from model.pretrain import prepare_stage_data  # noqa: E402
+
+
+def run_once(way: str, path: str, rows, args, tmp: str) -> dict:
+    model_args = VLMModelConfig(model_name_or_path=path, use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0)
+    model, processor = load_vlm(path, model_args)
+    peft_config = prepare_for_training(model, model_args)
+    counter = EncoderCounter(model.model.vision_towers)
+    t0 = time.perf_counter()
+    data = prepare_stage_data(rows, model, processor, "finetune", use_feature_cache="true" if way == "cached" else "false",
+                              cache_dir=Path(tmp) / "features", assistant_only_loss=True)
+    build = time.perf_counter() - t0
+    config = SFTConfig(
+        output_dir=str(Path(tmp) / "run"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-3, report_to="none", save_strategy="no", logging_steps=args.steps, bf16=False, use_cpu=True,
+        max_length=None, assistant_only_loss=True, activation_checkpointing=False, disable_tqdm=True,
+        dataloader_num_workers=0, seed=0,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data.train_dataset, data_collator=data.data_collator,
+                         processing_class=processor, peft_config=peft_config)
+    counter.reset()
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    samples = args.steps * args.batch_size
+    return {"seconds": seconds, "samples": samples, "images": counter.images, "build_seconds": build}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="both", choices=["tiny", "realistic", "both"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+
+    build_zoo(ZooConfig())
+    root = default_cache_dir()
+    world = datasets.load_from_disk(str(root / "world"))["train"].select(range(args.steps * args.batch_size))
+    rows = world_sft_rows(world)
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        shapes = ["tiny", "realistic"] if args.shape == "both" else [args.shape]
+        for shape in shapes:
+            path = str(root / "base") if shape == "tiny" else realistic_vlm(Path(tmp) / "realistic", root / "tokenizer")
+            results = {"pixels": [], "cached": []}
+            for repeat in range(args.repeats):
+                for way in (["pixels", "cached"] if repeat % 2 == 0 else ["cached", "pixels"]):
+                    result = run_once(way, path, rows, args, str(Path(tmp) / f"{shape}-{way}-{repeat}"))
+                    results[way].append(result)
+                    print(f"  {shape} repeat {repeat + 1} {way:>6}: {result['samples'] / result['seconds']:6.2f} samples/s "
+                          f"({result['seconds']:.1f} s, {result['images']} images encoded in training; "
+                          f"cache build {result['build_seconds']:.1f} s)", flush=True)
+            speed = {way: statistics.median(r["samples"] / r["seconds"] for r in runs) for way, runs in results.items()}
+            report[shape] = {
+                "ratio": speed["cached"] / speed["pixels"], "baseline": speed["pixels"], "ours": speed["cached"],
+                "unit": "samples/s (training, the one-off cache build apart)",
+                "shape": f"{shape}: {args.steps} steps x {args.batch_size} conversations, LoRA r=16",
+                "images_per_sample": {w: runs[-1]["images"] / runs[-1]["samples"] for w, runs in results.items()},
+                "cache_build_seconds": statistics.median(r["build_seconds"] for r in results["cached"]),
+            }
+    print(f"\nSFT with LoRA, {torch.get_num_threads()} torch thread(s), median of {args.repeats} alternating runs:\n")
+    print("| shape | pixels samples/s | cached samples/s | ratio | tower images per sample | one-off cache build |")
+    print("|---|---:|---:|---:|---|---:|")
+    for shape, r in report.items():
+        images = r["images_per_sample"]
+        print(f"| {shape} | {r['baseline']:.2f} | {r['ours']:.2f} | {r['ratio']:.2f}x | "
+              f"{images['pixels']:.0f} -> {images['cached']:.0f} | {r['cache_build_seconds']:.1f} s |")
+    out = REPO_ROOT / "runs" / "bench" / "sft.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
