@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 from datasets import Dataset
 
 from align.data import RejectReport, build_mixture, refusal_rows, validate_rows, world_sft_rows
@@ -176,3 +178,58 @@ def sft_dataset(args: SFTScriptArguments, output_dir: str, seed: int, main_proce
 
 
 __all__ = ["REJECTS_FILE", "SFTScriptArguments", "WorldDataArguments", "checked", "mix", "sft_dataset", "world_sft_mixture"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Padding-free VLM SFT
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PaddingFreeVisionCollator:
+    """A vision collator's batch flattened into one row without padding, as TRL's `padding_free` does for text:
+    each sample's tokens in turn, its positions restarting at 0 (transformers then attends within each sample only:
+    a block-diagonal mask from the positions, with SDPA or FlashAttention), its first token no label (the previous
+    sample's last token predicts nothing). Images stay in order, so the prepend fusion's placeholders still meet
+    their own images; for cross-attention fusion each token gets an explicit mask over its own sample's images.
+
+    TRL refuses `padding_free` for vision data (its collator does not flatten pixel batches); `sft_trainer` wraps the
+    trainer's collator in this one instead."""
+
+    collator: Callable
+    image_token_id: int | None = None
+    cross_attention: bool = False
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collator(examples)
+        mask = batch.pop("attention_mask").bool()
+        rows, width = mask.shape
+        starts = mask.long().cumsum(1) == 1  # each sample's first real token
+        labels = batch["labels"].masked_fill(starts & mask, -100)
+        flat = {"input_ids": batch["input_ids"][mask][None], "labels": labels[mask][None]}
+        flat["position_ids"] = (mask.long().cumsum(1) - 1)[mask][None]
+        for key, value in batch.items():
+            if key in flat or key in ("cross_attention_mask",):
+                continue
+            if isinstance(value, torch.Tensor) and value.shape[:2] == (rows, width):
+                flat[key] = value[mask][None]  # another per-token field (token_type_ids, ...)
+            else:
+                flat[key] = value  # pixel_values, image_features: per image, in order
+        if self.cross_attention:
+            placeholders = batch["input_ids"] == self.image_token_id
+            per_row = placeholders.sum(1).tolist()
+            seen = placeholders.long().cumsum(1)  # images of its own sample a token may see
+            offsets = torch.tensor([0, *per_row[:-1]], device=mask.device).cumsum(0)
+            slots = torch.arange(sum(per_row), device=mask.device)
+            first = offsets[:, None, None]
+            visible = (slots[None, None, :] >= first) & (slots[None, None, :] < first + seen[..., None])
+            flat["cross_attention_mask"] = visible[mask].long()[None]
+        return flat
+
+
+def padding_free_collator(trainer, model) -> PaddingFreeVisionCollator:
+    """The trainer's collator wrapped for padding-free training of the suite's `model`."""
+    config = model.config
+    return PaddingFreeVisionCollator(
+        trainer.data_collator, image_token_id=config.image_token_id, cross_attention=config.fusion == "cross_attention"
+    )

@@ -1,4 +1,5 @@
-"""SFT with LoRA on pixels and on cached vision features, in one run, at two shapes.
+"""SFT with LoRA three ways, in one run, at two shapes: padded batches on pixels (TRL's vision collator), on cached
+vision features, and padding-free (one row per batch, positions restarting per sample) on pixels.
 
     python bench/sft.py                      # both shapes
     python bench/sft.py --shape realistic --steps 10
@@ -7,8 +8,8 @@ Both ways train the same VLM (reloaded for every run) with LoRA r=16 on the same
 through TRL's `SFTTrainer`: "pixels" is TRL's vision collator (images preprocessed and the frozen towers run every
 step), "cached" reads the towers' output from the feature cache (`recipes/sft.py --use_feature_cache true`; filled once
 before, its cost printed apart). Shapes as in `bench/grpo.py`. Runs alternate; medians of samples/s and their ratio
-are printed with the images encoded per sample. Writes `runs/bench/sft.json`. Asserts nothing.
-Not measured here: packing (not built yet).
+are printed with the images encoded per sample and the tokens the model ran per useful token. Writes
+`runs/bench/sft.json`. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pretrain_cache import EncoderCounter  # noqa: E402
 
 from align.data import world_sft_rows  # noqa: E402
 from align.paths import REPO_ROOT, default_cache_dir  # noqa: E402
+from align.sft import padding_free_collator  # noqa: E402
 from align.training import VLMModelConfig, load_vlm, prepare_for_training  # noqa: E402
 from align.zoo import ZooConfig, build_zoo  # noqa: E402
 from model.pretrain import prepare_stage_data  # noqa: E402
@@ -57,12 +59,25 @@ def run_once(way: str, path: str, rows, args, tmp: str) -> dict:
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=data.train_dataset, data_collator=data.data_collator,
                          processing_class=processor, peft_config=peft_config)
+    if way == "padding-free":
+        trainer.data_collator = padding_free_collator(trainer, model)
+    tokens = {"ran": 0, "useful": 0}
+    collate = trainer.data_collator
+
+    def counting(examples):
+        batch = collate(examples)
+        tokens["ran"] += batch["input_ids"].numel()
+        tokens["useful"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        return batch
+
+    trainer.data_collator = counting
     counter.reset()
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     samples = args.steps * args.batch_size
-    return {"seconds": seconds, "samples": samples, "images": counter.images, "build_seconds": build}
+    return {"seconds": seconds, "samples": samples, "images": counter.images, "build_seconds": build,
+            "useful_tokens": tokens["useful"], "ran_tokens": tokens["ran"]}
 
 
 def main(argv=None):
@@ -84,9 +99,10 @@ def main(argv=None):
         shapes = ["tiny", "realistic"] if args.shape == "both" else [args.shape]
         for shape in shapes:
             path = str(root / "base") if shape == "tiny" else realistic_vlm(Path(tmp) / "realistic", root / "tokenizer")
-            results = {"pixels": [], "cached": []}
+            ways = ["pixels", "cached", "padding-free"]
+            results = {way: [] for way in ways}
             for repeat in range(args.repeats):
-                for way in (["pixels", "cached"] if repeat % 2 == 0 else ["cached", "pixels"]):
+                for way in (ways if repeat % 2 == 0 else list(reversed(ways))):
                     result = run_once(way, path, rows, args, str(Path(tmp) / f"{shape}-{way}-{repeat}"))
                     results[way].append(result)
                     print(f"  {shape} repeat {repeat + 1} {way:>6}: {result['samples'] / result['seconds']:6.2f} samples/s "
@@ -98,15 +114,29 @@ def main(argv=None):
                 "unit": "samples/s (training, the one-off cache build apart)",
                 "shape": f"{shape}: {args.steps} steps x {args.batch_size} conversations, LoRA r=16",
                 "images_per_sample": {w: runs[-1]["images"] / runs[-1]["samples"] for w, runs in results.items()},
+                "padding_free": {
+                    "ratio": speed["padding-free"] / speed["pixels"], "baseline": speed["pixels"],
+                    "ours": speed["padding-free"], "unit": "samples/s (same useful tokens)",
+                    "tokens_run_per_useful_token": {
+                        w: runs[-1]["ran_tokens"] / runs[-1]["useful_tokens"] for w, runs in results.items()
+                    },
+                },
                 "cache_build_seconds": statistics.median(r["build_seconds"] for r in results["cached"]),
             }
     print(f"\nSFT with LoRA, {torch.get_num_threads()} torch thread(s), median of {args.repeats} alternating runs:\n")
-    print("| shape | pixels samples/s | cached samples/s | ratio | tower images per sample | one-off cache build |")
+    print("| shape | padded, pixels samples/s | cached samples/s | ratio | tower images per sample | one-off cache build |")
     print("|---|---:|---:|---:|---|---:|")
     for shape, r in report.items():
         images = r["images_per_sample"]
         print(f"| {shape} | {r['baseline']:.2f} | {r['ours']:.2f} | {r['ratio']:.2f}x | "
               f"{images['pixels']:.0f} -> {images['cached']:.0f} | {r['cache_build_seconds']:.1f} s |")
+    print("\n| shape | padded samples/s | padding-free samples/s | ratio | tokens run per useful token (padded -> padding-free) |")
+    print("|---|---:|---:|---:|---|")
+    for shape, r in report.items():
+        free = r["padding_free"]
+        ran = free["tokens_run_per_useful_token"]
+        print(f"| {shape} | {free['baseline']:.2f} | {free['ours']:.2f} | {free['ratio']:.2f}x | "
+              f"{ran['pixels']:.2f} -> {ran['padding-free']:.2f} |")
     out = REPO_ROOT / "runs" / "bench" / "sft.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

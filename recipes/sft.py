@@ -19,7 +19,7 @@ import logging
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from align.sft import REJECTS_FILE, SFTScriptArguments, sft_dataset
+from align.sft import REJECTS_FILE, SFTScriptArguments, padding_free_collator, sft_dataset
 from align.training import (
     VLMModelConfig,
     check_launch,
@@ -69,6 +69,8 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     )
 
     # ------------------------------------------------------------------ trainer
+    padding_free = training_args.padding_free
+    training_args.padding_free = False  # TRL refuses it for vision data: PaddingFreeVisionCollator does it
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -77,6 +79,10 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         processing_class=processor,
         peft_config=peft_config,
     )
+    training_args.padding_free = padding_free
+    if padding_free:
+        trainer.data_collator = padding_free_collator(trainer, model)
+        logger.info("padding-free: each batch is one row of its samples' tokens, positions restarting per sample")
 
     # ------------------------------------------------------------------ train
     if checkpoint:

@@ -387,3 +387,35 @@ def test_dpo_with_one_forward_per_pair_trains_as_trl(vlms, world_train, tmp_path
         logs[shared] = [log[k] for log in trainer.state.log_history if "loss" in log for k in ("loss", "rewards/margins")]
     assert logs[True] == pytest.approx(logs[False], abs=1e-4)
     assert logs[True][3] != 0  # the second step's margin: the policy moved away from its reference
+
+
+@pytest.mark.parametrize("fusion", ["prepend", "cross_attention"])
+def test_padding_free_sft_batch_gives_the_padded_loss(vlms, world_train, fusion):
+    """A batch flattened into one row (positions restarting per sample, no padding) gives the padded batch's loss
+    within 1e-5 in float32, for both fusions."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from align.sft import PaddingFreeVisionCollator
+
+    model, processor = load_vlm(vlms[fusion], VLMModelConfig(model_name_or_path=vlms[fusion]))
+    if fusion == "cross_attention":
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "gate" in name:
+                    parameter.fill_(0.5)
+    collator = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)
+    rows = [dict(r) for r in world_sft_rows(world_train).select(range(4))]
+    padded = collator([dict(r) for r in rows])
+    flat = PaddingFreeVisionCollator(
+        collator, image_token_id=model.config.image_token_id, cross_attention=fusion == "cross_attention"
+    )([dict(r) for r in rows])
+    assert flat["input_ids"].shape == (1, int(padded["attention_mask"].sum()))
+    assert "attention_mask" not in flat and flat["position_ids"][0, 0] == 0
+    with torch.no_grad():
+        expected = model(**padded, use_cache=False).loss
+        got = model(**flat, use_cache=False).loss
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # Without the restarts (one long sequence) the samples would see each other: a different loss.
+    with torch.no_grad():
+        leaky = model(**{**flat, "position_ids": torch.arange(flat["input_ids"].shape[1])[None]}, use_cache=False).loss
+    assert abs(leaky - expected) > 1e-4

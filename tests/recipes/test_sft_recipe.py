@@ -141,3 +141,15 @@ def test_lora_on_cached_features_trains_as_on_pixels(setup, tmp_path):
         losses[mode] = [loss for _, loss in check_output(tmp_path / mode, steps=3)["loss"]["history"]]
     assert (tmp_path / "true" / "feature_cache").is_dir()
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_padding_free_lora_trains_as_padded(setup, tmp_path):
+    losses = {}
+    for padding_free in (True, False):
+        out = tmp_path / str(padding_free)
+        config = sft_config(setup["prepend"], out, world_path=setup["world"], padding_free=padding_free, max_steps=3)
+        result = run_recipe("sft.py", config, tmp_path)
+        assert ("padding-free:" in result.stdout) == padding_free
+        losses[padding_free] = [loss for _, loss in check_output(out, steps=3)["loss"]["history"]]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
