@@ -45,8 +45,24 @@ class DPOScriptArguments(WorldDataArguments):
         },
     )
 
+    use_feature_cache: str = field(
+        default="false",
+        metadata={
+            "help": "Read the vision towers' cached output instead of running them (true, auto: when the stage "
+            "freezes the towers, or false): every image of the data is encoded once before the reference pass "
+            "(model.feature_cache), then no tower runs, in the reference pass or in training."
+        },
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Root folder of the feature cache (default: <output_dir>/feature_cache)."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.use_feature_cache, bool):
+            self.use_feature_cache = str(self.use_feature_cache).lower()
+        if self.use_feature_cache not in ("auto", "true", "false"):
+            raise ValueError(f"use_feature_cache must be one of auto, true, false; got {self.use_feature_cache!r}")
         if self.pairs_per_image < 1:
             raise ValueError(f"pairs_per_image must be >= 1, got {self.pairs_per_image}")
 
@@ -256,7 +272,7 @@ def pack_pairs(batch: dict) -> dict | None:
     for key, value in batch.items():
         if key in ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"):
             continue
-        if key == "pixel_values":
+        if key in ("pixel_values", "image_features"):
             if value.shape[0] % 2:
                 return None
             other[key] = value[: value.shape[0] // 2]  # the collator repeats the images: chosen's copy is enough
@@ -301,6 +317,56 @@ class SharedPrefixModel:
         return getattr(self.model, name)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Cached vision features
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _images_of(example: dict) -> list:
+    images = example.get("images", example.get("image"))
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+@dataclass
+class CachedFeaturePreferenceCollator:
+    """TRL's vision preference collator with the towers' cached output (`image_features`) in place of the pixels:
+    the pair's images are looked up by content in the feature cache, once for chosen and once for rejected as TRL
+    lays the batch out, so the model runs no tower."""
+
+    collator: Callable
+    cache: object  # model.feature_cache.FeatureCache
+
+    def __call__(self, examples: list[dict]) -> dict:
+        from model.feature_cache import image_hash
+
+        keys = [image_hash(image) for example in examples for image in _images_of(example)]
+        batch = self.collator(examples)
+        pixels = batch.pop("pixel_values", None)
+        if pixels is None or pixels.shape[0] != 2 * len(keys):
+            got = None if pixels is None else pixels.shape[0]
+            raise RuntimeError(f"expected the pixels of {2 * len(keys)} images (chosen and rejected), got {got}")
+        features = self.cache.get(keys)
+        batch["image_features"] = torch.cat([features, features]).to(pixels.device)
+        return batch
+
+
+def use_cached_features(trainer: DPOTrainer, processor, dataset: Dataset, cache_dir: str) -> int:
+    """Encode every image of `dataset` once into the feature cache under `cache_dir` (those not cached yet) and make
+    the trainer's collator read them (`CachedFeaturePreferenceCollator`). Returns the images encoded now."""
+    from model.pretrain import encode_images, open_feature_cache
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    vlm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache = open_feature_cache(vlm, processor, cache_dir)
+    images = [image for example in dataset for image in _images_of(example)]
+    encoded = cache.add(images, encode=lambda batch: encode_images(vlm, processor, batch))
+    trainer.data_collator = CachedFeaturePreferenceCollator(trainer.data_collator, cache)
+    logger.info("feature cache %s: %d images encoded now, %d cached in all; no tower runs in DPO", cache.dir, encoded, len(cache))
+    return encoded
+
+
 def dpo_trainer(
     model,
     args: DPOConfig,
@@ -310,6 +376,7 @@ def dpo_trainer(
     peft_config=None,
     eval_dataset: Dataset | None = None,
     callbacks: list | None = None,
+    feature_cache_dir: str | None = None,
 ) -> VisionDPOTrainer:
     """TRL's DPO trainer on a VLM; with `args.precompute_ref_log_probs` on vision data, the reference log-probs are
     computed once up front (`precompute_reference`) instead of TRL refusing the flag.
@@ -323,6 +390,8 @@ def dpo_trainer(
         peft_config: the LoRA config, or None for full fine-tuning.
         eval_dataset: optional preference rows to evaluate on.
         callbacks: extra `TrainerCallback`s.
+        feature_cache_dir: read the towers' cached output from the feature cache there (filled first) instead of
+            running the towers (`use_cached_features`); None: run them.
 
     Returns:
         The `VisionDPOTrainer`, ready to `train()`.
@@ -344,6 +413,11 @@ def dpo_trainer(
         )
     finally:
         args.precompute_ref_log_probs = args.precompute_ref_log_probs or precompute
+    if feature_cache_dir is not None:
+        if not vision:
+            raise ValueError("feature_cache_dir is for vision preference data (an `images` column)")
+        with args.main_process_first(desc="caching the vision features"):
+            use_cached_features(trainer, processing_class, train_dataset, feature_cache_dir)
     if precompute:
         precompute_reference(trainer)
     return trainer

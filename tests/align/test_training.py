@@ -284,13 +284,15 @@ def test_resolve_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _dpo(vlm_path, pairs, tmp_path, precompute, steps=2):
+def _dpo(vlm_path, pairs, tmp_path, precompute, steps=2, feature_cache_dir=None):
     args = VLMModelConfig(model_name_or_path=vlm_path, use_peft=True, lora_r=8, lora_dropout=0.0)
     model, processor = load_vlm(vlm_path, args)
     config = _training_args(
         tmp_path, config=DPOConfig, max_steps=steps, precompute_ref_log_probs=precompute, learning_rate=1e-2
     )
-    return dpo_trainer(model, config, pairs, processor, peft_config=prepare_for_training(model, args))
+    return dpo_trainer(
+        model, config, pairs, processor, peft_config=prepare_for_training(model, args), feature_cache_dir=feature_cache_dir
+    )
 
 
 def _sequence_logps(model, batch):
@@ -419,3 +421,22 @@ def test_padding_free_sft_batch_gives_the_padded_loss(vlms, world_train, fusion)
     with torch.no_grad():
         leaky = model(**{**flat, "position_ids": torch.arange(flat["input_ids"].shape[1])[None]}, use_cache=False).loss
     assert abs(leaky - expected) > 1e-4
+
+
+def test_dpo_on_cached_features_runs_no_tower_and_trains_as_on_pixels(vlms, world_train, tmp_path):
+    pairs = world_preference_rows(world_train, per_image=2).select(range(8))
+    logs = {}
+    for cached in (True, False):
+        trainer = _dpo(vlms["prepend"], pairs, tmp_path / str(cached), precompute=True,
+                       feature_cache_dir=str(tmp_path / "features") if cached else None)
+        tower = trainer.accelerator.unwrap_model(trainer.model).get_base_model().model.vision_towers[0]
+        calls = []
+        hook = tower.register_forward_hook(lambda module, args, output, calls=calls: calls.append(args[0].shape[0]))
+        try:
+            trainer.train()
+        finally:
+            hook.remove()
+        assert (calls == []) == cached  # on cached features no tower runs in training
+        logs[cached] = [log[k] for log in trainer.state.log_history if "loss" in log for k in ("loss", "rewards/margins")]
+    assert logs[True] == pytest.approx(logs[False], abs=1e-5)
+    assert len(list((tmp_path / "features").rglob("shard-*.npy"))) == 1
