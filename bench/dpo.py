@@ -10,17 +10,19 @@ computed once before training, chosen and rejected in one forward per pair), and
 Both ways train the same VLM (reloaded for every run) with LoRA r=16 on the same world preference pairs, batch and
 seed, one epoch over `steps x batch` pairs; the suite's time includes its reference precompute. Shapes as in
 `bench/grpo.py`. Runs alternate; medians of pairs/s, their ratio, the images the towers encoded per pair and the
-peak resident memory of the process are printed. Writes `runs/bench/dpo.json`. Asserts nothing.
+peak resident memory of each way (one run in a fresh process) are printed. Writes `runs/bench/dpo.json`. Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +44,50 @@ from align.training import VLMModelConfig, load_vlm, prepare_for_training  # noq
 from align.zoo import ZooConfig, build_zoo  # noqa: E402
 
 
+class PeakMemory:
+    """The process's peak resident memory above its level at start, sampled every 5 ms in a thread (MB)."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.mb = (self.peak - self.start) / 2**20
+
+
+def _child(way, path, pairs, args, output_dir, send) -> None:
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    send.send(run_once(way, path, pairs, args, output_dir)["peak_mb"])
+
+
+def peak_memory_in_child(way: str, path: str, pairs, args, output_dir: str) -> float:
+    """`run_once`'s peak resident memory above its start, in a fresh process (MB): no way reuses memory another
+    one freed."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(way, path, pairs, argparse.Namespace(**vars(args)), output_dir, send))
+    child.start()
+    peak = receive.recv()
+    child.join()
+    return peak
+
+
 def run_once(way: str, path: str, pairs, args, output_dir: str) -> dict:
     model_args = VLMModelConfig(model_name_or_path=path, use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0)
     model, processor = load_vlm(path, model_args)
@@ -54,14 +100,16 @@ def run_once(way: str, path: str, pairs, args, output_dir: str) -> dict:
     )
     counter = EncoderCounter(model.model.vision_towers)
     t0 = time.perf_counter()
-    if way in ("ours", "cached"):
-        cache = str(Path(output_dir) / "features") if way == "cached" else None
-        trainer = dpo_trainer(model, config, pairs, processor, peft_config=peft_config, feature_cache_dir=cache)
-    else:
-        trainer = DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=processor, peft_config=peft_config)
-    trainer.train()
+    with PeakMemory() as memory:
+        if way in ("ours", "cached"):
+            cache = str(Path(output_dir) / "features") if way == "cached" else None
+            trainer = dpo_trainer(model, config, pairs, processor, peft_config=peft_config, feature_cache_dir=cache)
+        else:
+            trainer = DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=processor,
+                                 peft_config=peft_config)
+        trainer.train()
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "pairs": len(pairs), "images": counter.images}
+    return {"seconds": seconds, "pairs": len(pairs), "images": counter.images, "peak_mb": memory.mb}
 
 
 def main(argv=None):
@@ -71,6 +119,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
+    args.threads = torch.get_num_threads()
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
 
@@ -90,6 +139,8 @@ def main(argv=None):
         for shape in shapes:
             path = str(root / "base") if shape == "tiny" else realistic_vlm(Path(tmp) / "realistic", root / "tokenizer")
             results = {way: [] for way in names}
+            # Peak memory, each way in a fresh process.
+            peaks = {way: peak_memory_in_child(way, path, pairs, args, str(Path(tmp) / f"mem-{shape}-{way}")) for way in names}
             for repeat in range(args.repeats):
                 for way in (list(names) if repeat % 2 == 0 else list(reversed(names))):
                     result = run_once(way, path, pairs, args, str(Path(tmp) / f"run-{shape}-{way}-{repeat}"))
@@ -104,10 +155,9 @@ def main(argv=None):
                 "images_per_pair": {way: runs[-1]["images"] / runs[-1]["pairs"] for way, runs in results.items()},
                 "feature_cache": {"ratio": speed["cached"] / speed["stock"], "baseline": speed["stock"],
                                   "ours": speed["cached"], "unit": "pairs/s"},
+                "peak_memory_mb": peaks,
             }
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nDPO with LoRA, {torch.get_num_threads()} torch thread(s), median of {args.repeats} alternating runs "
-          f"(peak resident memory of the whole run: {peak:.0f} MB):\n")
+    print(f"\nDPO with LoRA, {torch.get_num_threads()} torch thread(s), median of {args.repeats} alternating runs:\n")
     print("| shape | stock TRL pairs/s | ours | ratio | ours on the feature cache | ratio | images encoded per pair "
           "(stock / ours / cached) |")
     print("|---|---:|---:|---:|---:|---:|---|")
@@ -115,6 +165,10 @@ def main(argv=None):
         images, cached = r["images_per_pair"], r["feature_cache"]
         print(f"| {shape} | {r['baseline']:.2f} | {r['ours']:.2f} | {r['ratio']:.2f}x | {cached['ours']:.2f} | "
               f"{cached['ratio']:.2f}x | {images['stock']:.0f} / {images['ours']:.0f} / {images['cached']:.0f} |")
+    print("\n| shape | peak resident memory above the start of a fresh process, stock / ours / cached (MB) |\n|---|---|")
+    for shape, r in report.items():
+        peak = r["peak_memory_mb"]
+        print(f"| {shape} | {peak['stock']:.0f} / {peak['ours']:.0f} / {peak['cached']:.0f} |")
     out = REPO_ROOT / "runs" / "bench" / "dpo.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
