@@ -90,9 +90,9 @@ def pipeline(run_dir: Path, eval_questions: int, force: bool = False, launcher: 
 
 
 OTHER_SEED = 1
-# GRPO in the demo: about the rounds' wall-clock on a 2-core CPU (README: ~100 s each), on the categories the SFT
+# GRPO in the demo: about the rounds' wall-clock on a 2-core CPU (README: ~95 s each), on the categories the SFT
 # policy reads worst, as the rounds' sampling may be aimed (Llama 3 aims each round at the lagging capabilities).
-GRPO_STEPS = 200
+GRPO_STEPS = 250
 GRPO_CATEGORIES = ("count", "spatial")
 
 
