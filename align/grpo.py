@@ -35,7 +35,7 @@ from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
-from align.prompts import load_prompts
+from align.prompts import PromptArguments
 from align.sampling import generate_groups
 from align.towers import TowerMemo, same_frozen_towers, vlm_models
 from align.world import verify, well_formed
@@ -264,25 +264,9 @@ class VisionGRPOTrainer(GRPOTrainer):
 
 
 @dataclass
-class GRPOScriptArguments:
-    """Prompts and rewards of the GRPO recipe (the policy is `VLMModelConfig.model_name_or_path`)."""
+class GRPOScriptArguments(PromptArguments):
+    """Prompts (`PromptArguments`) and rewards of the GRPO recipe (the policy is `VLMModelConfig.model_name_or_path`)."""
 
-    world_path: str | None = field(
-        default=None, metadata={"help": "Shapes world folder (default: the zoo's, .cache/zoo/world)."}
-    )
-    dataset_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Prompts: a world folder, a save_to_disk folder or a TRL JSON/JSONL file of prompt rows (with a "
-            "`record` per row for the verifier and format rewards). Default: world_path."
-        },
-    )
-    dataset_split: str = field(default="train", metadata={"help": "Split of the world / DatasetDict to train on."})
-    prompt_offset: int = field(default=0, metadata={"help": "Skip this many prompts first."})
-    num_prompts: int | None = field(default=None, metadata={"help": "Prompts to train on (default: all after the offset)."})
-    categories: list[str] | None = field(
-        default=None, metadata={"help": "Only questions of these categories (world prompts)."}
-    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["verifier", "format"],
         metadata={"help": f"Rewards, summed with GRPOConfig.reward_weights: any of {list(REWARDS)}."},
@@ -303,12 +287,7 @@ class GRPOScriptArguments:
 
     def prompts(self, rejects_path=None) -> Dataset:
         """The prompt rows; question records are required when a reward reads them."""
-        needs_records = "verifier" in self.reward_funcs
-        return load_prompts(
-            self.dataset_path or self.world_path, split=self.dataset_split, offset=self.prompt_offset,
-            num_prompts=self.num_prompts, categories=self.categories, needs_records=needs_records,
-            rejects_path=rejects_path,
-        )
+        return self.load_prompts(needs_records="verifier" in self.reward_funcs, rejects_path=rejects_path)
 
 
 __all__ = [

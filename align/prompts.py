@@ -4,6 +4,7 @@ with their question records (what the verifier checks answers against), or a loc
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -62,4 +63,34 @@ def load_prompts(
     return prompts.select(range(offset, end))
 
 
-__all__ = ["load_prompts"]
+@dataclass
+class PromptArguments:
+    """Where the prompts of a sampling stage come from (rejection sampling, GRPO): `load_prompts`' arguments."""
+
+    world_path: str | None = field(
+        default=None, metadata={"help": "Shapes world folder (default: the zoo's, .cache/zoo/world)."}
+    )
+    dataset_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts: a world folder, a save_to_disk folder or a TRL JSON/JSONL file of prompt rows (with a "
+            "`record` per row for the verifier). Default: world_path."
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of the world / DatasetDict to use."})
+    prompt_offset: int = field(default=0, metadata={"help": "Skip this many prompts first (e.g. a new slice per round)."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Prompts to use (default: all after the offset)."})
+    categories: list[str] | None = field(
+        default=None, metadata={"help": f"Only questions of these categories (world prompts): any of {list(CATEGORIES)}."}
+    )
+
+    def load_prompts(self, needs_records: bool = True, rejects_path: str | os.PathLike | None = None) -> datasets.Dataset:
+        """The prompt rows these arguments name (`load_prompts`)."""
+        return load_prompts(
+            self.dataset_path or self.world_path, split=self.dataset_split, offset=self.prompt_offset,
+            num_prompts=self.num_prompts, categories=self.categories, needs_records=needs_records,
+            rejects_path=rejects_path,
+        )
+
+
+__all__ = ["PromptArguments", "load_prompts"]

@@ -28,7 +28,7 @@ from accelerate import PartialState
 from trl import ModelConfig, TrlParser, get_quantization_config
 
 from align.evaluation import load_model_for_eval
-from align.prompts import load_prompts as prompt_rows
+from align.prompts import PromptArguments
 from align.rejection_sampling import (
     SamplingSettings,
     build_datasets,
@@ -43,25 +43,11 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RejectionSamplingArguments:
-    """Prompts, sampling, scoring and selection (the policy is `ModelConfig.model_name_or_path`)."""
+class RejectionSamplingArguments(PromptArguments):
+    """Prompts (`PromptArguments`), sampling, scoring and selection (the policy is `ModelConfig.model_name_or_path`)."""
 
-    output_dir: str = field(metadata={"help": "Run folder: candidates.jsonl, sft/, dpo/, metrics.json."})
-    world_path: str | None = field(
-        default=None, metadata={"help": "Shapes world folder (default: the zoo's, .cache/zoo/world)."}
-    )
-    dataset_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Prompts: a world folder, a save_to_disk folder or a TRL JSON/JSONL file of prompt rows (with a "
-            "`record` per row for the verifier). Default: world_path."
-        },
-    )
-    dataset_split: str = field(default="train", metadata={"help": "Split of the world / DatasetDict to sample on."})
-    prompt_offset: int = field(default=0, metadata={"help": "Skip this many prompts first (e.g. a new slice per round)."})
-    num_prompts: int | None = field(default=None, metadata={"help": "Prompts to sample for (default: all after the offset)."})
-    categories: list[str] | None = field(
-        default=None, metadata={"help": f"Only questions of these categories (world prompts): any of {list(CATEGORIES)}."}
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Run folder (required): candidates.jsonl, sft/, dpo/, metrics.json."}
     )
     num_candidates: int = field(default=8, metadata={"help": "Candidates sampled per prompt (N)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
@@ -97,6 +83,8 @@ class RejectionSamplingArguments:
     seed: int = field(default=0, metadata={"help": "Sampling seed (each batch is seeded from it and its first prompt)."})
 
     def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("output_dir is required: the run folder")
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {list(SCORERS)}, got {self.scorer!r}")
         if self.scorer in ("reward", "combined") and not self.reward_model_name_or_path:
@@ -121,11 +109,7 @@ class RejectionSamplingArguments:
 
 def load_prompts(args: RejectionSamplingArguments, output_dir: Path) -> datasets.Dataset:
     """The prompt rows: world questions (with records) or a local prompt set; bad rows listed in rejects.jsonl."""
-    return prompt_rows(
-        args.dataset_path or args.world_path, split=args.dataset_split, offset=args.prompt_offset,
-        num_prompts=args.num_prompts, categories=args.categories, needs_records=args.scorer == "verifier",
-        rejects_path=output_dir / "rejects.jsonl",
-    )
+    return args.load_prompts(needs_records=args.scorer == "verifier", rejects_path=output_dir / "rejects.jsonl")
 
 
 def check_settings(output_dir: Path, settings: dict, overwrite: bool) -> None:
