@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
 from align.data import build_mixture, world_preference_rows
-from align.sft import WorldDataArguments, checked
+from align.sft import CachedFeatureDataArguments, checked
 from align.towers import TowerMemo, vlm_models
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
-class DPOScriptArguments(WorldDataArguments):
+class DPOScriptArguments(CachedFeatureDataArguments):
     """Data and reference model of the DPO recipe."""
 
     pairs_per_image: int = field(
@@ -45,24 +45,8 @@ class DPOScriptArguments(WorldDataArguments):
         },
     )
 
-    use_feature_cache: str = field(
-        default="false",
-        metadata={
-            "help": "Read the vision towers' cached output instead of running them (true, auto: when the stage "
-            "freezes the towers, or false): every image of the data is encoded once before the reference pass "
-            "(model.feature_cache), then no tower runs, in the reference pass or in training."
-        },
-    )
-    feature_cache_dir: str | None = field(
-        default=None, metadata={"help": "Root folder of the feature cache (default: <output_dir>/feature_cache)."}
-    )
-
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.use_feature_cache, bool):
-            self.use_feature_cache = str(self.use_feature_cache).lower()
-        if self.use_feature_cache not in ("auto", "true", "false"):
-            raise ValueError(f"use_feature_cache must be one of auto, true, false; got {self.use_feature_cache!r}")
         if self.pairs_per_image < 1:
             raise ValueError(f"pairs_per_image must be >= 1, got {self.pairs_per_image}")
 
@@ -355,10 +339,11 @@ class CachedFeaturePreferenceCollator:
 def use_cached_features(trainer: DPOTrainer, processor, dataset: Dataset, cache_dir: str) -> int:
     """Encode every image of `dataset` once into the feature cache under `cache_dir` (those not cached yet) and make
     the trainer's collator read them (`CachedFeaturePreferenceCollator`). Returns the images encoded now."""
+    from align.sampling import without_peft
     from model.pretrain import encode_images, open_feature_cache
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    vlm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vlm = without_peft(model)
     cache = open_feature_cache(vlm, processor, cache_dir)
     images = [image for example in dataset for image in _images_of(example)]
     encoded = cache.add(images, encode=lambda batch: encode_images(vlm, processor, batch))

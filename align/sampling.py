@@ -22,13 +22,14 @@ import torch
 from model import pack_image_features
 
 
-def _vlm(model):
+def without_peft(model):
+    """The model itself, or the model a PEFT wrapper holds."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def encode_images(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """The towers' output for each image, once (packed as the VLM's `image_features` takes it)."""
-    return pack_image_features(_vlm(model).model.get_vision_features(pixel_values))
+    return pack_image_features(without_peft(model).model.get_vision_features(pixel_values))
 
 
 @torch.no_grad()
@@ -80,7 +81,7 @@ def generate_groups(model, inputs: dict, num_candidates: int, **generate_kwargs)
         config.use_cache = True
     else:
         generate_kwargs["use_cache"] = True
-    with _accepting_a_cache(_vlm(model)):
+    with _accepting_a_cache(without_peft(model)):
         return model.generate(
             input_ids=ids.repeat_interleave(num_candidates, dim=0),
             attention_mask=mask.repeat_interleave(num_candidates, dim=0),
@@ -111,4 +112,4 @@ def _accepting_a_cache(vlm):
         del vlm._validate_model_kwargs
 
 
-__all__ = ["encode_images", "generate_groups"]
+__all__ = ["encode_images", "generate_groups", "without_peft"]

@@ -18,6 +18,7 @@ from align.data import RejectReport, build_mixture, refusal_rows, validate_rows,
 from align.data.mixture import MixtureConfig, mixture_counts, sample_indices
 from align.paths import default_cache_dir
 from align.world import caption_rows
+from model.pretrain import FEATURE_CACHE_MODES, resolve_feature_cache
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,38 @@ class WorldDataArguments(MixtureConfig):
 
 
 @dataclass
-class SFTScriptArguments(WorldDataArguments):
+class CachedFeatureDataArguments(WorldDataArguments):
+    """The training data, and whether training reads the vision towers' cached output instead of pixels (SFT, DPO)."""
+
+    use_feature_cache: str = field(
+        default="false",
+        metadata={
+            "help": "Read the vision towers' cached output instead of running them: true, auto (when the stage "
+            "freezes the towers) or false. Every image of the data is encoded once into the cache first "
+            "(model.feature_cache), then no tower runs in training (nor in DPO's reference pass); that pays off when "
+            "the run sees each image more than once or the towers are large (bench/sft.py, bench/dpo.py)."
+        },
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Root folder of the feature cache (default: <output_dir>/feature_cache)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.use_feature_cache, bool):
+            self.use_feature_cache = str(self.use_feature_cache).lower()
+        if self.use_feature_cache not in FEATURE_CACHE_MODES:
+            raise ValueError(f"use_feature_cache must be one of {list(FEATURE_CACHE_MODES)}, got {self.use_feature_cache!r}")
+
+    def feature_cache_path(self, output_dir: str, stage: str) -> str | None:
+        """The feature cache's folder when training reads it (`use_feature_cache` for `stage`), else None."""
+        if not resolve_feature_cache(self.use_feature_cache, stage):
+            return None
+        return self.feature_cache_dir or os.path.join(output_dir, "feature_cache")
+
+
+@dataclass
+class SFTScriptArguments(CachedFeatureDataArguments):
     """Data of the SFT recipe."""
 
     refusal_weight: float = field(
@@ -85,24 +117,8 @@ class SFTScriptArguments(WorldDataArguments):
         },
     )
 
-    use_feature_cache: str = field(
-        default="false",
-        metadata={
-            "help": "Train on the vision towers' cached output instead of pixels (0 tower calls per step): true, auto "
-            "(when the stage freezes the towers) or false. The cache encodes every image of the data once first "
-            "(model.feature_cache), so it pays off over more than one pass or with large towers (bench/sft.py)."
-        },
-    )
-    feature_cache_dir: str | None = field(
-        default=None, metadata={"help": "Root folder of the feature cache (default: <output_dir>/feature_cache)."}
-    )
-
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.use_feature_cache, bool):
-            self.use_feature_cache = str(self.use_feature_cache).lower()
-        if self.use_feature_cache not in ("auto", "true", "false"):
-            raise ValueError(f"use_feature_cache must be one of auto, true, false; got {self.use_feature_cache!r}")
         for name in ("refusal_weight", "caption_weight", "world_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

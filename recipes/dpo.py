@@ -35,7 +35,6 @@ from align.training import (
     setup_logging,
     write_outputs,
 )
-from model.pretrain import resolve_feature_cache
 
 logger = logging.getLogger(__name__)
 CONFIG_HEADER = "Resolved settings of this run; rerun with: python recipes/dpo.py --config <this file>"
@@ -68,8 +67,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
         processing_class=processor,
         ref_model=ref_model,
         peft_config=peft_config,
-        feature_cache_dir=(script_args.feature_cache_dir or f"{training_args.output_dir}/feature_cache")
-        if resolve_feature_cache(script_args.use_feature_cache, model_args.stage) else None,
+        feature_cache_dir=script_args.feature_cache_path(training_args.output_dir, model_args.stage),
     )
 
     # ------------------------------------------------------------------ train

@@ -31,7 +31,7 @@ from align.training import (
     setup_logging,
     write_outputs,
 )
-from model.pretrain import prepare_stage_data, resolve_feature_cache
+from model.pretrain import prepare_stage_data
 
 logger = logging.getLogger(__name__)
 CONFIG_HEADER = "Resolved settings of this run; rerun with: python recipes/sft.py --config <this file>"
@@ -54,11 +54,11 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     main_process = training_args.process_index == 0
     train_dataset = sft_dataset(script_args, training_args.output_dir, training_args.seed, main_process)
     data_collator = None  # TRL's vision collator, on pixels
-    if resolve_feature_cache(script_args.use_feature_cache, model_args.stage):
+    cache_dir = script_args.feature_cache_path(training_args.output_dir, model_args.stage)
+    if cache_dir is not None:
         with training_args.main_process_first(desc="caching the vision features"):
             data = prepare_stage_data(
-                train_dataset, model, processor, model_args.stage, use_feature_cache="true",
-                cache_dir=script_args.feature_cache_dir or f"{training_args.output_dir}/feature_cache",
+                train_dataset, model, processor, model_args.stage, use_feature_cache="true", cache_dir=cache_dir,
                 max_length=training_args.max_length, pad_to_multiple_of=training_args.pad_to_multiple_of,
                 assistant_only_loss=training_args.assistant_only_loss,
             )
