@@ -32,6 +32,7 @@ import torch
 from datasets import Dataset, Features, Value, concatenate_datasets
 
 from align.paths import default_cache_dir
+from align.runs import RunArguments, atomic_file
 from align.world import WorldConfig, question_category, record_for_question, verify
 from align.world.dataset import MESSAGES_FEATURE
 from align.world.verify import normalize
@@ -134,7 +135,7 @@ class GenerationArguments:
 
 
 @dataclass
-class AugmentOutputArguments:
+class AugmentOutputArguments(RunArguments):
     """Where the outputs go."""
 
     output_dir: str = field(metadata={"help": "Folder for data/, generated.jsonl, metrics.json and config.yaml."})
@@ -569,8 +570,7 @@ def augment(
 
     stats = augment_stats(log, len(texts), seconds)
     if generations_path is not None:
-        Path(generations_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(generations_path, "w", encoding="utf-8") as f:
+        with atomic_file(generations_path) as f:
             f.writelines(json.dumps(entry) + "\n" for entry in log)
     logger.info(
         "kept %d of %d generated pairs (%.1f%%) from %d captions; rejected: %s", stats["kept"], stats["generated"],

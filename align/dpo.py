@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
 from align.data import build_mixture, world_preference_rows
+from align.runs import RunArguments
 from align.sft import CachedFeatureDataArguments, checked
 from align.towers import TowerMemo, vlm_models
 
@@ -30,7 +31,7 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
-class DPOScriptArguments(CachedFeatureDataArguments):
+class DPOScriptArguments(CachedFeatureDataArguments, RunArguments):
     """Data and reference model of the DPO recipe."""
 
     pairs_per_image: int = field(
@@ -163,6 +164,7 @@ def precompute_reference(trainer: DPOTrainer, batch_size: int | None = None) -> 
     Afterwards the trainer runs no reference forward during training or evaluation, and a separate reference
     model is released.
     """
+    logger.info("precomputing the reference log-probs of %d preference pairs", len(trainer.train_dataset))
     args = trainer.args
     train_batch = batch_size or args.precompute_ref_batch_size or args.per_device_train_batch_size
     eval_batch = batch_size or args.precompute_ref_batch_size or args.per_device_eval_batch_size

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from align.runs import SETTINGS_FILE, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("peft", "merged", "llava", "card")
@@ -41,7 +43,7 @@ CHECKSUMS_FILE = "checksums.json"
 MANIFEST_FILE = "export.json"
 VERIFICATION_FILE = "verification.json"
 # Written after the checksums (or being them): not covered by them.
-_UNCHECKED = {CHECKSUMS_FILE, VERIFICATION_FILE}
+_UNCHECKED = {CHECKSUMS_FILE, VERIFICATION_FILE, SETTINGS_FILE}  # the run's bookkeeping, not the export
 QLORA_MERGE_BASES = ("dequantized", "original")
 _EXPORT_FOLDERS = ("peft", "peft-llm", "base-llm", "merged", "llava")
 
@@ -654,7 +656,7 @@ def write_checksums(output_dir: str | os.PathLike) -> dict[str, str]:
     """Write `checksums.json`: the SHA-256 of every file of the export (relative path -> hex digest)."""
     output_dir = Path(output_dir)
     sums = {name: _sha256(output_dir / name) for name in _export_files(output_dir)}
-    (output_dir / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=2) + "\n")
+    atomic_write_text(output_dir / CHECKSUMS_FILE, json.dumps(sums, indent=2) + "\n")
     return sums
 
 
@@ -716,11 +718,12 @@ def export(
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    # A previous export into the same folder must not leave formats this one does not list.
-    for stale in _EXPORT_FOLDERS:
-        shutil.rmtree(output_dir / stale, ignore_errors=True)
+    # A previous export into the same folder must not leave formats this one does not list; its checksums go
+    # first, so that a kill from here on leaves a folder that reads as unfinished.
     for stale in (CHECKSUMS_FILE, VERIFICATION_FILE, MANIFEST_FILE, "README.md"):
         (output_dir / stale).unlink(missing_ok=True)
+    for stale in _EXPORT_FOLDERS:
+        shutil.rmtree(output_dir / stale, ignore_errors=True)
     processor = _processor(source)
     written: dict[str, str] = {}
     manifest = {
@@ -759,11 +762,11 @@ def export(
         if eval_metrics and not metrics_path.is_file():
             raise ValueError(f"--eval_metrics {metrics_path} does not exist")
         card = model_card(source, config, written, skipped, _read_json(metrics_path) or None, dtype)
-        (output_dir / "README.md").write_text(card)
+        atomic_write_text(output_dir / "README.md", card)
         written["card"] = "README.md"
     manifest["written"] = written
-    (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    write_checksums(output_dir)
+    atomic_write_text(output_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    write_checksums(output_dir)  # last: an export without its checksums.json was cut short (a rerun redoes it)
     logger.info("exported %s to %s (%s)", ", ".join(written), output_dir, CHECKSUMS_FILE)
     return manifest
 
@@ -1032,7 +1035,7 @@ def verify_export(output_dir: str | os.PathLike, new_tokens: int = 8, timeout: i
             "" if format_dtype == "float32" else " (not required below float32)",
         )
     report["ok"] = report["checksums_ok"] and all(r["ok"] for r in report["formats"].values())
-    (output_dir / VERIFICATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(output_dir / VERIFICATION_FILE, json.dumps(report, indent=2) + "\n")
     return report
 
 

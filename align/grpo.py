@@ -36,6 +36,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generat
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
 from align.prompts import PromptArguments
+from align.runs import RunArguments
 from align.sampling import generate_groups
 from align.towers import TowerMemo, same_frozen_towers, vlm_models
 from align.world import verify, well_formed
@@ -264,7 +265,7 @@ class VisionGRPOTrainer(GRPOTrainer):
 
 
 @dataclass
-class GRPOScriptArguments(PromptArguments):
+class GRPOScriptArguments(PromptArguments, RunArguments):
     """Prompts (`PromptArguments`) and rewards of the GRPO recipe (the policy is `VLMModelConfig.model_name_or_path`)."""
 
     reward_funcs: list[str] = field(

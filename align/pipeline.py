@@ -1,8 +1,11 @@
 """Running recipes one after another, each in its own process exactly as a user launches them: `make demo` and the
 multi-round recipe are sequences of these steps.
 
-A step whose output folder already holds its `metrics.json` is skipped and its metrics reused, so a killed
-pipeline continues where it stopped. Each step's output goes to `<run_dir>/<name>.log`.
+A step whose output folder already holds its `metrics.json` (written last by every recipe) is skipped and its
+metrics reused, and a step cut short continues from its own checkpoints, so a killed pipeline continues where it
+stopped. A step is reused only under the settings it ran with (`<run_dir>/<name>.step.json`): a rerun with other
+settings is refused, naming them, unless `force` (every step redone from scratch). Each step's output goes to
+`<run_dir>/<name>.log`.
 
 The `forkserver` launcher runs each recipe, still as `__main__` in its own process, in a child forked from a
 server process that imported torch, transformers, PEFT, TRL and this package once (the standard library's
@@ -19,6 +22,7 @@ import multiprocessing.forkserver
 import os
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from align.paths import REPO_ROOT
+from align.runs import atomic_write_text, settings_differences
 
 RECIPES = REPO_ROOT / "recipes"
 WALL_SECONDS = "wall_seconds.json"  # next to a step's metrics.json: how long its run took
@@ -67,6 +72,13 @@ class Step:
             return dict(os.environ)
         return {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
 
+    def settings(self) -> dict:
+        """What the step computes with: its script, its config file's settings and the overrides (as passed)."""
+        config = yaml.safe_load(Path(self.config).read_text()) if Path(self.config).is_file() else None
+        overrides = {k: list(map(str, v)) if isinstance(v, (list, tuple)) else str(v) for k, v in self.overrides.items()}
+        # As read back from the step's JSON record, so that the two compare equal.
+        return json.loads(json.dumps({"script": self.script, **(config or {}), **overrides}, default=str))
+
     def command(self, run_dir: Path) -> list[str]:
         launcher = [sys.executable] if self.launcher in ("python", "forkserver") else shlex.split(self.launcher)
         cmd = [*launcher, str(RECIPES / self.script), "--config", str(self.config)]
@@ -79,14 +91,28 @@ class Step:
 
 def run_step(step: Step, run_dir: Path, force: bool = False, tag: str = "pipeline") -> dict:
     """Run `step` (unless its `metrics.json` exists and not `force`) and return its metrics, with `wall_seconds`
-    (the run's time, kept in `<output>/wall_seconds.json`).
+    (the run's time, kept in `<output>/wall_seconds.json`). With `force` the step's output folder is deleted first.
 
     Raises:
-        SystemExit: when the step fails, with the last lines of its log.
+        SystemExit: when the step fails, with the last lines of its log, or when it ran before with other settings
+            and not `force`.
     """
     out = run_dir / step.name
     metrics_file = out / "metrics.json"
     seconds_file = out / WALL_SECONDS
+    record = run_dir / f"{step.name}.step.json"
+    settings = step.settings()
+    if force:
+        shutil.rmtree(out, ignore_errors=True)
+    elif record.is_file():
+        differences = settings_differences(json.loads(record.read_text()), settings)
+        if differences:
+            listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
+            raise SystemExit(
+                f"[{tag}] {step.name} ran before in {run_dir} with other settings ({listed}); rerun with --force to "
+                "redo every step, or use another run folder"
+            )
+    atomic_write_text(record, json.dumps(settings, indent=2, sort_keys=True) + "\n")
     if metrics_file.exists() and not force:
         print(f"[{tag}] {step.name}: done before, reusing {out}", flush=True)
         return _with_seconds(json.loads(metrics_file.read_text()), seconds_file)
@@ -107,7 +133,7 @@ def run_step(step: Step, run_dir: Path, force: bool = False, tag: str = "pipelin
         raise SystemExit(f"[{tag}] {step.name} failed (exit {returncode}); last lines of {log}:\n{tail}")
     seconds = time.time() - start
     print(f"[{tag}] {step.name}: {seconds:.0f} s", flush=True)
-    seconds_file.write_text(json.dumps({"wall_seconds": seconds}))
+    atomic_write_text(seconds_file, json.dumps({"wall_seconds": seconds}))
     return _with_seconds(json.loads(metrics_file.read_text()), seconds_file)
 
 
@@ -129,16 +155,31 @@ def run_forked(
     script: str | Path, argv: list[str], environment: dict[str, str], stdout: Path, stderr: Path,
     threads: int | None = None, timeout: float | None = None,
 ) -> int:
-    """Run `script argv...` as `__main__` in a child of the forkserver (started on first use, preloading `PRELOAD`),
-    with `environment`, its standard output and error appended to the files `stdout` and `stderr` (they may be the
-    same) and at most `threads` torch threads; returns its exit code.
+    """Run `script argv...` as `__main__` in a child of the forkserver (`start_forked`) and return its exit code.
+
+    Raises:
+        TimeoutError: when `timeout` seconds pass first (the child is killed).
+    """
+    child = start_forked(script, argv, environment, stdout, stderr, threads)
+    child.join(timeout)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        raise TimeoutError(f"{script} ran past {timeout} s and was killed")
+    return child.exitcode
+
+
+def start_forked(
+    script: str | Path, argv: list[str], environment: dict[str, str], stdout: Path, stderr: Path,
+    threads: int | None = None,
+) -> multiprocessing.process.BaseProcess:
+    """Start `script argv...` as `__main__` in a child of the forkserver (started on first use, preloading
+    `PRELOAD`), with `environment`, its standard output and error appended to the files `stdout` and `stderr` (they
+    may be the same) and at most `threads` torch threads; returns the running child (`join` it).
 
     The child is a process of its own, so a recipe that starts a pipeline (rounds, students) starts its own
     forkserver. Variables read only at import (e.g. `HF_HUB_OFFLINE`, `OMP_NUM_THREADS`) take the values the server
     imported the libraries with: this process's, when it first ran a step.
-
-    Raises:
-        TimeoutError: when `timeout` seconds pass first (the child is killed).
     """
     context = _forkserver()
     child = context.Process(
@@ -146,12 +187,7 @@ def run_forked(
         name=Path(script).stem,
     )
     child.start()
-    child.join(timeout)
-    if child.exitcode is None:
-        child.kill()
-        child.join()
-        raise TimeoutError(f"{script} ran past {timeout} s and was killed")
-    return child.exitcode
+    return child
 
 
 def start_forkserver() -> None:
@@ -240,5 +276,5 @@ def derived_config(base: str | Path, updates: dict, path: str | Path, header: st
 
 __all__ = [
     "LAUNCHERS_HELP", "PRELOAD", "RECIPES", "Step", "derived_config", "derived_step", "run_forked", "run_parallel",
-    "run_step", "start_forkserver", "threads_per_job",
+    "run_step", "start_forked", "start_forkserver", "threads_per_job",
 ]

@@ -30,6 +30,7 @@ from datasets import Dataset, Features, Value
 
 from align.data.world import _assistant, with_images
 from align.evaluation import _model_device, _tokenizer, decode_completions, stop_token_ids
+from align.runs import atomic_write_text
 from align.sampling import generate_groups
 from align.scoring import Scorer, WeightedScorer, ranking_agreement
 from align.world.dataset import MESSAGES_FEATURE
@@ -218,10 +219,7 @@ def read_candidates(path: str | os.PathLike, batch_of: dict[int, list[int]] | No
             good_bytes = None
     if good_bytes is None or good_bytes != path.stat().st_size:
         dropped = "torn or partial batches"
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))  # a kill here loses nothing
         logger.warning("%s: kept %d complete records, dropped %s", path, len(records), dropped)
     return records
 

@@ -36,6 +36,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from align.data import load_dataset_local, validate_rows, world_preference_rows
 from align.paths import default_cache_dir
+from align.runs import RunArguments
 from align.sft import WorldDataArguments
 from align.training import (
     _is_adapter_dir,
@@ -92,7 +93,7 @@ def pairwise_accuracy(chosen_scores, rejected_scores) -> float:
 
 
 @dataclass
-class RewardScriptArguments(WorldDataArguments):
+class RewardScriptArguments(WorldDataArguments, RunArguments):
     """Data of the reward recipe: training pairs (the world's, or a `datasets:` mixture of local preference sets) and
     held-out pairs for the pairwise accuracy before and after training."""
 

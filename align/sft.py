@@ -17,6 +17,7 @@ from datasets import Dataset
 from align.data import RejectReport, build_mixture, refusal_rows, validate_rows, world_sft_rows
 from align.data.mixture import MixtureConfig, mixture_counts, sample_indices
 from align.paths import default_cache_dir
+from align.runs import RunArguments
 from align.world import caption_rows
 from model.pretrain import FEATURE_CACHE_MODES, resolve_feature_cache
 
@@ -94,7 +95,7 @@ class CachedFeatureDataArguments(WorldDataArguments):
 
 
 @dataclass
-class SFTScriptArguments(CachedFeatureDataArguments):
+class SFTScriptArguments(CachedFeatureDataArguments, RunArguments):
     """Data of the SFT recipe."""
 
     refusal_weight: float = field(

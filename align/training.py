@@ -29,10 +29,17 @@ from accelerate.utils import is_peft_model
 from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
-from align.runs import save_metrics, save_resolved_config
+from align.runs import (
+    EXTENDABLE_SETTINGS,
+    checkpoint_is_complete,
+    claim_output_dir,
+    last_complete_checkpoint,
+    resolved_config,
+    save_metrics,
+    save_resolved_config,
+)
 from model.stages import COMPONENTS, STAGES, freeze_for_stage  # `model` registers the VLM's Auto classes
 
 logger = logging.getLogger(__name__)
@@ -329,22 +336,52 @@ def log_rejects(path: str | os.PathLike, kept: int) -> dict[str, int]:
 
 
 def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
-    """`--resume_from_checkpoint`: a checkpoint folder, or "last"/"true" for the newest one in `output_dir`."""
-    if value is None or str(value).lower() in ("", "false", "none"):
+    """The checkpoint a training run continues from, `--resume_from_checkpoint`:
+
+    - unset: the newest checkpoint in `output_dir` that was written whole, if any, so that rerunning a killed
+      command continues it (`align.runs.last_complete_checkpoint`; one cut short by the kill is deleted);
+    - "last"/"true": the same, but there must be one;
+    - "false"/"none": none (train from the start);
+    - a checkpoint folder: that one.
+    """
+    if value is not None and str(value).lower() in ("", "false", "none"):
         return None
-    if str(value).lower() in ("last", "true"):
-        checkpoint = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if checkpoint is None:
-            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}")
+    if value is None or str(value).lower() in ("last", "true"):
+        checkpoint = last_complete_checkpoint(output_dir, remove_incomplete=PartialState().is_main_process)
+        if checkpoint is None and value is not None:
+            raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in {output_dir}")
+        if checkpoint is not None and value is None:
+            logger.info("continuing from %s, the newest complete checkpoint in %s (--resume_from_checkpoint false "
+                        "trains from the start)", checkpoint, output_dir)
         return checkpoint
     if not Path(value).is_dir():
         raise ValueError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder")
+    if not checkpoint_is_complete(value):
+        raise ValueError(f"--resume_from_checkpoint {value!r} was not written whole (no readable trainer_state.json)")
     return value
+
+
+def start_run(training_args, *configs, force: bool = False) -> str | None:
+    """Make `training_args.output_dir` this run's and return the checkpoint to continue from.
+
+    The run's settings (the resolved `configs`) are recorded in the folder; a rerun with the same settings
+    continues (from the newest complete checkpoint: `resolve_checkpoint`), one with other settings is refused naming
+    them, unless `force` (the folder is emptied first). With an explicit `--resume_from_checkpoint`, `max_steps` and
+    `num_train_epochs` may grow (`align.runs.claim_output_dir`).
+    """
+    explicit = training_args.resume_from_checkpoint not in (None, "")
+    with training_args.main_process_first(desc="claiming the output folder"):
+        claim_output_dir(
+            training_args.output_dir, resolved_config(*configs), force=force,
+            allowed=EXTENDABLE_SETTINGS if explicit else set(), main_process=training_args.process_index == 0,
+        )
+        return resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
 
 def write_outputs(trainer, processor, configs: tuple, metrics: dict, header: str | None = None) -> None:
     """Save the model (or LoRA adapter) and processor, `config.yaml` (the resolved `configs`, re-runnable with
-    `--config`) and `metrics.json` into the run's `output_dir`."""
+    `--config`) and `metrics.json` into the run's `output_dir`; `metrics.json` last, whole (`align.runs`): it marks
+    the run finished, so a kill before it leaves a run that a rerun completes."""
     output_dir = trainer.args.output_dir
     trainer.save_model(output_dir)
     if trainer.accelerator.is_main_process:
@@ -389,5 +426,6 @@ __all__ = [
     "resolve_checkpoint",
     "run_metrics",
     "setup_logging",
+    "start_run",
     "write_outputs",
 ]

@@ -955,8 +955,11 @@ def save_student(student: PreTrainedModel, processing, report: dict, output: str
     os.makedirs(output, exist_ok=True)
     student.save_pretrained(output)
     processing.save_pretrained(output)
-    with open(os.path.join(output, PLAN_FILE), "w") as handle:
+    # Written last and whole (a temporary name, then one rename): a plan file marks a finished student.
+    partial = os.path.join(output, f".{PLAN_FILE}.partial")
+    with open(partial, "w") as handle:
         json.dump(report, handle, indent=2)
+    os.replace(partial, os.path.join(output, PLAN_FILE))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from align.augment import (
     reward_score_fn,
 )
 from align.paths import default_cache_dir
-from align.runs import save_metrics, save_resolved_config
+from align.runs import claim_output_dir, resolved_config, save_metrics, save_resolved_config, staged_dir
 
 logger = logging.getLogger(__name__)
 CONFIG_HEADER = "Resolved settings of this run; rerun with: python recipes/augment.py --config <this file>"
@@ -45,6 +45,8 @@ def main(script_args: AugmentArguments, generation_args: GenerationArguments, ou
     datasets.disable_progress_bars()
     set_seed(output_args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    claim_output_dir(output_args.output_dir, resolved_config(script_args, generation_args, output_args),
+                     force=output_args.force)
 
     # ------------------------------------------------------------------ data
     images = load_captioned_images(script_args.world_path, script_args.world_split, script_args.world_images)
@@ -86,9 +88,10 @@ def main(script_args: AugmentArguments, generation_args: GenerationArguments, ou
 
     # ------------------------------------------------------------------ save
     # `datasets` writes no shard at all for an empty dataset unless told to, and cannot load that folder back.
-    kept.save_to_disk(str(output_dir / "data"), num_shards=None if len(kept) else 1)
-    save_metrics(output_dir / "metrics.json", {**stats, "llm": str(llm_path)})
+    with staged_dir(output_dir / "data") as staging:
+        kept.save_to_disk(str(staging), num_shards=None if len(kept) else 1)
     save_resolved_config(output_dir / "config.yaml", script_args, generation_args, output_args, header=CONFIG_HEADER)
+    save_metrics(output_dir / "metrics.json", {**stats, "llm": str(llm_path)})  # last: it marks the run done
     if len(kept) == 0:
         logger.warning("no pair was kept; see %s for what the LLM wrote", output_dir / "generated.jsonl")
     logger.info("wrote %d SFT rows to %s; train on them with `datasets: [{path: %s}]` in an SFT config",

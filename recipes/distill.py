@@ -14,7 +14,8 @@ and refusals by default, or a `datasets:` mixture); bad rows are skipped and lis
     accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/distill.py --config recipes/configs/real/distill.yaml
     python recipes/distill.py --config recipes/configs/tiny/distill.yaml --alpha 0 --output_dir runs/tiny/distill-baseline
 
-Continue a killed run with `--resume_from_checkpoint last` (or a checkpoint folder). Writes the student (or its LoRA
+Rerunning a killed command continues it from its newest complete checkpoint; a rerun with other settings
+into the same `output_dir` is refused unless `--force` (start over). Writes the student (or its LoRA
 adapter), the processor, `config.yaml`, `metrics.json` (with the final distillation and cross-entropy losses),
 `rejects.jsonl` and TensorBoard logs (`runs/`) to `output_dir`.
 """
@@ -39,9 +40,9 @@ from align.training import (
     check_launch,
     log_rejects,
     prepare_for_training,
-    resolve_checkpoint,
     run_metrics,
     setup_logging,
+    start_run,
     write_outputs,
 )
 
@@ -54,7 +55,7 @@ def main(script_args: DistillScriptArguments, training_args: DistillConfig, mode
     setup_logging(training_args)
     check_launch(training_args)
     set_seed(training_args.seed)
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    checkpoint = start_run(training_args, script_args, training_args, model_args, force=script_args.force)
     teacher_path = script_args.teacher_model_name_or_path
     if training_args.alpha > 0 and teacher_path is None:
         raise ValueError("teacher_model_name_or_path is required to distill (alpha > 0); alpha 0 is plain SFT")

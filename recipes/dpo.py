@@ -11,7 +11,8 @@ the reference log-probs are computed once before training. Bad rows are skipped 
     accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/dpo.py --config recipes/configs/real/dpo.yaml
     python recipes/dpo.py --config recipes/configs/tiny/dpo_qlora.yaml --max_steps 20
 
-Continue a killed run with `--resume_from_checkpoint last` (or a checkpoint folder). Writes the model (or LoRA
+Rerunning a killed command continues it from its newest complete checkpoint; a rerun with other settings
+into the same `output_dir` is refused unless `--force` (start over). Writes the model (or LoRA
 adapter), the processor, `config.yaml`, `metrics.json`, `rejects.jsonl` and TensorBoard logs (`runs/`) to
 `output_dir`.
 """
@@ -30,9 +31,9 @@ from align.training import (
     load_vlm,
     log_rejects,
     prepare_for_training,
-    resolve_checkpoint,
     run_metrics,
     setup_logging,
+    start_run,
     write_outputs,
 )
 
@@ -45,7 +46,7 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     setup_logging(training_args)
     check_launch(training_args)
     set_seed(training_args.seed)
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    checkpoint = start_run(training_args, script_args, training_args, model_args, force=script_args.force)
 
     # ------------------------------------------------------------------ model and processor
     model, processor = load_vlm(model_args.model_name_or_path, model_args)

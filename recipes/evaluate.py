@@ -7,7 +7,8 @@
 its base VLM (`load_in_4bit: true` loads that base in 4-bit, as for QLoRA). The questions are the zoo world's
 `test` split unless `dataset_path` names other ones (see `align.evaluation.load_eval_questions`). With several
 processes the questions are sharded and the main process scores and writes. Writes to `output_dir`:
-`metrics.json`, `eval_table.md`, `predictions.jsonl` and `eval_config.json`.
+`predictions.jsonl`, `eval_table.md`, `eval_config.json` and, last, `metrics.json`; a rerun into the same folder
+with other settings is refused unless `--force`.
 """
 
 import json
@@ -35,13 +36,21 @@ from align.evaluation import (
     text_regression_table,
 )
 from align.paths import default_cache_dir
+from align.runs import (
+    RunArguments,
+    atomic_file,
+    atomic_write_text,
+    claim_output_dir,
+    resolved_config,
+    save_metrics,
+)
 from align.zoo import lm_documents
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EvaluateArguments:
+class EvaluateArguments(RunArguments):
     """What to evaluate on and where the results go (the model is `ModelConfig.model_name_or_path`)."""
 
     output_dir: str = field(metadata={"help": "Folder for metrics.json, eval_table.md and predictions.jsonl."})
@@ -99,6 +108,10 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
     if script_args.base_llm and not Path(script_args.base_llm).is_dir():
         # Checked here, not when parsing, so that a config naming the zoo's LLM parses before the zoo is built.
         raise ValueError(f"base_llm {script_args.base_llm!r} is not a local folder (leave it unset to skip the text regression)")
+    output_dir = Path(script_args.output_dir)
+    with state.main_process_first():
+        claim_output_dir(output_dir, resolved_config(script_args, model_args), force=script_args.force,
+                         main_process=state.is_main_process)
 
     # ----- model and processor ----------------------------------------------------------------------------------
     model, processor = load_model_for_eval(
@@ -149,15 +162,13 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
         logger.info("text-only perplexity %.3f (base LLM %.3f)", drift["vlm_perplexity"], drift["base_perplexity"])
 
     # ----- save -------------------------------------------------------------------------------------------------
-    output_dir = Path(script_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     metrics["model_name_or_path"] = model_args.model_name_or_path
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (output_dir / "eval_table.md").write_text(table + "\n")
-    with open(output_dir / PREDICTIONS, "w", encoding="utf-8") as f:
+    with atomic_file(output_dir / PREDICTIONS) as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
+    atomic_write_text(output_dir / "eval_table.md", table + "\n")
     config = {"script_args": asdict(script_args), "model_args": asdict(model_args)}
-    (output_dir / "eval_config.json").write_text(json.dumps(config, indent=2, default=str))
+    atomic_write_text(output_dir / "eval_config.json", json.dumps(config, indent=2, default=str))
+    save_metrics(output_dir / "metrics.json", metrics)  # last: it marks the evaluation done
     logger.info("accuracy %.1f%% ± %.1f on %d questions; wrote %s", 100 * metrics["accuracy"], 100 * metrics["stderr"],
                 metrics["total"], output_dir)
     print(table)

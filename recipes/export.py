@@ -8,7 +8,8 @@
 read as 4-bit from the stage's `config.yaml` and dequantized before merging). Writes into `output_dir` the formats
 asked for (default: all that apply): `peft/` (and `peft-llm/` + `base-llm/` when the adapter touches only the LLM),
 `merged/`, `llava/` (prepend fusion, MLP projector, one encoder, pool 1), `README.md`, plus `export.json` and
-`checksums.json` (SHA-256 of every file). `--verify true` re-checks the checksums and reloads each format in a fresh
+`checksums.json` (SHA-256 of every file; written last, so a folder without it was cut short and a rerun redoes it).
+A rerun into the same folder with other settings is refused unless `--force`. `--verify true` re-checks the checksums and reloads each format in a fresh
 process, comparing logits and greedy generations with the source model; the result goes to `verification.json`
 and a failed check exits with status 1.
 """
@@ -21,12 +22,13 @@ from transformers import set_seed
 from trl import TrlParser
 
 from align.export import DTYPES, FORMATS, QLORA_MERGE_BASES, export, parse_formats, verify_export
+from align.runs import RunArguments, claim_output_dir, resolved_config
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ExportArguments:
+class ExportArguments(RunArguments):
     """What to export, how, and where to."""
 
     model_name_or_path: str = field(metadata={"help": "Stage output to export: a VLM folder or a LoRA/QLoRA adapter folder."})
@@ -78,6 +80,8 @@ def main(args: ExportArguments) -> dict:
     set_seed(args.seed)
 
     # ----- export -----------------------------------------------------------------------------------------------
+    # The checks (`--verify`) do not change what is written: a rerun may add or drop them.
+    claim_output_dir(args.output_dir, resolved_config(args), force=args.force, allowed={"verify", "verify_new_tokens"})
     manifest = export(
         args.model_name_or_path,
         args.output_dir,

@@ -10,7 +10,8 @@ from recipes/reward.py). Prompts: the world's questions or a local prompt set. E
     accelerate launch --config_file recipes/accelerate/single.yaml recipes/grpo.py --config recipes/configs/tiny/grpo.yaml
     accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/grpo.py --config recipes/configs/real/grpo.yaml
 
-Continue a killed run with `--resume_from_checkpoint last` (or a checkpoint folder). Writes the model (or LoRA
+Rerunning a killed command continues it from its newest complete checkpoint; a rerun with other settings
+into the same `output_dir` is refused unless `--force` (start over). Writes the model (or LoRA
 adapter), the processor, `config.yaml`, `metrics.json` (loss, reward and KL per logged step, images encoded) and
 TensorBoard logs (`runs/`) to `output_dir`.
 """
@@ -29,9 +30,9 @@ from align.training import (
     load_vlm,
     log_rejects,
     prepare_for_training,
-    resolve_checkpoint,
     run_metrics,
     setup_logging,
+    start_run,
     write_outputs,
 )
 
@@ -44,7 +45,7 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
     setup_logging(training_args)
     check_launch(training_args)
     set_seed(training_args.seed)
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    checkpoint = start_run(training_args, script_args, training_args, model_args, force=script_args.force)
 
     # ------------------------------------------------------------------ model, processor and rewards
     model, processor = load_vlm(model_args.model_name_or_path, model_args)

@@ -16,8 +16,9 @@ Builds the VLM from parts (`vision`, `text`) or loads a built one (`model_name_o
 world's captions (or `dataset_path`). With frozen towers the images are encoded once into a feature cache and
 training reads the features (`use_feature_cache`). Rows with a missing or corrupt image are skipped and listed in
 `rejects.jsonl`. Writes the VLM and processor, `config.yaml` (the resolved config) and `metrics.json` (with the
-caption figures before and after training when `eval_captions` is set) to `output_dir`. Continue a stopped run
-with `--resume_from_checkpoint last` (the newest checkpoint in `output_dir`) or a checkpoint folder.
+caption figures before and after training when `eval_captions` is set) to `output_dir`. Rerunning a stopped run's
+command continues it from the newest complete checkpoint in `output_dir` (`--resume_from_checkpoint false` starts
+over, a checkpoint folder picks one).
 """
 
 import logging

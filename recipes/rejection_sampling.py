@@ -12,13 +12,11 @@ reward model's ranking is compared with the verifier's (`reward_verifier_agreeme
 it stopped when started again with the same settings. Writes to `output_dir`: `candidates.jsonl` (every prompt's
 candidates and scores), `sft/` and `dpo/` (`save_to_disk` datasets that recipes/sft.py and recipes/dpo.py read as
 `datasets:` entries), `metrics.json` (statistics: score distribution, kept rows, pass@1, pass@N, per category),
-`sampling_config.json` and `rejects.jsonl`.
+`run_settings.json` and `rejects.jsonl`. A rerun with other settings into the same folder is refused unless `--force`.
 """
 
-import json
 import logging
-import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -36,6 +34,7 @@ from align.rejection_sampling import (
     sample_and_score,
     statistics_of,
 )
+from align.runs import RunArguments, claim_output_dir, resolved_config, save_metrics, staged_dir
 from align.scoring import SCORERS, RewardModelScorer, VerifierScorer, WeightedScorer
 from align.world import CATEGORIES
 
@@ -43,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RejectionSamplingArguments(PromptArguments):
+class RejectionSamplingArguments(PromptArguments, RunArguments):
     """Prompts (`PromptArguments`), sampling, scoring and selection (the policy is `ModelConfig.model_name_or_path`)."""
 
     output_dir: str | None = field(
@@ -77,9 +76,6 @@ class RejectionSamplingArguments(PromptArguments):
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base VLM of an adapter policy (default: from adapter_config.json)."}
     )
-    overwrite: bool = field(
-        default=False, metadata={"help": "Start over when output_dir holds candidates sampled with other settings."}
-    )
     seed: int = field(default=0, metadata={"help": "Sampling seed (each batch is seeded from it and its first prompt)."})
 
     def __post_init__(self):
@@ -112,21 +108,6 @@ def load_prompts(args: RejectionSamplingArguments, output_dir: Path) -> datasets
     return args.load_prompts(needs_records=args.scorer == "verifier", rejects_path=output_dir / "rejects.jsonl")
 
 
-def check_settings(output_dir: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse to mix candidates sampled under other settings into a resumed run (or clear them with overwrite)."""
-    path = output_dir / "sampling_config.json"
-    if path.exists() and json.loads(path.read_text()) != settings:
-        if not overwrite:
-            raise ValueError(
-                f"{output_dir} holds candidates sampled with other settings ({path}); use another output_dir or "
-                "--overwrite true to start over"
-            )
-        for old in output_dir.glob("candidates*.jsonl"):
-            old.unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2))
-
-
 def main(script_args: RejectionSamplingArguments, model_args: ModelConfig):
     # ----- logging and seed -------------------------------------------------------------------------------------
     state = PartialState(cpu=not torch.accelerator.is_available())
@@ -139,18 +120,15 @@ def main(script_args: RejectionSamplingArguments, model_args: ModelConfig):
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required: the policy, a VLM folder or a PEFT adapter folder")
     output_dir = Path(script_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # Candidates sampled under other settings must not be mixed into a resumed run's (`--force` starts over).
+    with state.main_process_first():
+        claim_output_dir(
+            output_dir, resolved_config(script_args, model_args), force=script_args.force,
+            allowed={"reward_batch_size"}, main_process=state.is_main_process,
+        )
 
     # ----- prompts ----------------------------------------------------------------------------------------------
     prompts = load_prompts(script_args, output_dir)
-    settings = {
-        **{k: v for k, v in asdict(script_args).items() if k not in ("output_dir", "overwrite", "reward_batch_size")},
-        "model_name_or_path": model_args.model_name_or_path, "load_in_4bit": model_args.load_in_4bit,
-        "prompts": len(prompts),
-    }
-    if state.is_main_process:
-        check_settings(output_dir, settings, script_args.overwrite)
-    state.wait_for_everyone()
     logger.info("%d prompts, %d candidates each", len(prompts), script_args.num_candidates)
 
     # ----- policy and scorers -----------------------------------------------------------------------------------
@@ -190,13 +168,12 @@ def main(script_args: RejectionSamplingArguments, model_args: ModelConfig):
     records = collect(output_dir, len(prompts))
     sft, dpo = build_datasets(prompts, records, script_args.sft_threshold, script_args.min_margin)
     for name, data in (("sft", sft), ("dpo", dpo)):
-        if (output_dir / name).exists():
-            shutil.rmtree(output_dir / name)
-        data.save_to_disk(str(output_dir / name), num_shards=1 if len(data) == 0 else None)  # an empty one needs a shard to load
+        with staged_dir(output_dir / name) as staging:
+            data.save_to_disk(str(staging), num_shards=1 if len(data) == 0 else None)  # an empty one needs a shard to load
     stats = statistics_of(records, script_args.sft_threshold, script_args.min_margin)
     stats["model_name_or_path"] = model_args.model_name_or_path
     stats["scorer"] = script_args.scorer
-    (output_dir / "metrics.json").write_text(json.dumps(stats, indent=2))
+    save_metrics(output_dir / "metrics.json", stats)
     summary = f"{stats['sft_rows']} SFT rows and {stats['dpo_pairs']} DPO pairs from {stats['prompts']} prompts"
     if "pass@1" in stats:
         n = script_args.num_candidates

@@ -11,7 +11,8 @@ rejected: a plausible wrong answer of the same category); held-out pairs come fr
     python recipes/reward.py --config recipes/configs/tiny/reward.yaml
     accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/reward.py --config recipes/configs/real/reward.yaml
 
-Continue a killed run with `--resume_from_checkpoint last` (or a checkpoint folder). Writes the model (or LoRA
+Rerunning a killed command continues it from its newest complete checkpoint; a rerun with other settings
+into the same `output_dir` is refused unless `--force` (start over). Writes the model (or LoRA
 adapter with the head), the processor, `config.yaml`, `metrics.json` (held-out `eval_accuracy` after training and
 `eval_accuracy_before`, overall and per category), `rejects.jsonl` and TensorBoard logs (`runs/`) to `output_dir`.
 Score answers with the result: `align.reward.load_reward_model(output_dir)` and `align.reward.reward_scores`.
@@ -38,9 +39,9 @@ from align.training import (
     VLMModelConfig,
     check_launch,
     log_rejects,
-    resolve_checkpoint,
     run_metrics,
     setup_logging,
+    start_run,
     write_outputs,
 )
 
@@ -53,7 +54,7 @@ def main(script_args: RewardScriptArguments, training_args: VLMRewardConfig, mod
     setup_logging(training_args)
     check_launch(training_args)
     set_seed(training_args.seed)
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    checkpoint = start_run(training_args, script_args, training_args, model_args, force=script_args.force)
 
     # ------------------------------------------------------------------ model and processor
     model, processor = load_reward_model_for_training(model_args.model_name_or_path, model_args)

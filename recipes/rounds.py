@@ -30,6 +30,7 @@ from trl import TrlParser
 
 from align.evaluation import PREDICTIONS, paired_difference, paired_table, read_predictions, scoreboard
 from align.pipeline import LAUNCHERS_HELP, RECIPES, Step, derived_step, run_step
+from align.runs import atomic_write_text, save_metrics
 from align.world import CATEGORIES
 
 logger = logging.getLogger(__name__)
@@ -274,8 +275,8 @@ def main(args: RoundsArguments) -> dict:
         logger.info("no %s next to the round-0 evaluation: no paired comparison with round 0", PREDICTIONS)
     summary["final_policy"] = policy
     summary["initial_eval"] = initial
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (output_dir / "scoreboard.md").write_text(board + "\n")
+    atomic_write_text(output_dir / "scoreboard.md", board + "\n")
+    save_metrics(output_dir / "metrics.json", summary)  # last: it marks the pipeline done
     print(board)
     return summary
 

@@ -9,7 +9,8 @@ refusals. Bad rows are skipped and listed in `<output_dir>/rejects.jsonl`.
     accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/sft.py --config recipes/configs/real/sft.yaml
     python recipes/sft.py --config recipes/configs/tiny/sft_qlora.yaml --max_steps 20
 
-Continue a killed run with `--resume_from_checkpoint last` (or a checkpoint folder). Writes the model (or LoRA
+Rerunning a killed command continues it from its newest complete checkpoint; a rerun with other settings
+into the same `output_dir` is refused unless `--force` (start over). Writes the model (or LoRA
 adapter), the processor, `config.yaml`, `metrics.json`, `rejects.jsonl` and TensorBoard logs (`runs/`) to
 `output_dir`.
 """
@@ -26,9 +27,9 @@ from align.training import (
     load_vlm,
     log_rejects,
     prepare_for_training,
-    resolve_checkpoint,
     run_metrics,
     setup_logging,
+    start_run,
     write_outputs,
 )
 from model.pretrain import prepare_stage_data
@@ -42,7 +43,7 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
     setup_logging(training_args)
     check_launch(training_args)
     set_seed(training_args.seed)
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    checkpoint = start_run(training_args, script_args, training_args, model_args, force=script_args.force)
     if not training_args.assistant_only_loss:
         logger.warning("assistant_only_loss is off: the loss covers the prompts too")
 

@@ -47,6 +47,7 @@ from align.pipeline import (
     run_step,
     threads_per_job,
 )
+from align.runs import atomic_file, atomic_write_text, save_metrics
 from align.training import merged_base
 from align.zoo import lm_documents
 from model.prune import PLAN_FILE, PruneArguments, load_teacher, parameter_counts
@@ -132,11 +133,8 @@ def write_calibration(args: StudentsArguments, teacher: str, path: Path) -> Path
         world = datasets.load_from_disk(args.world_path or str(default_cache_dir() / "world"))
         processing = AutoProcessor.from_pretrained(teacher)
         documents = lm_documents(world, args.calibration_split, getattr(processing, "tokenizer", processing))
-        tmp = path.with_suffix(".partial")
-        with open(tmp, "w") as handle:
-            for text in documents:
-                handle.write(json.dumps({"text": text}) + "\n")
-        tmp.rename(path)
+        with atomic_file(path) as handle:
+            handle.writelines(json.dumps({"text": text}) + "\n" for text in documents)
         logger.info("wrote %d calibration documents to %s", len(documents), path)
     return path
 
@@ -275,8 +273,8 @@ def main(args: StudentsArguments) -> dict:
         },
     }
     table = student_table(summary) + "\n\n" + comparison_table(summary)
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (output_dir / "students.md").write_text(table + "\n")
+    atomic_write_text(output_dir / "students.md", table + "\n")
+    save_metrics(output_dir / "metrics.json", summary)  # last: it marks the pipeline done
     print(table)
     return summary
 

@@ -97,3 +97,27 @@ def test_forkserver_launcher_runs_the_recipe_as_main_with_its_log_threads_and_en
     failing = Step("bad", str(script), "c.yaml", {"fail": 1}, launcher="forkserver")
     with pytest.raises(SystemExit, match="(?s)bad failed .*this recipe failed on purpose"):
         run_step(failing, tmp_path / "run")
+
+
+def test_a_step_is_reused_only_under_the_settings_it_ran_with(tmp_path):
+    script = tmp_path / "recipe.py"
+    script.write_text(RECIPE)
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: 0.001\nlogging_steps: 1\n")
+    run = tmp_path / "run"
+    first = run_step(Step("s", str(script), config, {"seed": 3}, launcher="forkserver"), run)
+
+    # Settings that do not change the result (logging) may change; the step is reused.
+    config.write_text("learning_rate: 0.001\nlogging_steps: 5\n")
+    assert run_step(Step("s", str(script), config, {"seed": 3}, launcher="forkserver"), run) == first
+
+    # Other settings, in the config or the overrides: refused, naming each difference.
+    config.write_text("learning_rate: 0.002\nlogging_steps: 5\n")
+    changed = Step("s", str(script), config, {"seed": 4}, launcher="forkserver")
+    with pytest.raises(SystemExit, match=r"s ran before .* \(learning_rate: 0.001 -> 0.002; seed: '3' -> '4'\)"):
+        run_step(changed, run)
+    # --force redoes the step from an empty folder and records the new settings.
+    (run / "s" / "leftover.txt").write_text("from the first run")
+    redone = run_step(changed, run, force=True)
+    assert redone["argv"][-1] == "4" and not (run / "s" / "leftover.txt").exists()
+    assert run_step(changed, run)["argv"] == redone["argv"]

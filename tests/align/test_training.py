@@ -1,6 +1,7 @@
 """The post-training library: what LoRA and QLoRA touch, what trains, assistant-only labels, skipped rows, loading
 a run's output, and the DPO reference log-probs precomputed for vision data."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -270,13 +271,22 @@ def test_processes_that_did_not_join_a_process_group_are_refused(tmp_path, monke
 
 
 def test_resolve_checkpoint(tmp_path):
-    assert resolve_checkpoint(None, str(tmp_path)) is None
-    with pytest.raises(ValueError, match="no checkpoint"):
+    assert resolve_checkpoint(None, str(tmp_path)) is None  # nothing to continue: from the start
+    with pytest.raises(ValueError, match="no complete checkpoint"):
         resolve_checkpoint("last", str(tmp_path))
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-10").mkdir()
+    for step in (2, 10, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (2, 10):  # checkpoint-12 was cut short by a kill: no trainer state
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     assert Path(resolve_checkpoint("last", str(tmp_path))).name == "checkpoint-10"
+    assert not (tmp_path / "checkpoint-12").exists()
+    # Unset: a rerun continues from the newest complete checkpoint; "false" trains from the start.
+    assert Path(resolve_checkpoint(None, str(tmp_path))).name == "checkpoint-10"
+    assert resolve_checkpoint("false", str(tmp_path)) is None
     assert resolve_checkpoint(str(tmp_path / "checkpoint-2"), str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-4").mkdir()
+    with pytest.raises(ValueError, match="was not written whole"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-4"), str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -115,11 +115,7 @@ def run_recipe(
 ) -> subprocess.CompletedProcess:
     """Run `recipes/<script>` in a subprocess on `config` (written as a YAML next to the run), plainly or under
     `accelerate launch` with `processes` CPU processes (DDP over gloo); fail with the run's output."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config_path = folder / f"{Path(script).stem}-{len(list(folder.glob('*.yaml')))}.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    script_path = str(REPO / "recipes" / script)
-    args = [script_path, "--config", str(config_path), *overrides]
+    args = _recipe_args(script, config, folder, overrides)
     if processes > 1:
         accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
         command = [
@@ -128,7 +124,26 @@ def run_recipe(
         ]
     else:
         command = [sys.executable, *args]
-    env = {
+    env = _environment(processes)
+    if processes > 1:
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        result = _run_forked(command, env, folder, timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def _recipe_args(script: str, config: dict, folder: Path, overrides) -> list[str]:
+    """`recipes/<script> --config <config written into folder> overrides...`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / f"{Path(script).stem}-{len(list(folder.glob('*.yaml')))}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    return [str(REPO / "recipes" / script), "--config", str(config_path), *overrides]
+
+
+def _environment(processes: int = 1) -> dict[str, str]:
+    return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -137,13 +152,47 @@ def run_recipe(
         "TQDM_DISABLE": "1",
         "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
     }
-    if processes > 1:
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_until_killed(
+    script: str, config: dict, folder: Path, ready, *overrides: str, timeout: float = 300, pipeline: bool = False
+) -> str:
+    """Start `recipes/<script>` on `config` as `run_recipe` does, kill it with SIGKILL the moment `ready()` holds
+    (polled every 20 ms), and return what it printed. A `pipeline` recipe (rounds, students) runs in a session of
+    its own and the kill takes every process of it, as a preemption would; others are forked like `run_recipe`'s.
+
+    Fails when the run ends before `ready()` holds, or after `timeout` seconds.
+    """
+    import signal
+    import time
+
+    args = _recipe_args(script, config, folder, overrides)
+    output = folder / f"{Path(script).stem}.killed.log"
+    output.write_text("")
+    if pipeline:
+        with open(output, "w") as log:
+            proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=_environment(), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        running, kill = (lambda: proc.poll() is None), (lambda: os.killpg(proc.pid, signal.SIGKILL))
+        wait = proc.wait
     else:
-        result = _run_forked(command, env, folder, timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
-    return result
+        from align.pipeline import start_forked
+
+        child = start_forked(args[0], args[1:], _environment(), output, output)
+        running, kill, wait = child.is_alive, child.kill, child.join
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if not running():
+                raise AssertionError(f"{script} ended before the kill point:\n{output.read_text()[-6000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{script} did not reach the kill point in {timeout} s:\n{output.read_text()[-6000:]}")
+            time.sleep(0.02)
+    finally:
+        if running():
+            kill()
+        wait()
+    return output.read_text()
 
 
 def _run_forked(command: list[str], env: dict, folder: Path, timeout: int) -> subprocess.CompletedProcess:

@@ -99,10 +99,10 @@ def test_a_killed_run_continues_without_lost_or_repeated_prompts(setup, tmp_path
 def test_other_settings_in_the_same_folder_are_refused(setup, tmp_path):
     out = tmp_path / "run"
     run_recipe("rejection_sampling.py", config(setup, out, num_prompts=4), tmp_path)
-    with pytest.raises(AssertionError, match="holds candidates sampled with other settings"):
+    with pytest.raises(AssertionError, match=r"holds a run with other settings \(temperature: 1.0 -> 0.5\)"):
         run_recipe("rejection_sampling.py", config(setup, out, num_prompts=4, temperature=0.5), tmp_path)
-    run_recipe("rejection_sampling.py", config(setup, out, num_prompts=4, temperature=0.5), tmp_path, "--overwrite", "true")
-    assert read_json(out / "sampling_config.json")["temperature"] == 0.5
+    run_recipe("rejection_sampling.py", config(setup, out, num_prompts=4, temperature=0.5), tmp_path, "--force", "true")
+    assert read_json(out / "run_settings.json")["temperature"] == 0.5
 
 
 @pytest.mark.parametrize(

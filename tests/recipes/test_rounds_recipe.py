@@ -12,6 +12,7 @@ from tests.align.training_helpers import (
     load_recipe,
     read_json,
     run_recipe,
+    run_until_killed,
     tiny_vlm,
     tiny_world,
     write_yaml,
@@ -49,14 +50,25 @@ def setup(tiny_parts, tmp_path_factory):
     return {"root": root, "vlm": tiny_vlm(root / "vlm", tiny_parts["siglip"], tiny_parts["llama"]), **configs}
 
 
-@pytest.mark.slow
-def test_one_round_on_tiny_configs(setup, tmp_path):
-    out = tmp_path / "rounds"
-    config = {
+def round_config(setup, out) -> dict:
+    return {
         "policy": setup["vlm"], "output_dir": str(out), "rounds": 1, "prompts_per_round": 8,
         **{k: setup[k] for k in ("rejection_sampling_config", "sft_config", "dpo_config", "evaluate_config")},
     }
-    run_recipe("rounds.py", config, tmp_path, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def one_round(setup):
+    """One uninterrupted round: rejection sampling -> SFT -> DPO -> evaluation."""
+    out = setup["root"] / "one-round"
+    run_recipe("rounds.py", round_config(setup, out), setup["root"], timeout=900)
+    return out
+
+
+@pytest.mark.slow
+def test_one_round_on_tiny_configs(setup, one_round, tmp_path):
+    out = one_round
+    config = round_config(setup, out)
     summary = read_json(out / "metrics.json")
     (round1,) = summary["rounds"]
     assert round1["start_policy"] == setup["vlm"] and round1["policy"] == str(out / "round1" / "dpo")
@@ -85,6 +97,34 @@ def test_one_round_on_tiny_configs(setup, tmp_path):
     # A second run reuses every finished step.
     again = run_recipe("rounds.py", config, tmp_path, timeout=300)
     assert again.stdout.count("done before, reusing") == 5
+
+
+@pytest.mark.slow
+def test_a_round_killed_mid_pipeline_continues_to_the_same_end(setup, one_round, tmp_path):
+    """kill -9 of the whole pipeline (the rounds process and the step it runs) as DPO starts, then the same command:
+    the finished steps are reused, the rest run, and the round ends as the uninterrupted one did."""
+    out = tmp_path / "rounds"
+    config = round_config(setup, out)
+    run_until_killed(
+        "rounds.py", config, tmp_path, lambda: (out / "round1" / "sft" / "metrics.json").is_file(), timeout=900,
+        pipeline=True,
+    )
+    assert not (out / "metrics.json").exists()
+    again = run_recipe("rounds.py", config, tmp_path, timeout=600)
+    assert again.stdout.count("done before, reusing") >= 3  # round 0's evaluation, rejection sampling and SFT
+    clean = read_json(one_round / "metrics.json")["rounds"][0]
+    resumed = read_json(out / "metrics.json")["rounds"][0]
+    for step, figures in (("rejection_sampling", ("sft_rows", "dpo_pairs")), ("eval", ("correct", "total"))):
+        assert [resumed[step][k] for k in figures] == [clean[step][k] for k in figures]
+    for name in ("round1/rejection_sampling/candidates.jsonl", "round1/eval/predictions.jsonl"):
+        assert (out / name).read_text() == (one_round / name).read_text()
+
+    # The same pipeline with other settings for a finished step is refused, naming them.
+    with pytest.raises(AssertionError, match=r"ran before .* with other settings \(.*num_candidates"):
+        rs = yaml.safe_load(open(setup["rejection_sampling_config"]))
+        other = tmp_path / "rs-other.yaml"
+        other.write_text(yaml.safe_dump({**rs, "num_candidates": 4}))
+        run_recipe("rounds.py", {**config, "rejection_sampling_config": str(other)}, tmp_path, timeout=300)
 
 
 @pytest.mark.slow

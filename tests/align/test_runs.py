@@ -1,0 +1,74 @@
+"""align.runs: whole-or-nothing writes, the output folder's settings rule, and complete checkpoints."""
+
+import json
+
+import pytest
+
+from align.runs import (
+    atomic_file,
+    atomic_write_text,
+    claim_output_dir,
+    last_complete_checkpoint,
+    settings_differences,
+    staged_dir,
+)
+
+
+def test_atomic_file_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic_write_text(path, '{"accuracy": 0.5}')
+    with pytest.raises(RuntimeError, match="killed"), atomic_file(path) as f:
+        f.write('{"accur')
+        raise RuntimeError("killed half way")
+    assert json.loads(path.read_text()) == {"accuracy": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
+
+
+def test_staged_dir_replaces_the_folder_only_when_complete(tmp_path):
+    target = tmp_path / "data"
+    with staged_dir(target) as staging:
+        (staging / "a.txt").write_text("one")
+    with pytest.raises(RuntimeError), staged_dir(target) as staging:
+        (staging / "b.txt").write_text("two")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with staged_dir(target) as staging:
+        (staging / "c.txt").write_text("three")
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_settings_differences_ignore_bookkeeping_and_name_the_rest():
+    before = {"learning_rate": 1e-3, "logging_steps": 1, "output_dir": "a", "max_steps": 4}
+    now = {"learning_rate": 2e-3, "logging_steps": 5, "output_dir": "b", "max_steps": 8, "beta": 0.1}
+    assert settings_differences(before, now) == {"beta": (None, 0.1), "learning_rate": (1e-3, 2e-3), "max_steps": (4, 8)}
+    assert "max_steps" not in settings_differences(before, now, allowed={"max_steps"})
+
+
+def test_claim_output_dir_continues_refuses_or_starts_over(tmp_path):
+    out = tmp_path / "run"
+    assert claim_output_dir(out, {"seed": 0, "beta": 0.1}) is False  # a new folder
+    (out / "candidates.jsonl").write_text("{}\n")
+    assert claim_output_dir(out, {"seed": 0, "beta": 0.1, "logging_steps": 3}) is True  # same settings: continued
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(beta: 0.1 -> 0.2\).*--force"):
+        claim_output_dir(out, {"seed": 0, "beta": 0.2})
+    assert (out / "candidates.jsonl").exists()
+    assert claim_output_dir(out, {"seed": 0, "beta": 0.2}, force=True) is False
+    assert sorted(p.name for p in out.iterdir()) == ["run_settings.json"]
+    assert json.loads((out / "run_settings.json").read_text()) == {"beta": 0.2, "seed": 0}
+
+
+def test_last_complete_checkpoint_skips_one_cut_short(tmp_path):
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+    for step, whole in ((2, True), (4, True), (10, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        if whole:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-6").mkdir()
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"global_st')  # torn
+    assert last_complete_checkpoint(tmp_path).endswith("checkpoint-4")
+    assert (tmp_path / "checkpoint-10").exists()
+    assert last_complete_checkpoint(tmp_path, remove_incomplete=True).endswith("checkpoint-4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]

@@ -1,0 +1,178 @@
+"""Kill -9 at chosen moments, then rerun the same command: nothing lost, nothing twice, the same outcome as a run
+that was never killed, and no half-written file for a later stage to read. Reruns with other settings into the same
+folder are refused, naming them; `--force` starts over.
+
+Kill points here: a trainer between checkpoints and during a checkpoint's save (SFT), every other trainer after its
+first checkpoint (stage-1 pretraining, reward model, distillation, GRPO), DPO during its reference precompute, an
+evaluation while it generates, synthetic Q&A while it generates, an export while it writes. Rejection sampling
+mid-sampling is in its own recipe test, a pipeline between steps in the rounds recipe test.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align.world import WorldConfig, build_world
+from tests.align.training_helpers import (
+    IMAGE_SIZE,
+    REPO,
+    TINY_TRAINING,
+    read_json,
+    run_recipe,
+    run_until_killed,
+    tiny_vlm,
+    tiny_world,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    with_validation = root / "world-validation"  # the reward recipe measures held-out pairs
+    build_world(str(with_validation), sizes={"train": 8, "validation": 3}, config=WorldConfig(image_size=IMAGE_SIZE))
+    return {
+        "root": root,
+        **tiny_parts,
+        "vlm": tiny_vlm(root / "vlm", tiny_parts["siglip"], tiny_parts["llama"]),
+        "world": tiny_world(root / "world", images=12),
+        "world_with_validation": str(with_validation),
+    }
+
+
+def lora_run(setup, output_dir: Path, **settings) -> dict:
+    return {
+        **TINY_TRAINING, "model_name_or_path": setup["vlm"], "output_dir": str(output_dir), "world_path": setup["world"],
+        "use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "max_length": None,
+        "save_strategy": "steps", "save_steps": 2, **settings,
+    }
+
+
+def losses(output_dir: Path) -> list:
+    return read_json(output_dir / "metrics.json")["loss"]["history"]
+
+
+def assert_same_losses(resumed: list, clean: list) -> None:
+    assert [step for step, _ in resumed] == [step for step, _ in clean]
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in clean], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_sft_killed_between_and_during_checkpoints_then_rerun(setup, tmp_path):
+    config = {**lora_run(setup, tmp_path / "clean", max_steps=6), "assistant_only_loss": True}
+    run_recipe("sft.py", config, tmp_path)
+    clean = losses(tmp_path / "clean")
+
+    killed = tmp_path / "killed"
+    config["output_dir"] = str(killed)
+    run_until_killed("sft.py", config, tmp_path, lambda: (killed / "checkpoint-4" / "trainer_state.json").is_file())
+    assert not (killed / "metrics.json").exists()
+    # What a kill in the middle of saving checkpoint-4 leaves: its weights, but not the trainer state written last.
+    newest = max(killed.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    (newest / "trainer_state.json").unlink()
+
+    rerun = run_recipe("sft.py", config, tmp_path)
+    output = rerun.stdout + rerun.stderr
+    assert f"{newest.name} was not written whole" in output and "continuing from" in output
+    resumed_from = read_json(killed / "metrics.json")["resumed_from"]
+    assert resumed_from is not None and int(resumed_from.rsplit("-", 1)[1]) < int(newest.name.split("-")[1])
+    assert_same_losses(losses(killed), clean)
+    assert not list(killed.glob(".*.partial*")), "a temporary file was left behind"
+
+    # Other settings into the same folder: refused, naming them; --force starts over and records the new ones.
+    changed = {**config, "learning_rate": 5.0e-4}
+    with pytest.raises(AssertionError, match=r"holds a run with other settings \(learning_rate: 0.001 -> 0.0005\)"):
+        run_recipe("sft.py", changed, tmp_path)
+    run_recipe("sft.py", {**changed, "max_steps": 2}, tmp_path, "--force", "true")
+    assert read_json(killed / "run_settings.json")["learning_rate"] == 5.0e-4
+    assert read_json(killed / "metrics.json")["resumed_from"] is None
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_dpo_killed_during_the_reference_precompute_then_rerun(setup, tmp_path):
+    config = lora_run(setup, tmp_path / "clean", max_steps=2, beta=0.1, precompute_ref_log_probs=True,
+                      precompute_ref_batch_size=1)
+    run_recipe("dpo.py", config, tmp_path)
+
+    killed = tmp_path / "killed"
+    config["output_dir"] = str(killed)
+    log = tmp_path / "dpo.killed.log"
+    run_until_killed("dpo.py", config, tmp_path, lambda: "precomputing the reference" in log.read_text())
+    assert not (killed / "metrics.json").exists()
+    run_recipe("dpo.py", config, tmp_path)
+    assert_same_losses(losses(killed), losses(tmp_path / "clean"))
+    assert read_json(killed / "metrics.json")["rows"] == read_json(tmp_path / "clean" / "metrics.json")["rows"]
+
+
+@pytest.mark.slow
+def test_export_killed_while_writing_then_rerun(setup, tmp_path):
+    out = tmp_path / "export"
+    config = {"model_name_or_path": setup["vlm"], "output_dir": str(out), "formats": "merged,card"}
+    run_recipe("export.py", config, tmp_path)
+    finished = read_json(out / "checksums.json")
+
+    # Killed as the second export into the same folder writes: the first export's files are not left looking whole.
+    rewriting = lambda: not (out / "checksums.json").exists() and (out / "merged" / "config.json").exists()  # noqa: E731
+    run_until_killed("export.py", config, tmp_path, rewriting)
+    assert not (out / "checksums.json").exists() and not (out / "export.json").exists()
+    run_recipe("export.py", {**config, "verify": True}, tmp_path)
+    assert read_json(out / "checksums.json") == finished
+    assert read_json(out / "verification.json")["ok"]
+    assert json.loads((out / "run_settings.json").read_text())["formats"] == "merged,card"
+
+
+def _pretrain(setup, output_dir: Path) -> dict:
+    config = yaml.safe_load((REPO / "recipes/configs/tiny/pretrain.yaml").read_text())
+    return {
+        **config, "vision": [setup["siglip"]], "text": setup["llama"], "world_path": setup["world"],
+        "feature_cache_dir": str(output_dir.parent / "features"), "output_dir": str(output_dir), "train_samples": 16,
+        "per_device_train_batch_size": 2, "eval_captions": 0, "standardize_images": 8, "logging_steps": 1,
+        "save_steps": 2, "save_total_limit": 3, "report_to": "none",
+    }
+
+
+RUNS = {
+    "pretrain": _pretrain,
+    "reward": lambda setup, out: lora_run(setup, out, world_path=setup["world_with_validation"], pairs_per_image=1,
+                                          eval_images=2, score_learning_rate=1.0e-2),
+    "distill": lambda setup, out: {
+        **lora_run(setup, out, assistant_only_loss=True, alpha=0.5, cache_teacher_topk=8),
+        "use_peft": False, "teacher_model_name_or_path": setup["vlm"],
+    },
+    "grpo": lambda setup, out: {
+        key: value for key, value in lora_run(
+            setup, out, num_prompts=16, num_generations=4, per_device_train_batch_size=8, max_completion_length=6,
+            beta=0.04,
+        ).items() if key != "max_length"  # GRPO limits prompt and completion lengths instead
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(RUNS))
+def test_trainer_killed_after_a_checkpoint_then_rerun(setup, tmp_path, recipe):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    run_recipe(f"{recipe}.py", {**RUNS[recipe](setup, clean), "max_steps": 4}, tmp_path)
+    config = {**RUNS[recipe](setup, killed), "max_steps": 4}
+    run_until_killed(f"{recipe}.py", config, tmp_path, lambda: (killed / "checkpoint-2" / "trainer_state.json").is_file())
+    assert not (killed / "metrics.json").exists()
+    rerun = run_recipe(f"{recipe}.py", config, tmp_path)
+    assert "continuing from" in rerun.stdout + rerun.stderr
+    assert_same_losses(losses(killed), losses(clean))
+
+
+@pytest.mark.slow
+def test_evaluation_killed_while_generating_then_rerun(setup, tmp_path):
+    config = {"model_name_or_path": setup["vlm"], "world_path": setup["world"], "dataset_split": "train",
+              "num_questions": 24, "batch_size": 2, "max_new_tokens": 6, "dtype": "float32"}
+    run_recipe("evaluate.py", {**config, "output_dir": str(tmp_path / "clean")}, tmp_path)
+    killed = tmp_path / "killed"
+    log = tmp_path / "evaluate.killed.log"
+    run_until_killed("evaluate.py", {**config, "output_dir": str(killed)}, tmp_path,
+                     lambda: "held-out questions from" in log.read_text())
+    assert not (killed / "metrics.json").exists() and not (killed / "predictions.jsonl").exists()
+    run_recipe("evaluate.py", {**config, "output_dir": str(killed)}, tmp_path)
+    for name in ("predictions.jsonl", "eval_table.md"):
+        assert (killed / name).read_text() == (tmp_path / "clean" / name).read_text()
