@@ -72,3 +72,20 @@ def test_last_complete_checkpoint_skips_one_cut_short(tmp_path):
     assert (tmp_path / "checkpoint-10").exists()
     assert last_complete_checkpoint(tmp_path, remove_incomplete=True).endswith("checkpoint-4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_nothing_in_the_project_loads_a_pickle():
+    """Weights are safetensors, features .npy without pickles, everything else JSON: no `pickle.load`, no
+    `torch.load` without `weights_only=True`, no `allow_pickle=True` anywhere in the project's code."""
+    import re
+
+    from align.paths import REPO_ROOT
+
+    offenders = []
+    for folder in ("align", "model", "recipes", "bench"):
+        for path in (REPO_ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            calls = re.findall(r"torch\.load\([^)]*\)", text, re.S)
+            if any("weights_only=True" not in call for call in calls) or re.search(r"pickle\.loads?\(|allow_pickle=True", text):
+                offenders.append(str(path.relative_to(REPO_ROOT)))
+    assert offenders == []

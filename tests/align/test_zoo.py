@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, replace
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from align.zoo import BASE_STAGES, ZooConfig, build_zoo, file_checksums, format_quality
+from tests.align.training_helpers import REPO, kill_when
 
 TINY = dict(
     train_images=64, validation_images=8, test_images=100, image_size=64, vocab_size=400,
@@ -287,3 +290,21 @@ def test_shipped_parts_match_this_code_and_settings():
         assert manifest is not None, f"no shipped {part} part in {SHIPPED_PARTS}"
         assert manifest["fingerprint"] == expected[part], f"the shipped {part} part was built from other code or settings"
         assert file_checksums(SHIPPED_PARTS / part) == manifest["files"], f"the shipped {part} part's files changed"
+
+
+@pytest.mark.slow
+def test_a_build_killed_mid_part_is_finished_by_the_same_command(zoo, tmp_path):
+    """kill -9 of `python -m align.zoo` while it trains the SigLIP part, then the same command: it reuses the world
+    and the tokenizer, rebuilds the cut part from scratch, and ends with the parts of an uninterrupted build, to the
+    bit."""
+    cfg, _ = zoo
+    root = tmp_path / "killed"
+    command = [sys.executable, "-m", "align.zoo", "--cache_dir", str(root),
+               *(arg for key, value in TINY.items() for arg in (f"--{key}", str(value)))]
+    kill_when(command, lambda: (root / "siglip.partial").is_dir(), tmp_path / "zoo.log", timeout=300)
+    assert (root / "tokenizer" / "zoo_manifest.json").is_file() and not (root / "siglip").exists()
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not (root / "siglip.partial").exists()
+    for part in ("tokenizer", "siglip", "llama"):
+        assert file_checksums(root / part) == file_checksums(cfg.root / part), part

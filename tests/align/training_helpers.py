@@ -163,36 +163,49 @@ def run_until_killed(
 
     Fails when the run ends before `ready()` holds, or after `timeout` seconds.
     """
-    import signal
-    import time
-
     args = _recipe_args(script, config, folder, overrides)
     output = folder / f"{Path(script).stem}.killed.log"
-    output.write_text("")
     if pipeline:
-        with open(output, "w") as log:
-            proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=_environment(), stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        running, kill = (lambda: proc.poll() is None), (lambda: os.killpg(proc.pid, signal.SIGKILL))
-        wait = proc.wait
-    else:
-        from align.pipeline import start_forked
+        return kill_when([sys.executable, *args], ready, output, timeout)
+    from align.pipeline import start_forked
 
-        child = start_forked(args[0], args[1:], _environment(), output, output)
-        running, kill, wait = child.is_alive, child.kill, child.join
+    output.write_text("")
+    child = start_forked(args[0], args[1:], _environment(), output, output)
+    _kill_when_ready(script, ready, child.is_alive, child.kill, output, timeout)
+    child.join()
+    return output.read_text()
+
+
+def kill_when(command: list[str], ready, output: Path, timeout: float = 300) -> str:
+    """Run `command` in a session of its own, its output to `output`, and SIGKILL all of its processes the moment
+    `ready()` holds; returns what it printed (fails as `run_until_killed` does)."""
+    import signal
+
+    with open(output, "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env=_environment(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _kill_when_ready(command[1], ready, lambda: proc.poll() is None, lambda: os.killpg(proc.pid, signal.SIGKILL),
+                         output, timeout)
+    finally:
+        proc.wait()
+    return output.read_text()
+
+
+def _kill_when_ready(name: str, ready, running, kill, output: Path, timeout: float) -> None:
+    import time
+
     deadline = time.monotonic() + timeout
     try:
         while not ready():
             if not running():
-                raise AssertionError(f"{script} ended before the kill point:\n{output.read_text()[-6000:]}")
+                raise AssertionError(f"{name} ended before the kill point:\n{output.read_text()[-6000:]}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"{script} did not reach the kill point in {timeout} s:\n{output.read_text()[-6000:]}")
+                raise AssertionError(f"{name} did not reach the kill point in {timeout} s:\n{output.read_text()[-6000:]}")
             time.sleep(0.02)
     finally:
         if running():
             kill()
-        wait()
-    return output.read_text()
 
 
 def _run_forked(command: list[str], env: dict, folder: Path, timeout: int) -> subprocess.CompletedProcess:

@@ -176,3 +176,17 @@ def test_evaluation_killed_while_generating_then_rerun(setup, tmp_path):
     run_recipe("evaluate.py", {**config, "output_dir": str(killed)}, tmp_path)
     for name in ("predictions.jsonl", "eval_table.md"):
         assert (killed / name).read_text() == (tmp_path / "clean" / name).read_text()
+
+
+@pytest.mark.slow
+def test_synthetic_qa_killed_while_generating_then_rerun(setup, tmp_path):
+    config = {"llm_name_or_path": setup["llama"], "world_path": setup["world"], "world_split": "train",
+              "samples_per_caption": 2, "max_new_tokens": 16, "batch_size": 4, "seed": 0}
+    run_recipe("augment.py", {**config, "output_dir": str(tmp_path / "clean")}, tmp_path)
+    killed = tmp_path / "killed"
+    log = tmp_path / "augment.killed.log"
+    run_until_killed("augment.py", {**config, "output_dir": str(killed)}, tmp_path, lambda: " parameters) on " in log.read_text())
+    assert not (killed / "metrics.json").exists() and not (killed / "data").exists()
+    run_recipe("augment.py", {**config, "output_dir": str(killed)}, tmp_path)
+    assert (killed / "generated.jsonl").read_text() == (tmp_path / "clean" / "generated.jsonl").read_text()
+    assert read_json(killed / "metrics.json")["kept"] == read_json(tmp_path / "clean" / "metrics.json")["kept"]

@@ -13,6 +13,7 @@ from tests.align.training_helpers import (
     load_recipe,
     read_json,
     run_recipe,
+    run_until_killed,
     tiny_vlm,
     tiny_world,
     write_yaml,
@@ -37,15 +38,26 @@ def setup(tiny_parts, tmp_path_factory):
     }
 
 
-@pytest.mark.slow
-def test_pruned_and_ternary_students_distilled_and_labels_only(setup, tmp_path):
-    out = tmp_path / "students"
-    config = {
+def students_config(setup, out) -> dict:
+    return {
         "teacher": setup["teacher"], "output_dir": str(out), "targets": [0.5], "ternary": True, "max_steps": 2,
         "parallel": 2, "launcher": "forkserver",  # forked steps, from a recipe that is itself forked (run_recipe)
         "world_path": setup["world"], **{k: setup[k] for k in ("distill_config", "evaluate_config")},
     }
-    run_recipe("students.py", config, tmp_path, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def students_run(setup, tmp_path_factory):
+    """The pipeline run once, uninterrupted."""
+    folder = tmp_path_factory.mktemp("students-run")
+    run_recipe("students.py", students_config(setup, folder / "students"), folder, timeout=900)
+    return folder / "students"
+
+
+@pytest.mark.slow
+def test_pruned_and_ternary_students_distilled_and_labels_only(setup, students_run, tmp_path):
+    out = students_run
+    config = students_config(setup, out)
     summary = read_json(out / "metrics.json")
     assert summary["teacher"]["eval"]["total"] == 6
     pruned, ternary = summary["students"]["pruned to 0.5"], summary["students"]["ternary (b1.58)"]
@@ -92,6 +104,23 @@ def test_pruned_and_ternary_students_distilled_and_labels_only(setup, tmp_path):
     again = run_recipe("students.py", config, tmp_path, timeout=300)
     assert again.stdout.count("done before, reusing") == 9
     assert "done before, reusing it" in again.stderr + again.stdout
+
+
+@pytest.mark.slow
+def test_killed_mid_pipeline_continues_to_the_same_table(setup, students_run, tmp_path):
+    """kill -9 of the whole pipeline once the pruned student is trained (its labels-only twin and the ternary
+    student's runs under way), then the same command: it ends with the uninterrupted run's table and predictions."""
+    out = tmp_path / "students"
+    run_until_killed(
+        "students.py", students_config(setup, out), tmp_path,
+        lambda: (out / "pruned-0.5" / "distilled" / "metrics.json").is_file(), timeout=900, pipeline=True,
+    )
+    assert not (out / "metrics.json").exists()
+    again = run_recipe("students.py", students_config(setup, out), tmp_path, timeout=900)
+    assert "done before, reusing" in again.stdout
+    for name in ("pruned-0.5/eval-distilled", "pruned-0.5/eval-labels-only", "ternary/eval-distilled", "eval-teacher"):
+        assert (out / name / "predictions.jsonl").read_text() == (students_run / name / "predictions.jsonl").read_text()
+    assert (out / "students.md").read_text() == (students_run / "students.md").read_text()
 
 
 def test_bad_settings_are_named(setup, tmp_path):
