@@ -47,6 +47,7 @@ recipes: install
 	$(ACCELERATE) recipes/sft.py --config $(TINY)/sft_qlora.yaml
 	$(ACCELERATE) recipes/dpo.py --config $(TINY)/dpo_qlora.yaml
 	$(ACCELERATE) recipes/evaluate.py --config $(TINY)/evaluate.yaml
+	$(ACCELERATE) recipes/evaluate.py --config $(TINY)/evaluate.yaml --output_dir runs/tiny/dpo/eval-best-of-8 --num_samples 8
 	$(ACCELERATE) recipes/reward.py --config $(TINY)/reward.yaml
 	$(ACCELERATE) recipes/rejection_sampling.py --config $(TINY)/rejection_sampling.yaml --reward_model_name_or_path runs/tiny/reward
 	$(ACCELERATE) recipes/augment.py --config $(TINY)/augment.yaml

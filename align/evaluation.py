@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 
 from align.metrics import load_metric
+from align.sampling import generate_groups
 from align.world import CATEGORIES, prompt_rows, verify
+from align.world.verify import normalize
 from model import VLMForConditionalGeneration, VLMProcessor
 from model.chat_template import end_of_turn_token
 
@@ -206,9 +208,108 @@ def generate_answers(
     return answers
 
 
+def _images_of(row: dict) -> list:
+    images = row["images"]
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+@torch.no_grad()
+def sample_batch(
+    model, processor, rows: Sequence[dict], num_samples: int, temperature: float = 1.0, top_p: float = 1.0,
+    max_new_tokens: int = 32, seed: int | None = None,
+) -> list[list[str]]:
+    """`num_samples` sampled answers to each prompt row (`images`, `prompt` messages), one list per row.
+
+    Best-of-N decoding with a shared prefill (`align.sampling.generate_groups`): the rows' images are encoded once
+    and each prompt is prefilled once; its answers are decoded together from copies of that KV cache, left-padded.
+    With `seed`, the batch's draws are reproducible on their own.
+    """
+    tokenizer = _tokenizer(processor)
+    texts = [processor.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
+    images = [_images_of(r) for r in rows]
+    inputs = processor(
+        images=images if any(images) else None, text=texts, padding=True, padding_side="left", return_tensors="pt"
+    ).to(_model_device(model))
+    if seed is not None:
+        torch.manual_seed(seed)
+    stop_ids = stop_token_ids(model, processor)
+    was_training = model.training
+    model.eval()
+    try:
+        output = generate_groups(
+            model, inputs, num_samples, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+            max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+        )
+    finally:
+        model.train(was_training)
+    answers = decode_completions(tokenizer, output[:, inputs["input_ids"].shape[1] :].cpu(), stop_ids)
+    return [answers[i * num_samples : (i + 1) * num_samples] for i in range(len(rows))]
+
+
+def sample_answers(
+    model, processor, prompt_rows, num_samples: int, temperature: float = 1.0, top_p: float = 1.0,
+    max_new_tokens: int = 32, batch_size: int = 16, seed: int = 0,
+) -> list[list[str]]:
+    """`num_samples` sampled answers per row of `prompt_rows` (as `generate_answers` takes them), in the rows'
+    order: `sample_batch` over batches of `batch_size` prompts, each seeded with `seed` plus its first row's index."""
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
+    rows = list(prompt_rows.select_columns(["images", "prompt"])) if isinstance(prompt_rows, Dataset) else list(prompt_rows)
+    samples = []
+    for first in range(0, len(rows), batch_size):
+        samples += sample_batch(
+            model, processor, rows[first : first + batch_size], num_samples, temperature=temperature, top_p=top_p,
+            max_new_tokens=max_new_tokens, seed=seed + first,
+        )
+    return samples
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from `c` correct of `n` samples (Chen et al. 2021, arXiv:2107.03374): 1 - C(n-c, k)/C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_answer(samples: Sequence[str]) -> str:
+    """The most frequent answer among `samples`, compared as normalized word tokens (ties: the first seen), for
+    majority voting (self-consistency, Wang et al. 2022, arXiv:2203.11171)."""
+    keys = [" ".join(normalize(text)) for text in samples]
+    winner = Counter(keys).most_common(1)[0][0] if keys else None
+    return samples[keys.index(winner)] if keys else ""
+
+
+def sampled_metrics(records: Sequence, samples: Sequence[Sequence[str]]) -> dict:
+    """Figures of N sampled answers per question: `pass@k` (unbiased, for k = 1, 2, 4, ... and N: the chance that
+    one of k samples is right; pass@1 is the mean sampled accuracy) and `maj@N` (the majority answer right),
+    overall and per category (`pass@k_<c>`, `maj@N_<c>`), with `num_samples`."""
+    if len(records) != len(samples) or not records:
+        raise ValueError(f"{len(samples)} sample lists for {len(records)} question records")
+    n = len(samples[0])
+    if n < 1 or any(len(group) != n for group in samples):
+        raise ValueError("every question needs the same number (>= 1) of samples")
+    records = [json.loads(r) if isinstance(r, str) else r for r in records]
+    correct = [sum(bool(verify(record, text)) for text in group) for record, group in zip(records, samples)]
+    majority = [bool(verify(record, majority_answer(group))) for record, group in zip(records, samples)]
+    ks = sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
+    result = {"num_samples": n}
+    groups = {"": list(range(len(records)))}
+    for index, record in enumerate(records):
+        groups.setdefault(f"_{record['category']}", []).append(index)
+    for suffix, indices in groups.items():
+        for k in ks:
+            result[f"pass@{k}{suffix}"] = sum(pass_at_k(n, correct[i], k) for i in indices) / len(indices)
+        result[f"maj@{n}{suffix}"] = sum(majority[i] for i in indices) / len(indices)
+    return result
+
+
 
 
 def standard_error(p: float, n: int) -> float:
@@ -526,6 +627,19 @@ def category_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def sampled_table(metrics: dict) -> str:
+    """Markdown table of `sampled_metrics` (merged into an evaluation's metrics): per category (and overall) the
+    greedy accuracy, pass@k for each k and maj@N."""
+    n = metrics["num_samples"]
+    ks = sorted(int(key.split("@")[1]) for key in metrics if key.startswith("pass@") and "_" not in key)
+    header = ["category", "greedy", *(f"pass@{k}" for k in ks), f"maj@{n}"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for suffix, name in [*((f"_{c}", c) for c in categories_of(metrics)), ("", "**overall**")]:
+        figures = [metrics[f"accuracy{suffix}"], *(metrics[f"pass@{k}{suffix}"] for k in ks), metrics[f"maj@{n}{suffix}"]]
+        lines.append(f"| {name} | " + " | ".join(_percent(value) for value in figures) + " |")
+    return "\n".join(lines)
+
+
 def text_regression_table(result: dict) -> str:
     """Markdown table of `text_regression`: loss and perplexity of the VLM and of the base LLM on text."""
     return "\n".join([
@@ -600,11 +714,17 @@ __all__ = [
     "is_adapter_dir",
     "load_eval_questions",
     "load_model_for_eval",
+    "majority_answer",
     "paired_difference",
     "paired_table",
     "prediction_rows",
+    "pass_at_k",
     "question_rows",
     "read_predictions",
+    "sample_answers",
+    "sample_batch",
+    "sampled_metrics",
+    "sampled_table",
     "score_answers",
     "scoreboard",
     "standard_error",

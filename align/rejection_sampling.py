@@ -25,13 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from datasets import Dataset, Features, Value
 
 from align.data.world import _assistant, with_images
-from align.evaluation import _model_device, _tokenizer, decode_completions, stop_token_ids
+from align.evaluation import pass_at_k, sample_batch
 from align.runs import atomic_write_text
-from align.sampling import generate_groups
 from align.scoring import Scorer, WeightedScorer, ranking_agreement
 from align.world.dataset import MESSAGES_FEATURE
 
@@ -69,55 +67,18 @@ class SamplingSettings:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _images_of(row: dict) -> list:
-    images = row["images"]
-    return list(images) if isinstance(images, (list, tuple)) else [images]
-
-
-@torch.no_grad()
 def sample_candidates(model, processor, rows: Sequence[dict], settings: SamplingSettings, seed: int | None = None) -> list[list[str]]:
-    """`settings.num_candidates` sampled answers to each prompt row (`images`, `prompt` messages), one list per row.
-
-    The rows' images are encoded once and each prompt is prefilled once; its candidates are decoded together from
-    copies of that KV cache, left-padded (`align.sampling.generate_groups`).
-    """
-    tokenizer = _tokenizer(processor)
-    texts = [processor.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
-    images = [_images_of(r) for r in rows]
-    device = _model_device(model)
-    inputs = processor(
-        images=images if any(images) else None, text=texts, padding=True, padding_side="left", return_tensors="pt"
-    ).to(device)
-    if seed is not None:
-        torch.manual_seed(seed)
-    stop_ids = stop_token_ids(model, processor)
-    was_training = model.training
-    model.eval()
-    try:
-        output = generate_groups(
-            model, inputs, settings.num_candidates, do_sample=True, temperature=settings.temperature,
-            top_p=settings.top_p, top_k=0, max_new_tokens=settings.max_new_tokens, num_beams=1, eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    finally:
-        model.train(was_training)
-    answers = decode_completions(tokenizer, output[:, inputs["input_ids"].shape[1] :].cpu(), stop_ids)
-    n = settings.num_candidates
-    return [answers[i * n : (i + 1) * n] for i in range(len(rows))]
+    """`settings.num_candidates` sampled answers to each prompt row (`images`, `prompt` messages), one list per row:
+    `align.evaluation.sample_batch` (each image encoded once, each prompt prefilled once)."""
+    return sample_batch(
+        model, processor, rows, settings.num_candidates, temperature=settings.temperature, top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens, seed=seed,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Selection and statistics
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from `c` correct of `n` samples (Chen et al. 2021, arXiv:2107.03374): 1 - C(n-c, k)/C(n, k)."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def select(candidates: Sequence[str], scores: Sequence[float], threshold: float, min_margin: float) -> dict:

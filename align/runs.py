@@ -146,11 +146,13 @@ def staged_dir(path: str | os.PathLike):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def settings_differences(before: dict, now: dict, allowed: set[str] = frozenset()) -> dict[str, tuple]:
+def settings_differences(
+    before: dict, now: dict, allowed: set[str] = frozenset(), shared_only: bool = False
+) -> dict[str, tuple]:
     """The settings whose values differ, as `{name: (before, now)}`, leaving out `UNCOMPARED_SETTINGS` and
-    `allowed` (a setting present on one side only counts, with None on the other)."""
+    `allowed`. A setting present on one side only counts, with None on the other, unless `shared_only`."""
     ignored = UNCOMPARED_SETTINGS | set(allowed)
-    names = (set(before) | set(now)) - ignored
+    names = ((set(before) & set(now)) if shared_only else (set(before) | set(now))) - ignored
     return {name: (before.get(name), now.get(name)) for name in sorted(names) if before.get(name) != now.get(name)}
 
 
@@ -177,7 +179,9 @@ def claim_output_dir(
             before = json.loads(recorded.read_text())
         except json.JSONDecodeError:  # written by atomic_write_text, so only a hand-edited file gets here
             raise ValueError(f"{recorded} is not valid JSON: fix it, or rerun with --force to start over") from None
-    differences = settings_differences(before, settings, allowed) if before is not None else {}
+    # Only the settings both runs have: a recorded run holds every field its code had, so a field missing there was
+    # added to the code since (with a default that keeps the old behaviour), not changed by the user.
+    differences = settings_differences(before, settings, allowed, shared_only=True) if before is not None else {}
     if differences and not force:
         listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
         raise ValueError(

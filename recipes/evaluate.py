@@ -7,7 +7,9 @@
 its base VLM (`load_in_4bit: true` loads that base in 4-bit, as for QLoRA). The questions are the zoo world's
 `test` split unless `dataset_path` names other ones (see `align.evaluation.load_eval_questions`). With several
 processes the questions are sharded and the main process scores and writes. Writes to `output_dir`:
-`predictions.jsonl`, `eval_table.md`, `eval_config.json` and, last, `metrics.json`; a rerun into the same folder
+`predictions.jsonl`, `eval_table.md`, `eval_config.json` and, last, `metrics.json`. With `num_samples` N > 1 it
+also samples N answers per question (best-of-N decoding: each image encoded once, each prompt prefilled once) and
+reports pass@k and majority-vote maj@N next to the greedy accuracy; a rerun into the same folder
 with other settings is refused unless `--force`.
 """
 
@@ -31,6 +33,9 @@ from align.evaluation import (
     load_eval_questions,
     load_model_for_eval,
     prediction_rows,
+    sample_answers,
+    sampled_metrics,
+    sampled_table,
     score_answers,
     text_regression,
     text_regression_table,
@@ -83,12 +88,24 @@ class EvaluateArguments(RunArguments):
     text_documents: int = field(
         default=64, metadata={"help": "Held-out world documents (captions, Q&A, chats) for the text regression."}
     )
-    seed: int = field(default=42, metadata={"help": "Random seed (generation is greedy; this fixes anything else)."})
+    num_samples: int = field(
+        default=1,
+        metadata={"help": "Besides the greedy answer, sample this many answers per question (N > 1) and report "
+                  "pass@k (k = 1, 2, 4, ..., N) and majority-vote accuracy maj@N, overall and per category. Each "
+                  "image is encoded once and each prompt prefilled once for its N samples."},
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the N samples (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass of the N samples (1.0: off)."})
+    seed: int = field(default=42, metadata={"help": "Random seed (the N samples' batches are seeded from it)."})
 
     def __post_init__(self):
         for name in ("batch_size", "max_new_tokens", "text_documents"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1 (1: greedy answers only), got {self.num_samples}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {self.temperature} and {self.top_p}")
         if self.num_questions is not None and self.num_questions < 1:
             raise ValueError(f"num_questions must be at least 1 or unset (all), got {self.num_questions}")
 
@@ -142,6 +159,20 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
             )
     predictions = gather_object(answers) if state.num_processes > 1 else answers
     seconds = time.perf_counter() - start
+
+    # ----- N sampled answers per question (sharded over processes) ----------------------------------------------
+    samples = None
+    if script_args.num_samples > 1:
+        with state.split_between_processes(list(range(len(questions)))) as shard:
+            sampled = []
+            if shard:
+                sampled = sample_answers(
+                    model, processor, questions.select(shard), script_args.num_samples,
+                    temperature=script_args.temperature, top_p=script_args.top_p,
+                    max_new_tokens=script_args.max_new_tokens, batch_size=script_args.batch_size,
+                    seed=script_args.seed + shard[0],
+                )
+        samples = gather_object(sampled) if state.num_processes > 1 else sampled
     if not state.is_main_process:
         return None
 
@@ -150,6 +181,14 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
     metrics.update(seconds=round(seconds, 2), questions_per_second=round(len(predictions) / seconds, 2))
     rows = prediction_rows(questions, predictions)
     table = "## Held-out accuracy\n\n" + category_table(metrics)
+    if samples is not None:
+        metrics.update(sampled_metrics(questions["record"], samples))
+        for row, group in zip(rows, samples):
+            row["samples"] = group
+        table += f"\n\n## {script_args.num_samples} sampled answers per question\n\n" + sampled_table(metrics)
+        logger.info("pass@1 %.1f%%, pass@%d %.1f%%, maj@%d %.1f%%", 100 * metrics["pass@1"], script_args.num_samples,
+                    100 * metrics[f"pass@{script_args.num_samples}"], script_args.num_samples,
+                    100 * metrics[f"maj@{script_args.num_samples}"])
 
     # ----- text-only regression against the base LLM ------------------------------------------------------------
     if script_args.base_llm:

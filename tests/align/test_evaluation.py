@@ -19,10 +19,15 @@ from align.evaluation import (
     is_adapter_dir,
     load_eval_questions,
     load_model_for_eval,
+    majority_answer,
     paired_difference,
     paired_table,
     question_rows,
     read_predictions,
+    sample_answers,
+    sample_batch,
+    sampled_metrics,
+    sampled_table,
     score_answers,
     scoreboard,
     text_regression,
@@ -148,6 +153,40 @@ def _prediction_file(path, correct, categories, shuffle=False):
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in (rows[::-1] if shuffle else rows)))
     return path
+
+
+def test_sampled_metrics_by_hand():
+    count = {"category": "count", "question": "Q?", "answer": "2", "answer_type": "number", "choices": []}
+    color = {"category": "color", "question": "Q?", "answer": "red", "answer_type": "color", "choices": []}
+    samples = [
+        ["two", "2", "three", "Two."],  # count: 3 of 4 right; the majority ("two", twice) is right
+        ["blue", "red", "blue", "green"],  # color: 1 of 4 right; the majority ("blue") is wrong
+    ]
+    metrics = sampled_metrics([count, json.dumps(color)], samples)
+    assert metrics["num_samples"] == 4 and set(k for k in metrics if k.startswith("pass@") and "_" not in k) == {
+        "pass@1", "pass@2", "pass@4"}
+    assert metrics["pass@1_count"] == 0.75 and metrics["pass@1_color"] == 0.25
+    assert metrics["pass@2_color"] == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert metrics["pass@4_color"] == 1.0 and metrics["pass@1"] == pytest.approx(0.5)
+    assert metrics["maj@4_count"] == 1.0 and metrics["maj@4_color"] == 0.0 and metrics["maj@4"] == 0.5
+    assert majority_answer(["Two.", "red", "two"]) == "Two."  # compared normalized, the first one seen returned
+    table = sampled_table({**metrics, **score_answers([count, color], ["two", "blue"])})
+    assert "| category | greedy | pass@1 | pass@2 | pass@4 | maj@4 |" in table
+    assert "| **overall** | 50.0% | 50.0% | " in table
+    with pytest.raises(ValueError, match="same number"):
+        sampled_metrics([count, color], [["two"], ["red", "blue"]])
+
+
+def test_sample_answers_are_best_of_n_batches_seeded_by_their_first_row(tiny_parts, questions):
+    vlm, processor = build_vlm(tiny_parts["siglip"], tiny_parts["llama"])
+    rows = questions.select(range(5))
+    settings = dict(temperature=1.0, max_new_tokens=4)
+    samples = sample_answers(vlm, processor, rows, 3, batch_size=2, seed=10, **settings)
+    assert [len(group) for group in samples] == [3] * 5
+    assert samples == sample_answers(vlm, processor, rows, 3, batch_size=2, seed=10, **settings)
+    batches = [list(rows.select(range(first, min(first + 2, 5)))) for first in (0, 2, 4)]
+    by_batch = [sample_batch(vlm, processor, batch, 3, seed=10 + first, **settings) for batch, first in zip(batches, (0, 2, 4))]
+    assert samples == [group for batch in by_batch for group in batch]
 
 
 def test_paired_difference_by_hand(tmp_path):

@@ -43,6 +43,7 @@ def test_settings_differences_ignore_bookkeeping_and_name_the_rest():
     now = {"learning_rate": 2e-3, "logging_steps": 5, "output_dir": "b", "max_steps": 8, "beta": 0.1}
     assert settings_differences(before, now) == {"beta": (None, 0.1), "learning_rate": (1e-3, 2e-3), "max_steps": (4, 8)}
     assert "max_steps" not in settings_differences(before, now, allowed={"max_steps"})
+    assert "beta" not in settings_differences(before, now, shared_only=True)
 
 
 def test_claim_output_dir_continues_refuses_or_starts_over(tmp_path):
@@ -50,6 +51,8 @@ def test_claim_output_dir_continues_refuses_or_starts_over(tmp_path):
     assert claim_output_dir(out, {"seed": 0, "beta": 0.1}) is False  # a new folder
     (out / "candidates.jsonl").write_text("{}\n")
     assert claim_output_dir(out, {"seed": 0, "beta": 0.1, "logging_steps": 3}) is True  # same settings: continued
+    # A setting the recorded run did not have (the code gained it since) does not count against it.
+    assert claim_output_dir(out, {"seed": 0, "beta": 0.1, "num_samples": 1}) is True
     with pytest.raises(ValueError, match=r"holds a run with other settings \(beta: 0.1 -> 0.2\).*--force"):
         claim_output_dir(out, {"seed": 0, "beta": 0.2})
     assert (out / "candidates.jsonl").exists()

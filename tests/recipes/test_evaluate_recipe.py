@@ -91,3 +91,30 @@ def test_evaluate_a_lora_adapter(setup):
     assert "applied the adapter" in result.stderr
     metrics = _check_outputs(setup / "adapter_out")
     assert metrics["model_name_or_path"] == str(setup / "adapter") and "text_vlm_loss" not in metrics
+
+
+@pytest.mark.slow
+def test_evaluate_with_n_samples_reports_pass_at_k_and_majority(setup):
+    from align.evaluation import load_eval_questions
+    from align.world import verify
+
+    out = setup / "sampled_out"
+    _run([
+        "--model_name_or_path", str(setup / "vlm"), "--world_path", str(setup / "world"), "--output_dir", str(out),
+        "--num_questions", str(NUM_QUESTIONS), "--max_new_tokens", "6", "--batch_size", "5", "--num_samples", "4",
+        "--temperature", "1.5",
+    ])
+    metrics = _check_outputs(out)
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["num_samples"] == 4 and all(len(p["samples"]) == 4 for p in predictions)
+    assert len({text for p in predictions for text in p["samples"]}) > NUM_QUESTIONS  # sampled, not greedy copies
+    # pass@1 is the mean sampled accuracy and pass@4 the share of questions with a right sample, read back from the
+    # samples with the world's verifier on the same questions' records.
+    records = [json.loads(r) for r in load_eval_questions(setup / "world", n=NUM_QUESTIONS)["record"]]
+    assert [r["question"] for r in records] == [p["question"] for p in predictions]
+    right = [sum(bool(verify(r, text)) for text in p["samples"]) for r, p in zip(records, predictions)]
+    assert metrics["pass@1"] == pytest.approx(sum(right) / (4 * NUM_QUESTIONS))
+    assert metrics["pass@4"] == pytest.approx(sum(c > 0 for c in right) / NUM_QUESTIONS)
+    assert metrics["pass@1"] <= metrics["pass@2"] <= metrics["pass@4"]
+    table = (out / "eval_table.md").read_text()
+    assert "## 4 sampled answers per question" in table and "| category | greedy | pass@1 | pass@2 | pass@4 | maj@4 |" in table
