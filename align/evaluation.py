@@ -21,12 +21,14 @@ import datasets
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
+from transformers import AutoProcessor
 
+from align.families import family_of
+from align.loading import is_adapter_dir, load_pretrained
 from align.metrics import load_metric
 from align.sampling import generate_groups
 from align.world import CATEGORIES, prompt_rows, verify
 from align.world.verify import normalize
-from model import VLMForConditionalGeneration, VLMProcessor
 from model.chat_template import end_of_turn_token
 
 logger = logging.getLogger(__name__)
@@ -120,13 +122,15 @@ def _tokenizer(processor):
 
 
 def stop_token_ids(model, processor) -> list[int]:
-    """Token ids that end an answer: the generation config's eos ids, the tokenizer's eos and end-of-turn tokens."""
+    """Token ids that end an answer: the generation config's eos ids, the tokenizer's eos and end-of-turn tokens,
+    and the model family's own (`align.families`: `<end_of_turn>`, `<end_of_utterance>`, `<|im_end|>`, ...)."""
     tokenizer = _tokenizer(processor)
     config = getattr(model, "generation_config", None)
     ids = getattr(config, "eos_token_id", None) if config is not None else None
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    for token in (tokenizer.eos_token, end_of_turn_token(tokenizer)):
-        token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
+    vocabulary = tokenizer.get_vocab()
+    for token in (tokenizer.eos_token, end_of_turn_token(tokenizer), *family_of(model).stop_tokens):
+        token_id = vocabulary.get(token) if token is not None else None
         if token_id is not None and token_id not in ids:
             ids.append(token_id)
     return ids
@@ -537,11 +541,6 @@ def text_regression(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    """Whether `path` holds a PEFT adapter (an `adapter_config.json`) rather than a whole model."""
-    return (Path(path) / "adapter_config.json").is_file()
-
-
 def _has_processor(path: Path) -> bool:
     return (path / "processor_config.json").is_file() or (path / "tokenizer_config.json").is_file()
 
@@ -554,7 +553,8 @@ def load_model_for_eval(
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
 ):
-    """Load a VLM to evaluate: a full VLM folder, or a PEFT adapter folder applied to its base VLM.
+    """Load a VLM to evaluate: a full VLM folder (the suite's or a stock checkpoint), or a PEFT adapter folder
+    applied to its base VLM. Weights that do not load are an error (`align.loading.load_pretrained`).
 
     Args:
         model_name_or_path: a VLM saved with `save_pretrained`, or an adapter folder (`adapter_config.json`).
@@ -565,7 +565,7 @@ def load_model_for_eval(
         attn_implementation: e.g. "sdpa", "eager" (default: transformers' choice).
 
     Returns:
-        `(model, processor)`: the VLM (a `PeftModel` for an adapter) in eval mode and its `VLMProcessor` (the
+        `(model, processor)`: the VLM (a `PeftModel` for an adapter) in eval mode and its processor (the
         adapter folder's own when it has one, else the base's).
     """
     path = Path(model_name_or_path)
@@ -590,7 +590,7 @@ def load_model_for_eval(
         kwargs["quantization_config"] = quantization_config
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = VLMForConditionalGeneration.from_pretrained(str(base_path), **kwargs)
+    model = load_pretrained(base_path, **kwargs)
     if quantization_config is None and device is not None:
         model.to(device)
     if adapter_path is not None:
@@ -599,7 +599,7 @@ def load_model_for_eval(
         model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
         logger.info("applied the adapter at %s to the base VLM at %s", adapter_path, base_path)
     processor_path = adapter_path if adapter_path is not None and _has_processor(adapter_path) else base_path
-    processor = VLMProcessor.from_pretrained(str(processor_path))
+    processor = AutoProcessor.from_pretrained(str(processor_path))
     return model.eval(), processor
 
 

@@ -35,11 +35,11 @@ from trl import ModelConfig, RewardConfig
 from trl.trainer.utils import disable_dropout_in_model
 
 from align.data import load_dataset_local, validate_rows, world_preference_rows
+from align.loading import is_adapter_dir
 from align.paths import default_cache_dir
 from align.runs import RunArguments
 from align.sft import WorldDataArguments
 from align.training import (
-    _is_adapter_dir,
     load_model,
     lora_config,
 )
@@ -310,7 +310,7 @@ def load_reward_model_for_training(path: str, model_args: ModelConfig) -> tuple[
     `align.training.load_model` does, or a full reward model to train further), in full precision or with its LLM
     in 4 bit (`--load_in_4bit`; the split is logged)."""
     model = load_model(path, model_args, from_pretrained=VLMForRewardModeling.from_vlm)
-    if _is_adapter_dir(path):
+    if is_adapter_dir(path):
         path = str(Path(path) / "merged")
     return model, VLMProcessor.from_pretrained(path)
 
@@ -368,7 +368,7 @@ def load_reward_model(
     if not path.is_dir():
         raise ValueError(f"reward model path {path} is not a directory")
     kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    if _is_adapter_dir(path):
+    if is_adapter_dir(path):
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise ValueError(f"the adapter at {path} names the base model {base!r}, which is not a local folder")

@@ -19,6 +19,7 @@ import inspect
 
 import torch
 
+from align.families import FAMILIES, family_of
 from model import pack_image_features
 
 
@@ -46,7 +47,12 @@ def generate_groups(model, inputs: dict, num_candidates: int, **generate_kwargs)
     Returns:
         `[batch * N, prompt_len + new]` token ids: the prompts and their continuations, prompt `i`'s candidates at
         rows `i * N` to `i * N + N - 1`.
+
+    A stock VLM (LLaVA, Qwen2-VL, ...: `align.families`) takes the ordinary way, `generate(num_return_sequences=N)`,
+    in the same row order: its image features and cache cannot be handed to `generate` as the suite's can.
     """
+    if family_of(model) is not FAMILIES["vlm"]:
+        return model.generate(**inputs, num_return_sequences=num_candidates, **generate_kwargs)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     if ids.shape[1] < 2:
         raise ValueError("a shared prefill needs prompts of at least 2 tokens")

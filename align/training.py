@@ -28,9 +28,11 @@ from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from peft import LoraConfig, PeftModel
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+from transformers import AutoProcessor, PreTrainedModel
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
+from align.families import FAMILIES, family_of, freeze_components
+from align.loading import is_adapter_dir, load_pretrained
 from align.runs import (
     EXTENDABLE_SETTINGS,
     checkpoint_is_complete,
@@ -44,13 +46,9 @@ from model.stages import COMPONENTS, STAGES, freeze_for_stage  # `model` registe
 
 logger = logging.getLogger(__name__)
 
-# The LLM's attention and MLP projections (Llama, Qwen2, Mistral, Gemma names). Anchored on `language_model.layers`
-# because the SigLIP tower and the cross-attention adapters have `q_proj`/`v_proj`/`fc1` linears of their own.
-DEFAULT_LORA_TARGETS = (
-    r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-)
-# Parts that LoRA does not adapt: under PEFT, those the stage trains are trained in full (`modules_to_save`).
-_FULLY_TRAINED_UNDER_PEFT = ("vision_towers", "projectors", "cross_attention")
+# The suite VLM's LLM attention and MLP projections (Llama, Qwen2, Mistral, Gemma names); other families' targets are
+# in `align.families`.
+DEFAULT_LORA_TARGETS = FAMILIES["vlm"].lora_targets
 
 
 @dataclass
@@ -173,10 +171,6 @@ def _log_quantization(counts: dict[str, dict[str, int]], quantization) -> None:
     )
 
 
-def _is_adapter_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
 def _dtype(model_args: ModelConfig):
     if model_args.dtype in (None, "auto"):
         return model_args.dtype
@@ -199,7 +193,7 @@ def merged_base(path: str, **kwargs) -> Path:
             base_path = adapter.get("base_model_name_or_path")
             if not base_path or not Path(base_path).is_dir():
                 raise ValueError(f"{path} holds a LoRA adapter whose base model {base_path!r} is not a local directory")
-            base = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
+            base = load_pretrained(base_path, **kwargs)
             model = PeftModel.from_pretrained(base, path).merge_and_unload()
             if PartialState().is_main_process:
                 model.save_pretrained(merged)
@@ -217,9 +211,11 @@ def load_model(path: str, model_args: ModelConfig, from_pretrained=None) -> PreT
         model_args: `dtype`, `attn_implementation` and the bitsandbytes flags (`--load_in_4bit`,
             `--bnb_4bit_quant_type`, `--use_bnb_nested_quant`). Quantization covers the LLM only: the towers,
             projectors, cross-attention adapters and LM head stay in full precision
-            (`VLMForConditionalGeneration.modules_not_to_quantize`); the split is logged.
+            (`VLMForConditionalGeneration.modules_not_to_quantize`, or the family's rules for a stock checkpoint:
+            `align.families`); the split is logged.
         from_pretrained: what builds the model from the (merged) folder and the load kwargs; default
-            `AutoModelForImageTextToText.from_pretrained` (e.g. `VLMForRewardModeling.from_vlm` for a reward model).
+            `align.loading.load_pretrained` (any VLM class; a checkpoint whose weights do not load is an error),
+            e.g. `VLMForRewardModeling.from_vlm` for a reward model.
     """
     if not Path(path).is_dir():
         raise ValueError(f"model path {path!r} is not a directory; build a VLM first (python -m model.build ...)")
@@ -227,11 +223,11 @@ def load_model(path: str, model_args: ModelConfig, from_pretrained=None) -> PreT
     kwargs = {"dtype": _dtype(model_args)}
     if model_args.attn_implementation is not None:
         kwargs["attn_implementation"] = model_args.attn_implementation
-    if _is_adapter_dir(path):
+    if is_adapter_dir(path):
         path = str(merged_base(path, **kwargs))
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    model = (from_pretrained or AutoModelForImageTextToText.from_pretrained)(path, **kwargs)
+    model = (from_pretrained or load_pretrained)(path, **kwargs)
     if quantization is not None:
         _log_quantization(linear_counts(model), quantization)
     return model
@@ -251,28 +247,36 @@ def lora_config(model_args: ModelConfig, model: PreTrainedModel) -> LoraConfig |
     """TRL's LoRA config from the `--use_peft`/`--lora_*` flags, with the VLM's defaults filled in (into
     `model_args` too, so that the saved config says what was used).
 
-    Defaults: `lora_target_modules` = `DEFAULT_LORA_TARGETS` (the LLM's attention and MLP projections) and
-    `lora_modules_to_save` = the stage's parts that LoRA does not adapt and that the model has (`projectors` and,
-    for cross-attention fusion, `cross_attention` in stage `finetune`). Returns None without `--use_peft`.
+    Defaults, from the model's family (`align.families`): `lora_target_modules` = the LLM's attention and MLP
+    projections (`DEFAULT_LORA_TARGETS` for the suite's VLM) and `lora_modules_to_save` = the stage's parts that
+    LoRA does not adapt and that the model has (the suite's `projectors` and, for cross-attention fusion,
+    `cross_attention` in stage `finetune`; a stock model's projector, merger or connector). Returns None without
+    `--use_peft`.
     """
     if not model_args.use_peft:
         return None
+    family = family_of(model)
     if model_args.lora_target_modules is None:
-        model_args.lora_target_modules = DEFAULT_LORA_TARGETS
+        model_args.lora_target_modules = family.lora_targets
     if model_args.lora_modules_to_save is None:
         stage = getattr(model_args, "stage", "finetune")
-        present = [name for name in _FULLY_TRAINED_UNDER_PEFT if getattr(model.model, name, None) is not None]
-        model_args.lora_modules_to_save = [name for name in present if name in STAGES[stage]] or None
+        model_args.lora_modules_to_save = family.trained_in_full_under_lora(stage, model) or None
     # PEFT reads a string as one regex and a list as module-name suffixes; TRL hands it over as given.
     return get_peft_config(model_args)
 
 
 def prepare_for_training(model: PreTrainedModel, model_args: ModelConfig) -> LoraConfig | None:
     """Decide what trains: the LoRA config for the trainer to apply (`--use_peft`), or, for full fine-tuning, the
-    stage's components unfrozen and the rest frozen (`freeze_for_stage`). Returns the LoRA config or None."""
+    stage's components unfrozen and the rest frozen (`freeze_for_stage`; for a stock model its family's parts,
+    `align.families.freeze_components`). Returns the LoRA config or None."""
     peft_config = lora_config(model_args, model)
     if peft_config is None:
-        freeze_for_stage(model, getattr(model_args, "stage", "finetune"))
+        stage = getattr(model_args, "stage", "finetune")
+        family = family_of(model)
+        if family is FAMILIES["vlm"]:
+            freeze_for_stage(model, stage)
+        else:
+            freeze_components(model, stage, family)
     else:
         targets = peft_config.target_modules
         logger.info(
@@ -300,9 +304,9 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 def load_trained(path: str | os.PathLike, dtype=None) -> PreTrainedModel:
     """Load a run's output as a plain VLM: a full model as is, a LoRA output merged into its base."""
     path = str(path)
-    if _is_adapter_dir(path):
+    if is_adapter_dir(path):
         path = str(merged_base(path, dtype=dtype))
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
+    return load_pretrained(path, dtype=dtype).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from align.evaluation import (
     text_regression,
     text_regression_table,
 )
+from align.families import family_of
 from align.paths import default_cache_dir
 from align.runs import (
     RunArguments,
@@ -139,7 +140,7 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
         device=state.device,
         attn_implementation=model_args.attn_implementation,
     )
-    logger.info("evaluating %s (%s fusion)", model_args.model_name_or_path, processor.fusion)
+    logger.info("evaluating %s (%s)", model_args.model_name_or_path, family_of(model).name)
 
     # ----- data -------------------------------------------------------------------------------------------------
     world_path = Path(script_args.world_path) if script_args.world_path else default_cache_dir() / "world"

@@ -1,0 +1,174 @@
+"""align.families and align.loading on tiny random stock VLMs built from config (no hub): each family's LoRA targets
+are its LLM's projections only, its projector/merger/connector trains in full beside LoRA, full fine-tuning freezes
+its vision side, QLoRA keeps that side out of 4-bit; a checkpoint whose weights do not fit is refused with the keys;
+and the SFT, DPO and evaluation recipes run on a stock LLaVA."""
+
+import json
+import re
+
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModelForImageTextToText,
+    Gemma3Config,
+    Idefics3Config,
+    LlavaConfig,
+    LlavaProcessor,
+    MllamaConfig,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
+    SiglipImageProcessor,
+)
+from trl import ModelConfig
+
+from align.families import FAMILIES, GENERIC, family_of, freeze_components
+from align.loading import load_pretrained
+from align.training import lora_config
+from tests.align.training_helpers import TINY_TRAINING, read_json, run_recipe, tiny_world
+
+TEXT = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+MROPE = {"type": "mrope", "mrope_section": [2, 1, 1]}
+CONFIGS = {
+    "llava": lambda: LlavaConfig(vision_config={"model_type": "siglip_vision_model", **VISION},
+                                 text_config={"model_type": "llama", **TEXT}, image_token_index=5),
+    "idefics3": lambda: Idefics3Config(vision_config=VISION, text_config={"model_type": "llama", **TEXT}, scale_factor=2,
+                                       image_token_id=5),
+    "gemma3": lambda: Gemma3Config(vision_config=VISION, text_config={"model_type": "gemma3_text", "head_dim": 8, **TEXT},
+                                   mm_tokens_per_image=4, image_token_index=5, boi_token_index=6, eoi_token_index=7),
+    "qwen2_vl": lambda: Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=8, spatial_merge_size=2),
+        text_config={**TEXT, "rope_scaling": MROPE}, image_token_id=5, video_token_id=6, vision_start_token_id=7),
+    "qwen2_5_vl": lambda: Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=8,
+                           spatial_merge_size=2, fullatt_block_indexes=[1], window_size=16),
+        text_config={**TEXT, "rope_scaling": MROPE}, image_token_id=5, video_token_id=6, vision_start_token_id=7),
+    "mllama": lambda: MllamaConfig(
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_global_layers=1, attention_heads=2, max_num_tiles=1, supported_aspect_ratios=[[1, 1]],
+                           vision_output_dim=64, intermediate_layers_indices=[0]),
+        text_config={**TEXT, "num_hidden_layers": 4, "cross_attention_layers": [1]}, image_token_index=5),
+}
+# Where each family keeps its LLM layers, its vision tower and its projector/merger/connector.
+LAYOUT = {
+    "llava": ("model.language_model", "model.vision_tower", "multi_modal_projector"),
+    "idefics3": ("model.text_model", "model.vision_model", "connector"),
+    "gemma3": ("model.language_model", "model.vision_tower", "multi_modal_projector"),
+    "qwen2_vl": ("model.language_model", "model.visual", "merger"),
+    "qwen2_5_vl": ("model.language_model", "model.visual", "merger"),
+    "mllama": ("model.language_model", "model.vision_model", "multi_modal_projector"),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {name: AutoModelForImageTextToText.from_config(config()) for name, config in CONFIGS.items()}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_lora_adapts_the_llm_only_and_trains_the_connector_in_full(models, name):
+    model = models[name]
+    family = family_of(model)
+    assert family.name == ("qwen2_vl" if name.startswith("qwen2") else name)
+    llm, tower, connector = LAYOUT[name]
+    args = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8)
+    config = lora_config(args, model)
+    assert config.modules_to_save == [connector]
+    targeted = [n for n, _ in model.named_modules() if re.fullmatch(config.target_modules, n)]
+    assert targeted and all(n.startswith(f"{llm}.layers.") for n in targeted)
+    layers = len(model.get_submodule(f"{llm}.layers"))
+    assert len(targeted) >= 7 * layers  # q, k, v, o, gate, up, down of every decoder layer
+
+    wrapped = get_peft_model(model, config)
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert any(f".{connector}.modules_to_save." in n for n in trainable)
+    assert not any(tower.removeprefix("model.") + "." in n and connector not in n for n in trainable)
+    wrapped.unload()  # leave the shared model as it was
+
+
+@pytest.mark.parametrize("name", ["llava", "idefics3", "qwen2_vl"])
+def test_full_fine_tuning_freezes_the_vision_side_by_stage(models, name):
+    model = models[name]
+    llm, tower, connector = LAYOUT[name]
+    summary = freeze_components(model, "finetune")
+    assert summary["vision_towers"]["trainable"] is False and summary["projectors"]["trainable"] is True
+    for module_name, parameter in model.named_parameters():
+        if module_name.startswith(tower + ".") and f".{connector}." not in module_name:
+            assert not parameter.requires_grad, module_name
+        elif f".{connector}." in module_name or module_name.startswith(llm + "."):
+            assert parameter.requires_grad, module_name
+    freeze_components(model, "align")  # projector only
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith(llm + "."))
+    model.requires_grad_(True)
+
+
+def test_qlora_keeps_the_vision_side_out_of_4bit_and_unknown_types_are_generic(models, caplog):
+    assert FAMILIES["qwen2_vl"].not_quantized() == ["visual", "merger", "lm_head"]
+    assert FAMILIES["idefics3"].not_quantized() == ["vision_model", "connector", "lm_head"]
+
+    class Config:
+        model_type = "some_new_vlm"
+
+    assert family_of(Config()) is GENERIC and "no rules for model_type 'some_new_vlm'" in caplog.text
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_with_its_keys(models, tmp_path):
+    models["llava"].save_pretrained(tmp_path / "llava")
+    assert type(load_pretrained(tmp_path / "llava")).__name__ == "LlavaForConditionalGeneration"
+    weights = load_file(tmp_path / "llava" / "model.safetensors")
+    (dropped,) = [key for key in weights if key.endswith("multi_modal_projector.linear_1.weight")]
+    weights[dropped.replace("linear_1", "extra")] = weights.pop(dropped)
+    save_file(weights, tmp_path / "llava" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"(?s)does not fit LlavaForConditionalGeneration.*missing keys \(1\): "
+                                         r"\S*multi_modal_projector.linear_1.weight.*unexpected keys \(1\): "
+                                         r"\S*multi_modal_projector.extra.weight"):
+        load_pretrained(tmp_path / "llava")
+
+
+@pytest.fixture(scope="module")
+def stock_llava(tiny_tokenizer, tmp_path_factory):
+    """A tiny random LLaVA (SigLIP tower, Llama LLM) with its own LlavaProcessor, saved like a hub checkpoint."""
+    root = tmp_path_factory.mktemp("stock-llava")
+    image_token = tiny_tokenizer.convert_tokens_to_ids("<image>")
+    text = {**TEXT, "vocab_size": len(tiny_tokenizer), "pad_token_id": tiny_tokenizer.pad_token_id,
+            "bos_token_id": tiny_tokenizer.bos_token_id, "eos_token_id": tiny_tokenizer.eos_token_id}
+    config = LlavaConfig(vision_config={"model_type": "siglip_vision_model", **VISION}, text_config={"model_type": "llama", **text},
+                         image_token_index=image_token, vision_feature_layer=-1, vision_feature_select_strategy="full")
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(root / "llava")
+    LlavaProcessor(
+        image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tiny_tokenizer, patch_size=8,
+        vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=tiny_tokenizer.chat_template,
+    ).save_pretrained(root / "llava")
+    return {"root": root, "model": str(root / "llava"), "world": tiny_world(root / "world", images=8)}
+
+
+@pytest.mark.slow
+def test_sft_dpo_and_evaluation_recipes_on_a_stock_llava(stock_llava, tmp_path):
+    lora = {**TINY_TRAINING, "use_peft": True, "lora_r": 8, "lora_alpha": 16, "max_length": None, "max_steps": 2,
+            "world_path": stock_llava["world"]}
+    sft = run_recipe("sft.py", {**lora, "model_name_or_path": stock_llava["model"], "output_dir": str(tmp_path / "sft"),
+                                "assistant_only_loss": True}, tmp_path)
+    assert "trained in full: multi_modal_projector" in sft.stdout
+    adapter = read_json(tmp_path / "sft" / "adapter_config.json")
+    assert adapter["modules_to_save"] == ["multi_modal_projector"]
+    metrics = read_json(tmp_path / "sft" / "metrics.json")
+    assert metrics["global_step"] == 2 and metrics["loss"]["last"] > 0
+
+    run_recipe("dpo.py", {**lora, "model_name_or_path": str(tmp_path / "sft"), "output_dir": str(tmp_path / "dpo"),
+                          "beta": 0.1, "precompute_ref_log_probs": True}, tmp_path)
+    assert read_json(tmp_path / "dpo" / "metrics.json")["global_step"] == 2
+
+    evaluated = run_recipe("evaluate.py", {
+        "model_name_or_path": str(tmp_path / "dpo"), "world_path": stock_llava["world"], "dataset_split": "train",
+        "output_dir": str(tmp_path / "eval"), "num_questions": 6, "batch_size": 3, "max_new_tokens": 4, "num_samples": 2,
+    }, tmp_path)
+    assert "(llava)" in evaluated.stdout + evaluated.stderr
+    scores = read_json(tmp_path / "eval" / "metrics.json")
+    assert scores["total"] == 6 and scores["num_samples"] == 2 and 0 <= scores["pass@2"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(row["samples"]) == 2 for row in rows)
