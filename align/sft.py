@@ -15,7 +15,8 @@ import torch
 from datasets import Dataset
 
 from align.data import RejectReport, build_mixture, refusal_rows, validate_rows, world_sft_rows
-from align.data.mixture import MixtureConfig, mixture_counts, sample_indices
+from align.data.formats import FORMATS
+from align.data.mixture import MixtureConfig, MixtureSource, mixture_counts, sample_indices
 from align.paths import default_cache_dir
 from align.runs import RunArguments
 from align.world import caption_rows
@@ -39,11 +40,54 @@ class WorldDataArguments(MixtureConfig):
     world_images: int | None = field(
         default=None, metadata={"help": "Use only the first N images of the split (default: all)."}
     )
+    # One dataset on the command line, as TRL's scripts take it (kept out of `MixtureConfig`, which composes with
+    # TRL's `ScriptArguments` and its own `dataset_name`).
+    dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "One local dataset file or folder instead of `datasets` (a one-entry mixture), e.g. "
+                  "--dataset_path data/train.jsonl --dataset_format llava --image_root data/images."},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "As TRL's scripts name it: here the same as --dataset_path (a local path; nothing is "
+                  "downloaded)."},
+    )
+    dataset_format: str | None = field(
+        default=None, metadata={"help": f"Format of --dataset_path: one of {list(FORMATS)} (detected when omitted)."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_path when it holds several."})
+    image_root: str | None = field(
+        default=None, metadata={"help": "Folder --dataset_path's relative image paths start from (default: its own)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.world_images is not None and self.world_images < 1:
             raise ValueError(f"world_images must be >= 1 or unset, got {self.world_images}")
+        single = self._single_dataset()
+        if single is not None:
+            if self.datasets:
+                raise ValueError("give either `datasets` (a mixture) or --dataset_path (one dataset), not both")
+            # From here on it is the mixture's one entry: a saved config (config.yaml) names it there only.
+            self.datasets = [single]
+            self.dataset_path = self.dataset_name = self.dataset_format = self.image_root = None
+            self.dataset_split = "train"
+
+    def _single_dataset(self) -> MixtureSource | None:
+        """--dataset_path (or its alias --dataset_name) as a one-entry mixture."""
+        if self.dataset_path and self.dataset_name and self.dataset_path != self.dataset_name:
+            raise ValueError("dataset_path and dataset_name name the same thing here: give one of them")
+        path = self.dataset_path or self.dataset_name
+        if path is None:
+            return None
+        if not Path(path).exists():
+            hub_like = self.dataset_name is not None and "/" in path and not path.startswith((".", "/"))
+            raise ValueError(
+                f"dataset {path!r} is not a local file or folder{' (it looks like a Hub dataset name)' if hub_like else ''}: "
+                "this suite loads datasets from local paths only; download it once (e.g. "
+                "`datasets.load_dataset(...).save_to_disk(folder)`) and pass the folder"
+            )
+        return MixtureSource(path=path, format=self.dataset_format, split=self.dataset_split, image_root=self.image_root)
 
     def load_world_split(self) -> Dataset:
         path = Path(self.world_path) if self.world_path else default_cache_dir() / "world"

@@ -1,8 +1,9 @@
 """align.families and align.loading on tiny random stock VLMs built from config (no hub): each family's LoRA targets
 are its LLM's projections only, its projector/merger/connector trains in full beside LoRA, full fine-tuning freezes
 its vision side, QLoRA keeps that side out of 4-bit; a checkpoint whose weights do not fit is refused with the keys;
-and the SFT, DPO and evaluation recipes run on a stock LLaVA."""
+and the SFT, DPO and evaluation recipes run on a stock LLaVA and a stock Idefics3."""
 
+import copy
 import json
 import re
 
@@ -14,6 +15,8 @@ from transformers import (
     AutoModelForImageTextToText,
     Gemma3Config,
     Idefics3Config,
+    Idefics3ImageProcessor,
+    Idefics3Processor,
     LlavaConfig,
     LlavaProcessor,
     MllamaConfig,
@@ -130,32 +133,44 @@ def test_a_checkpoint_that_does_not_fit_is_refused_with_its_keys(models, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def stock_llava(tiny_tokenizer, tmp_path_factory):
-    """A tiny random LLaVA (SigLIP tower, Llama LLM) with its own LlavaProcessor, saved like a hub checkpoint."""
-    root = tmp_path_factory.mktemp("stock-llava")
-    image_token = tiny_tokenizer.convert_tokens_to_ids("<image>")
-    text = {**TEXT, "vocab_size": len(tiny_tokenizer), "pad_token_id": tiny_tokenizer.pad_token_id,
-            "bos_token_id": tiny_tokenizer.bos_token_id, "eos_token_id": tiny_tokenizer.eos_token_id}
-    config = LlavaConfig(vision_config={"model_type": "siglip_vision_model", **VISION}, text_config={"model_type": "llama", **text},
-                         image_token_index=image_token, vision_feature_layer=-1, vision_feature_select_strategy="full")
+def stock_vlms(tiny_tokenizer, tmp_path_factory):
+    """Tiny random stock VLMs saved like hub checkpoints with their own processors: a LLaVA (SigLIP tower, Llama LLM,
+    `LlavaProcessor`) and an Idefics3 (`Idefics3Processor`, its image tokens added to the tokenizer)."""
+    root = tmp_path_factory.mktemp("stock")
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]})
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    text = {**TEXT, "model_type": "llama", "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     torch.manual_seed(0)
-    AutoModelForImageTextToText.from_config(config).save_pretrained(root / "llava")
+    llava = LlavaConfig(vision_config={"model_type": "siglip_vision_model", **VISION}, text_config=text,
+                        image_token_index=image_token, vision_feature_layer=-1, vision_feature_select_strategy="full")
+    AutoModelForImageTextToText.from_config(llava).save_pretrained(root / "llava")
     LlavaProcessor(
-        image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tiny_tokenizer, patch_size=8,
-        vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=tiny_tokenizer.chat_template,
+        image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer, patch_size=8,
+        vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=tokenizer.chat_template,
     ).save_pretrained(root / "llava")
-    return {"root": root, "model": str(root / "llava"), "world": tiny_world(root / "world", images=8)}
+    idefics3 = Idefics3Config(vision_config=VISION, text_config=text, scale_factor=2, image_token_id=image_token)
+    AutoModelForImageTextToText.from_config(idefics3).save_pretrained(root / "idefics3")
+    Idefics3Processor(
+        image_processor=Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 32},
+                                               max_image_size={"longest_edge": 32}),
+        tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template,  # 16 patches / scale_factor²
+    ).save_pretrained(root / "idefics3")
+    return {"llava": str(root / "llava"), "idefics3": str(root / "idefics3"), "world": tiny_world(root / "world", images=8)}
 
 
 @pytest.mark.slow
-def test_sft_dpo_and_evaluation_recipes_on_a_stock_llava(stock_llava, tmp_path):
+@pytest.mark.parametrize("name", ["llava", "idefics3"])
+def test_sft_dpo_and_evaluation_recipes_on_stock_vlms(stock_vlms, tmp_path, name):
+    connector = LAYOUT[name][2]
     lora = {**TINY_TRAINING, "use_peft": True, "lora_r": 8, "lora_alpha": 16, "max_length": None, "max_steps": 2,
-            "world_path": stock_llava["world"]}
-    sft = run_recipe("sft.py", {**lora, "model_name_or_path": stock_llava["model"], "output_dir": str(tmp_path / "sft"),
+            "world_path": stock_vlms["world"]}
+    sft = run_recipe("sft.py", {**lora, "model_name_or_path": stock_vlms[name], "output_dir": str(tmp_path / "sft"),
                                 "assistant_only_loss": True}, tmp_path)
-    assert "trained in full: multi_modal_projector" in sft.stdout
+    assert f"trained in full: {connector}" in sft.stdout
     adapter = read_json(tmp_path / "sft" / "adapter_config.json")
-    assert adapter["modules_to_save"] == ["multi_modal_projector"]
+    assert adapter["modules_to_save"] == [connector]
     metrics = read_json(tmp_path / "sft" / "metrics.json")
     assert metrics["global_step"] == 2 and metrics["loss"]["last"] > 0
 
@@ -164,10 +179,10 @@ def test_sft_dpo_and_evaluation_recipes_on_a_stock_llava(stock_llava, tmp_path):
     assert read_json(tmp_path / "dpo" / "metrics.json")["global_step"] == 2
 
     evaluated = run_recipe("evaluate.py", {
-        "model_name_or_path": str(tmp_path / "dpo"), "world_path": stock_llava["world"], "dataset_split": "train",
+        "model_name_or_path": str(tmp_path / "dpo"), "world_path": stock_vlms["world"], "dataset_split": "train",
         "output_dir": str(tmp_path / "eval"), "num_questions": 6, "batch_size": 3, "max_new_tokens": 4, "num_samples": 2,
     }, tmp_path)
-    assert "(llava)" in evaluated.stdout + evaluated.stderr
+    assert f"({name})" in evaluated.stdout + evaluated.stderr
     scores = read_json(tmp_path / "eval" / "metrics.json")
     assert scores["total"] == 6 and scores["num_samples"] == 2 and 0 <= scores["pass@2"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]

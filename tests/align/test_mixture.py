@@ -170,3 +170,4 @@ def test_a_source_with_no_usable_rows_stops_the_mixture(sources, tmp_path):
         build_mixture(config, rejects_dir=tmp_path / "out")
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["id"], r["reason"]) for r in rejects] == [("x", "missing image")]
+

@@ -450,3 +450,25 @@ def test_dpo_on_cached_features_runs_no_tower_and_trains_as_on_pixels(vlms, worl
         logs[cached] = [log[k] for log in trainer.state.log_history if "loss" in log for k in ("loss", "rewards/margins")]
     assert logs[True] == pytest.approx(logs[False], abs=1e-5)
     assert len(list((tmp_path / "features").rglob("shard-*.npy"))) == 1
+
+
+def test_one_dataset_on_the_command_line(tmp_path):
+    """--dataset_path (or TRL's --dataset_name) is a one-entry mixture; a name that is not a local path is refused."""
+    from trl import TrlParser
+
+    from align.data import MixtureSource
+    from align.sft import SFTScriptArguments, WorldDataArguments
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n")
+    (config,) = TrlParser((SFTScriptArguments,)).parse_args_and_config(
+        ["--dataset_path", str(data), "--dataset_format", "trl", "--image_root", str(tmp_path)]
+    )
+    assert config.datasets == [MixtureSource(path=str(data), format="trl", split="train", image_root=str(tmp_path))]
+    assert WorldDataArguments(dataset_name=str(data)).datasets[0].path == str(data)
+    with pytest.raises(ValueError, match="either `datasets`"):
+        WorldDataArguments(dataset_path=str(data), datasets=[{"path": str(data)}])
+    with pytest.raises(ValueError, match=r"'HuggingFaceM4/ChartQA' is not a local file or folder \(it looks like a Hub"):
+        WorldDataArguments(dataset_name="HuggingFaceM4/ChartQA")
+    with pytest.raises(ValueError, match="unknown format 'csv'"):
+        WorldDataArguments(dataset_path=str(data), dataset_format="csv")

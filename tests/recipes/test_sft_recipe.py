@@ -73,7 +73,7 @@ def test_qlora_cross_attention_with_bad_rows_then_resume(setup, tmp_path):
     data, expected = sft_rows_with_bad_ones(tmp_path / "data")
     output_dir = tmp_path / "run"
     config = sft_config(
-        setup["cross_attention64"], output_dir, datasets=[{"path": data, "format": "trl", "weight": 1.0}],
+        setup["cross_attention64"], output_dir, dataset_path=data, dataset_format="trl",  # one file, as TRL takes it
         load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True, save_strategy="steps", save_steps=2,
     )
     first = run_recipe("sft.py", config, tmp_path)
