@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from align.families import FAMILIES, family_of
 from align.runs import SETTINGS_FILE, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -157,8 +158,16 @@ def inspect_source(
     return ExportSource(path=path, base=base, quantization=_quantization_of(settings), stage_config=stage_config)
 
 
+def _stock_model_type(config) -> str | None:
+    """The `model_type` of a stock checkpoint's config (LLaVA, Qwen2-VL, ...), None for the suite's own VLM."""
+    return None if family_of(config) is FAMILIES["vlm"] else config.model_type
+
+
 def llava_refusal(config) -> str | None:
     """Why a VLM config has no native LLaVA equivalent, or None when it has one."""
+    stock = _stock_model_type(config)
+    if stock is not None:
+        return f"the model is a stock {stock} checkpoint already: `merged/` is in its own native format"
     reasons = []
     if config.fusion != "prepend":
         reasons.append(f"{config.fusion} fusion (LLaVA prepends the visual tokens)")
@@ -187,6 +196,9 @@ def peft_llm_refusal(source: ExportSource, config) -> str | None:
     """Why an adapter cannot be re-keyed to the bare LLM (`peft-llm/`), or None when it can."""
     if not source.is_adapter:
         return "the source is a full model, not an adapter"
+    stock = _stock_model_type(config)
+    if stock is not None:
+        return f"re-keying an adapter to the bare LLM is done for the suite's own VLM only, not for {stock}"
     if config.ternary:
         return "the LLM has ternary (BitLinear) layers, which plain transformers does not build"
     adapter_config = _read_json(source.path / "adapter_config.json")
@@ -566,8 +578,18 @@ def model_card(
     """The export's README.md."""
     from align.evaluation import category_table
 
+    stock = _stock_model_type(config)
+    if stock is None:
+        vision_configs = config.vision_configs
+        architecture = (f"- fusion: {config.fusion}; projector: {config.projector}; pool: {config.pool}; "
+                        f"vision feature layer: {config.vision_feature_layer}; {config.num_image_tokens} image "
+                        "token(s) per image")
+    else:
+        vision_configs = [config.vision_config]
+        architecture = f"- a stock `{stock}` checkpoint ({', '.join(config.architectures or [])}), family `{family_of(config).name}`"
     towers = ", ".join(
-        f"{c.model_type} ({c.hidden_size} wide, {c.image_size}px, patch {c.patch_size})" for c in config.vision_configs
+        f"{c.model_type} ({getattr(c, 'hidden_size', '?')} wide, {getattr(c, 'image_size', '?')}px, "
+        f"patch {getattr(c, 'patch_size', '?')})" for c in vision_configs
     )
     text = config.text_config
     lines = [
@@ -581,20 +603,20 @@ def model_card(
         f"- vision: {towers}",
         f"- language model: {text.model_type} ({getattr(text, 'num_hidden_layers', '?')} layers, "
         f"{text.hidden_size} wide, vocabulary {text.vocab_size})",
-        f"- fusion: {config.fusion}; projector: {config.projector}; pool: {config.pool}; "
-        f"vision feature layer: {config.vision_feature_layer}; {config.num_image_tokens} image token(s) per image",
+        architecture,
         "",
         "## Files",
         "",
     ]
+    after_import = "" if stock else " after `import model`"  # a stock checkpoint loads with plain transformers
     usage = {
-        "peft": "`PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), \"peft\")` after "
-        "`import model`" + (" (the adapter was trained on the 4-bit base: load the base with the same "
+        "peft": "`PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), \"peft\")`"
+        + after_import + (" (the adapter was trained on the 4-bit base: load the base with the same "
                             "BitsAndBytesConfig to reproduce it exactly)" if source.quantization else ""),
         "peft-llm": "`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"base-llm\"), \"peft-llm\")`: "
         "the adapter on the bare LLM (text only), plain transformers + PEFT"
         + (" (load `base-llm` with the same 4-bit BitsAndBytesConfig to reproduce the QLoRA model)" if source.quantization else ""),
-        "merged": f"`AutoModelForImageTextToText.from_pretrained(\"merged\")` after `import model` ({dtype})",
+        "merged": f"`AutoModelForImageTextToText.from_pretrained(\"merged\")`{after_import} ({dtype})",
         "llava": f"`LlavaForConditionalGeneration.from_pretrained(\"llava\")` + `AutoProcessor`, plain transformers "
         f"({dtype})",
     }

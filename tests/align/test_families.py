@@ -187,3 +187,20 @@ def test_sft_dpo_and_evaluation_recipes_on_stock_vlms(stock_vlms, tmp_path, name
     assert scores["total"] == 6 and scores["num_samples"] == 2 and 0 <= scores["pass@2"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert all(len(row["samples"]) == 2 for row in rows)
+
+
+@pytest.mark.slow
+def test_export_of_a_stock_llava_adapter_verified(stock_vlms, tmp_path):
+    """The PEFT adapter and the merged model of a LoRA run on a stock LLaVA, reloaded in fresh processes and
+    compared with the source; the suite-only formats are skipped with the reason."""
+    run_recipe("sft.py", {**TINY_TRAINING, "use_peft": True, "lora_r": 8, "lora_alpha": 16, "max_length": None,
+                          "max_steps": 1, "world_path": stock_vlms["world"], "model_name_or_path": stock_vlms["llava"],
+                          "output_dir": str(tmp_path / "sft")}, tmp_path)
+    out = tmp_path / "export"
+    run_recipe("export.py", {"model_name_or_path": str(tmp_path / "sft"), "output_dir": str(out), "verify": True}, tmp_path)
+    manifest = read_json(out / "export.json")
+    assert sorted(manifest["written"]) == ["card", "merged", "peft"]
+    assert "stock llava checkpoint already" in manifest["skipped"]["llava"]
+    report = read_json(out / "verification.json")
+    assert report["ok"] and report["formats"]["merged"]["class"] == "LlavaForConditionalGeneration"
+    assert "a stock `llava` checkpoint" in (out / "README.md").read_text()
