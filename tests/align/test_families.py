@@ -204,3 +204,27 @@ def test_export_of_a_stock_llava_adapter_verified(stock_vlms, tmp_path):
     report = read_json(out / "verification.json")
     assert report["ok"] and report["formats"]["merged"]["class"] == "LlavaForConditionalGeneration"
     assert "a stock `llava` checkpoint" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_rejection_sampling_and_grpo_on_a_stock_llava(stock_vlms, tmp_path):
+    """The sampling stages take `generate(num_return_sequences=N)` on a stock model (the shared prefill is the
+    suite VLM's) and train and score as on the suite's."""
+    sampled = tmp_path / "rs"
+    run_recipe("rejection_sampling.py", {
+        "model_name_or_path": stock_vlms["llava"], "world_path": stock_vlms["world"], "dataset_split": "train",
+        "output_dir": str(sampled), "num_prompts": 4, "num_candidates": 3, "max_new_tokens": 4, "prompts_per_batch": 2,
+        "dtype": "float32",
+    }, tmp_path)
+    candidates = [json.loads(line) for line in (sampled / "candidates.jsonl").read_text().splitlines()]
+    assert sorted(c["index"] for c in candidates) == [0, 1, 2, 3] and all(len(c["candidates"]) == 3 for c in candidates)
+    assert read_json(sampled / "metrics.json")["prompts"] == 4
+
+    run_recipe("grpo.py", {
+        **TINY_TRAINING, "use_peft": True, "lora_r": 8, "lora_alpha": 16, "max_steps": 2,
+        "model_name_or_path": stock_vlms["llava"], "world_path": stock_vlms["world"], "output_dir": str(tmp_path / "grpo"),
+        "num_prompts": 8, "num_generations": 4, "per_device_train_batch_size": 8, "max_completion_length": 4,
+    }, tmp_path)
+    metrics = read_json(tmp_path / "grpo" / "metrics.json")
+    assert metrics["global_step"] == 2 and [step for step, _ in metrics["reward"]["history"]] == [1, 2]
+    assert read_json(tmp_path / "grpo" / "adapter_config.json")["modules_to_save"] == ["multi_modal_projector"]
