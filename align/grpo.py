@@ -278,6 +278,7 @@ class GRPOScriptArguments(PromptArguments, RunArguments):
     format_max_words: int = field(default=12, metadata={"help": "`format` reward: the longest well-formed answer."})
 
     def __post_init__(self):
+        super().__post_init__()
         unknown = [n for n in self.reward_funcs if n not in REWARDS]
         if unknown or not self.reward_funcs:
             raise ValueError(f"reward_funcs must name one or more of {list(REWARDS)}, got {self.reward_funcs}")

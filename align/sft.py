@@ -16,7 +16,13 @@ from datasets import Dataset
 
 from align.data import RejectReport, build_mixture, refusal_rows, validate_rows, world_sft_rows
 from align.data.formats import FORMATS
-from align.data.mixture import MixtureConfig, MixtureSource, mixture_counts, sample_indices
+from align.data.mixture import (
+    MixtureConfig,
+    MixtureSource,
+    local_dataset_path,
+    mixture_counts,
+    sample_indices,
+)
 from align.paths import default_cache_dir
 from align.runs import RunArguments
 from align.world import caption_rows
@@ -75,18 +81,9 @@ class WorldDataArguments(MixtureConfig):
 
     def _single_dataset(self) -> MixtureSource | None:
         """--dataset_path (or its alias --dataset_name) as a one-entry mixture."""
-        if self.dataset_path and self.dataset_name and self.dataset_path != self.dataset_name:
-            raise ValueError("dataset_path and dataset_name name the same thing here: give one of them")
-        path = self.dataset_path or self.dataset_name
+        path = local_dataset_path(self.dataset_path, self.dataset_name)
         if path is None:
             return None
-        if not Path(path).exists():
-            hub_like = self.dataset_name is not None and "/" in path and not path.startswith((".", "/"))
-            raise ValueError(
-                f"dataset {path!r} is not a local file or folder{' (it looks like a Hub dataset name)' if hub_like else ''}: "
-                "this suite loads datasets from local paths only; download it once (e.g. "
-                "`datasets.load_dataset(...).save_to_disk(folder)`) and pass the folder"
-            )
         return MixtureSource(path=path, format=self.dataset_format, split=self.dataset_split, image_root=self.image_root)
 
     def load_world_split(self) -> Dataset:

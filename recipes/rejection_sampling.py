@@ -79,6 +79,7 @@ class RejectionSamplingArguments(PromptArguments, RunArguments):
     seed: int = field(default=0, metadata={"help": "Sampling seed (each batch is seeded from it and its first prompt)."})
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.output_dir:
             raise ValueError("output_dir is required: the run folder")
         if self.scorer not in SCORERS:

@@ -89,6 +89,27 @@ class MixtureConfig:
             raise ValueError(f"mixture_size must be >= 1 or None, got {self.mixture_size}")
 
 
+def local_dataset_path(dataset_path: str | None, dataset_name: str | None) -> str | None:
+    """The local dataset that `--dataset_path` or TRL's `--dataset_name` (taken as the same, a local path) names.
+
+    Checked when the arguments are parsed only as far as a config naming data that is not there yet still parses:
+    a `--dataset_name` that is no local path but looks like a Hub name (`org/name`) is refused at once; a missing
+    path otherwise fails when the data is read.
+
+    Raises:
+        ValueError: both are given and differ, or `dataset_name` looks like a Hub name (nothing is downloaded here).
+    """
+    if dataset_path and dataset_name and dataset_path != dataset_name:
+        raise ValueError("dataset_path and dataset_name name the same thing here: give one of them")
+    if dataset_name and not Path(dataset_name).exists() and "/" in dataset_name and not dataset_name.startswith((".", "/")):
+        raise ValueError(
+            f"dataset {dataset_name!r} is not a local file or folder (it looks like a Hub dataset name): this suite "
+            "loads datasets from local paths only; download it once (e.g. "
+            "`datasets.load_dataset(...).save_to_disk(folder)`) and pass the folder"
+        )
+    return dataset_path or dataset_name
+
+
 def mixture_counts(weights: list[float], total: int) -> list[int]:
     """Rows per source: `total` split by normalised weights, rounded by largest remainder to sum to `total`."""
     shares = np.asarray(weights, dtype=float) / sum(weights) * total

@@ -472,3 +472,16 @@ def test_one_dataset_on_the_command_line(tmp_path):
         WorldDataArguments(dataset_name="HuggingFaceM4/ChartQA")
     with pytest.raises(ValueError, match="unknown format 'csv'"):
         WorldDataArguments(dataset_path=str(data), dataset_format="csv")
+
+
+def test_the_sampling_stages_and_evaluation_take_dataset_name_as_a_local_path(tmp_path):
+    from align.grpo import GRPOScriptArguments
+    from tests.align.training_helpers import load_recipe
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("{}\n")
+    assert GRPOScriptArguments(dataset_name=str(prompts)).dataset_path == str(prompts)
+    evaluate = load_recipe("evaluate").EvaluateArguments
+    assert evaluate(output_dir=str(tmp_path), dataset_name=str(prompts)).dataset_path == str(prompts)
+    with pytest.raises(ValueError, match="looks like a Hub dataset name"):
+        evaluate(output_dir=str(tmp_path), dataset_name="lmms-lab/ChartQA")
