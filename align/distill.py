@@ -60,6 +60,8 @@ from trl import (
     get_quantization_config,
 )
 
+from align.families import known_family
+from align.loading import is_adapter_dir, load_pretrained
 from align.sft import SFTScriptArguments
 from align.training import load_vlm
 from model.configuration_vlm import VLMConfig
@@ -427,9 +429,9 @@ class DistillConfig(SFTConfig):
 
 
 def _is_vlm_dir(path: str) -> bool:
-    if (Path(path) / "adapter_config.json").is_file():
+    if is_adapter_dir(path):
         return True  # LoRA outputs in this project are VLM runs (`load_vlm` merges them)
-    return AutoConfig.from_pretrained(path).model_type == VLMConfig.model_type
+    return known_family(AutoConfig.from_pretrained(path)) is not None  # the suite's VLM or a stock one
 
 
 def load_for_distillation(path: str, model_args: ModelConfig) -> tuple[PreTrainedModel, object]:
@@ -445,7 +447,7 @@ def load_for_distillation(path: str, model_args: ModelConfig) -> tuple[PreTraine
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)
+    return load_pretrained(path, model_class=AutoModelForCausalLM, **kwargs), AutoTokenizer.from_pretrained(path)
 
 
 def _tokenizer(processing_class):

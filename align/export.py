@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from align.families import FAMILIES, family_of
+from align.loading import load_pretrained
 from align.runs import SETTINGS_FILE, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -289,19 +290,18 @@ def load_merged(source: ExportSource, qlora_base: str = "dequantized"):
     model computed; `"original"` merges into the unquantized base weights instead.
     """
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
 
     import model  # noqa: F401
 
     if qlora_base not in QLORA_MERGE_BASES:
         raise ValueError(f"qlora_base must be one of {QLORA_MERGE_BASES}, got {qlora_base!r}")
     if not source.is_adapter:
-        return AutoModelForImageTextToText.from_pretrained(str(source.path), dtype=torch.float32).eval()
+        return load_pretrained(source.path, dtype=torch.float32).eval()
     quantization = source.quantization if qlora_base == "dequantized" else None
     kwargs = {"dtype": torch.float32}
     if quantization is not None:
         kwargs["quantization_config"] = _bnb_config(quantization)
-    base = AutoModelForImageTextToText.from_pretrained(str(source.base), **kwargs)
+    base = load_pretrained(source.base, **kwargs)
     if quantization is not None:
         base = base.dequantize(dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(source.path)).merge_and_unload()
@@ -362,11 +362,10 @@ def export_peft_llm(source: ExportSource, processor, output_dir: Path) -> tuple[
     """`output_dir/base-llm` (the base VLM's LLM as an `AutoModelForCausalLM` checkpoint + tokenizer) and
     `output_dir/peft-llm` (the adapter re-keyed to it: `model.language_model.layers...` -> `model.layers...`)."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForImageTextToText
 
     import model  # noqa: F401
 
-    base_vlm = AutoModelForImageTextToText.from_pretrained(str(source.base), dtype=torch.float32)
+    base_vlm = load_pretrained(source.base, dtype=torch.float32)
     causal_lm, prefix = base_llm_of(base_vlm)
     base_dir, adapter_dir = output_dir / "base-llm", output_dir / "peft-llm"
     causal_lm.save_pretrained(base_dir)

@@ -122,14 +122,21 @@ GENERIC = _stock("generic", (), ("model.vision_tower", "model.vision_model", "mo
                  ("model.multi_modal_projector", "model.connector"), "model.language_model")
 
 
+def known_family(model_or_config) -> Family | None:
+    """The registry's `Family` of a model (or its config), by `config.model_type`; None for a type it does not
+    know (a text LLM, or a VLM family without rules)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    return next((family for family in FAMILIES.values() if model_type in family.model_types), None)
+
+
 def family_of(model_or_config) -> Family:
     """The `Family` of a model (or its config), by `config.model_type`; generic rules, with a warning, for a type
     the registry does not know."""
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    for family in FAMILIES.values():
-        if model_type in family.model_types:
-            return family
+    family = known_family(model_or_config)
+    if family is not None:
+        return family
+    model_type = getattr(getattr(model_or_config, "config", model_or_config), "model_type", None)
     logger.warning(
         "no rules for model_type %r (known: %s): using generic ones (LoRA on `model.language_model.layers`, the "
         "projector or connector trained in full); check what trains in the log", model_type,
@@ -161,4 +168,4 @@ def freeze_components(model: nn.Module, stage: str, family: Family | None = None
     return summary
 
 
-__all__ = ["FAMILIES", "GENERIC", "Family", "family_of", "freeze_components", "llm_lora_targets"]
+__all__ = ["FAMILIES", "GENERIC", "Family", "family_of", "freeze_components", "known_family", "llm_lora_targets"]

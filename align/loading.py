@@ -25,8 +25,9 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 def load_pretrained(path: str | os.PathLike, model_class=AutoModelForImageTextToText, **kwargs) -> PreTrainedModel:
     """`model_class.from_pretrained(path, **kwargs)`, refusing a checkpoint whose weights do not all load.
 
-    Under QLoRA (`quantization_config` in `kwargs`) the family's vision side and LM head are kept out of 4-bit
-    (`Family.not_quantized`); the suite's own VLM says so itself (`modules_not_to_quantize`).
+    Under QLoRA (`quantization_config` in `kwargs`) a stock VLM's vision side and LM head are kept out of 4-bit
+    (`Family.not_quantized`); the suite's own VLM says so itself (`modules_not_to_quantize`). `model_class` may be
+    another Auto class (`AutoModelForCausalLM` for a text teacher).
 
     Raises:
         ValueError: `path` is not a folder, or weights are missing from or unexpected in the checkpoint (listed).
@@ -35,7 +36,7 @@ def load_pretrained(path: str | os.PathLike, model_class=AutoModelForImageTextTo
     if not path.is_dir():
         raise ValueError(f"model path {path} does not exist or is not a directory (models load by local path)")
     quantization = kwargs.get("quantization_config")
-    if quantization is not None:
+    if quantization is not None and model_class is AutoModelForImageTextToText:
         family = family_of(AutoConfig.from_pretrained(path))
         if family is not FAMILIES["vlm"] and not getattr(quantization, "llm_int8_skip_modules", None):
             quantization.llm_int8_skip_modules = family.not_quantized()
