@@ -1,7 +1,7 @@
 """align.families and align.loading on tiny random stock VLMs built from config (no hub): each family's LoRA targets
 are its LLM's projections only, its projector/merger/connector trains in full beside LoRA, full fine-tuning freezes
 its vision side, QLoRA keeps that side out of 4-bit; a checkpoint whose weights do not fit is refused with the keys;
-and the SFT, DPO and evaluation recipes run on a stock LLaVA and a stock Idefics3."""
+and the SFT, DPO and evaluation recipes run on a stock LLaVA, Idefics3 and Gemma 3."""
 
 import copy
 import json
@@ -13,7 +13,10 @@ from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForImageTextToText,
+    AutoTokenizer,
     Gemma3Config,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
     Idefics3Config,
     Idefics3ImageProcessor,
     Idefics3Processor,
@@ -135,7 +138,8 @@ def test_a_checkpoint_that_does_not_fit_is_refused_with_its_keys(models, tmp_pat
 @pytest.fixture(scope="module")
 def stock_vlms(tiny_tokenizer, tmp_path_factory):
     """Tiny random stock VLMs saved like hub checkpoints with their own processors: a LLaVA (SigLIP tower, Llama LLM,
-    `LlavaProcessor`) and an Idefics3 (`Idefics3Processor`, its image tokens added to the tokenizer)."""
+    `LlavaProcessor`), an Idefics3 (`Idefics3Processor`, its image tokens added to the tokenizer) and a Gemma 3
+    (`Gemma3Processor`, Gemma 3 text model)."""
     root = tmp_path_factory.mktemp("stock")
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]})
@@ -157,11 +161,28 @@ def stock_vlms(tiny_tokenizer, tmp_path_factory):
                                                max_image_size={"longest_edge": 32}),
         tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template,  # 16 patches / scale_factor²
     ).save_pretrained(root / "idefics3")
-    return {"llava": str(root / "llava"), "idefics3": str(root / "idefics3"), "world": tiny_world(root / "world", images=8)}
+    # Gemma 3: its processor writes `boi_token` where the template puts an image and expands it with `image_token`s.
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>", "<end_of_image>"]})
+    tokenizer.save_pretrained(root / "gemma3-tokenizer")
+    gemma_tokenizer = AutoTokenizer.from_pretrained(root / "gemma3-tokenizer", extra_special_tokens={
+        "boi_token": "<image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    gemma3 = Gemma3Config(
+        vision_config=VISION, text_config={**text, "model_type": "gemma3_text", "head_dim": 8,
+                                           "vocab_size": len(gemma_tokenizer)},
+        mm_tokens_per_image=4, image_token_index=gemma_tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        boi_token_index=image_token, eoi_token_index=gemma_tokenizer.convert_tokens_to_ids("<end_of_image>"),
+    )
+    AutoModelForImageTextToText.from_config(gemma3).save_pretrained(root / "gemma3")
+    Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}, do_pan_and_scan=False),
+        tokenizer=gemma_tokenizer, image_seq_length=4, chat_template=gemma_tokenizer.chat_template,
+    ).save_pretrained(root / "gemma3")
+    return {**{name: str(root / name) for name in ("llava", "idefics3", "gemma3")},
+            "world": tiny_world(root / "world", images=8)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llava", "idefics3"])
+@pytest.mark.parametrize("name", ["llava", "idefics3", "gemma3"])
 def test_sft_dpo_and_evaluation_recipes_on_stock_vlms(stock_vlms, tmp_path, name):
     connector = LAYOUT[name][2]
     lora = {**TINY_TRAINING, "use_peft": True, "lora_r": 8, "lora_alpha": 16, "max_length": None, "max_steps": 2,
