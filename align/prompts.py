@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 
 from align.data import load_dataset_local
-from align.data.mixture import local_dataset_path
+from align.data.mixture import DatasetNameArgument
 from align.evaluation import load_eval_questions
 from align.paths import default_cache_dir
 from align.world import CATEGORIES
@@ -65,7 +65,7 @@ def load_prompts(
 
 
 @dataclass
-class PromptArguments:
+class PromptArguments(DatasetNameArgument):
     """Where the prompts of a sampling stage come from (rejection sampling, GRPO): `load_prompts`' arguments."""
 
     world_path: str | None = field(
@@ -78,11 +78,6 @@ class PromptArguments:
             "`record` per row for the verifier). Default: world_path."
         },
     )
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "As TRL's scripts name it: here the same as --dataset_path (a local path; nothing is "
-                  "downloaded)."},
-    )
     dataset_split: str = field(default="train", metadata={"help": "Split of the world / DatasetDict to use."})
     prompt_offset: int = field(default=0, metadata={"help": "Skip this many prompts first (e.g. a new slice per round)."})
     num_prompts: int | None = field(default=None, metadata={"help": "Prompts to use (default: all after the offset)."})
@@ -91,8 +86,7 @@ class PromptArguments:
     )
 
     def __post_init__(self):
-        self.dataset_path = local_dataset_path(self.dataset_path, self.dataset_name)
-        self.dataset_name = None  # the same path, kept once (in dataset_path) in a saved config
+        self.merge_dataset_name()
 
     def load_prompts(self, needs_records: bool = True, rejects_path: str | os.PathLike | None = None) -> datasets.Dataset:
         """The prompt rows these arguments name (`load_prompts`)."""

@@ -17,9 +17,9 @@ from datasets import Dataset
 from align.data import RejectReport, build_mixture, refusal_rows, validate_rows, world_sft_rows
 from align.data.formats import FORMATS
 from align.data.mixture import (
+    DatasetNameArgument,
     MixtureConfig,
     MixtureSource,
-    local_dataset_path,
     mixture_counts,
     sample_indices,
 )
@@ -34,7 +34,7 @@ REJECTS_FILE = "rejects.jsonl"
 
 
 @dataclass
-class WorldDataArguments(MixtureConfig):
+class WorldDataArguments(MixtureConfig, DatasetNameArgument):
     """Where the training rows come from: `datasets` (a weighted mixture of local datasets, see
     `align.data.mixture`) or, when it is empty, the shapes world."""
 
@@ -52,11 +52,6 @@ class WorldDataArguments(MixtureConfig):
         default=None,
         metadata={"help": "One local dataset file or folder instead of `datasets` (a one-entry mixture), e.g. "
                   "--dataset_path data/train.jsonl --dataset_format llava --image_root data/images."},
-    )
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "As TRL's scripts name it: here the same as --dataset_path (a local path; nothing is "
-                  "downloaded)."},
     )
     dataset_format: str | None = field(
         default=None, metadata={"help": f"Format of --dataset_path: one of {list(FORMATS)} (detected when omitted)."}
@@ -81,10 +76,11 @@ class WorldDataArguments(MixtureConfig):
 
     def _single_dataset(self) -> MixtureSource | None:
         """--dataset_path (or its alias --dataset_name) as a one-entry mixture."""
-        path = local_dataset_path(self.dataset_path, self.dataset_name)
-        if path is None:
+        self.merge_dataset_name()
+        if self.dataset_path is None:
             return None
-        return MixtureSource(path=path, format=self.dataset_format, split=self.dataset_split, image_root=self.image_root)
+        return MixtureSource(path=self.dataset_path, format=self.dataset_format, split=self.dataset_split,
+                             image_root=self.image_root)
 
     def load_world_split(self) -> Dataset:
         path = Path(self.world_path) if self.world_path else default_cache_dir() / "world"

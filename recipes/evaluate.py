@@ -26,7 +26,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from trl import ModelConfig, TrlParser, get_quantization_config
 
-from align.data.mixture import local_dataset_path
+from align.data.mixture import DatasetNameArgument
 from align.evaluation import (
     PREDICTIONS,
     category_table,
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EvaluateArguments(RunArguments):
+class EvaluateArguments(RunArguments, DatasetNameArgument):
     """What to evaluate on and where the results go (the model is `ModelConfig.model_name_or_path`)."""
 
     output_dir: str = field(metadata={"help": "Folder for metrics.json, eval_table.md and predictions.jsonl."})
@@ -71,11 +71,6 @@ class EvaluateArguments(RunArguments):
             "help": "Held-out questions: a world folder, a save_to_disk folder of prompt rows with `record`, or a "
             "TRL JSON/JSONL file of prompt rows with `record`. Default: world_path."
         },
-    )
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "As TRL's scripts name it: here the same as --dataset_path (a local path; nothing is "
-                  "downloaded)."},
     )
     dataset_split: str = field(default="test", metadata={"help": "Split of the world / DatasetDict to evaluate on."})
     num_questions: int | None = field(default=None, metadata={"help": "Evaluate the first N questions (default: all)."})
@@ -109,8 +104,7 @@ class EvaluateArguments(RunArguments):
         for name in ("batch_size", "max_new_tokens", "text_documents"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        self.dataset_path = local_dataset_path(self.dataset_path, self.dataset_name)
-        self.dataset_name = None  # the same path, kept once (in dataset_path) in a saved config
+        self.merge_dataset_name()
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be at least 1 (1: greedy answers only), got {self.num_samples}")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:

@@ -110,6 +110,22 @@ def local_dataset_path(dataset_path: str | None, dataset_name: str | None) -> st
     return dataset_path or dataset_name
 
 
+@dataclass(kw_only=True)  # keyword-only: mixed into argument classes whose first fields have no default
+class DatasetNameArgument:
+    """TRL's `--dataset_name`, which TRL users try first: here the same local path as the class's `dataset_path`."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "As TRL's scripts name it: here the same as --dataset_path (a local path; nothing is "
+                  "downloaded)."},
+    )
+
+    def merge_dataset_name(self) -> None:
+        """Fold `dataset_name` into `dataset_path` (`local_dataset_path`), so a saved config names the path once."""
+        self.dataset_path = local_dataset_path(self.dataset_path, self.dataset_name)
+        self.dataset_name = None
+
+
 def mixture_counts(weights: list[float], total: int) -> list[int]:
     """Rows per source: `total` split by normalised weights, rounded by largest remainder to sum to `total`."""
     shares = np.asarray(weights, dtype=float) / sum(weights) * total
