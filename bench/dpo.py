@@ -16,7 +16,6 @@ peak resident memory of each way (one run in a fresh process) are printed. Write
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import statistics
@@ -24,24 +23,20 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from transformers.utils import logging as hf_logging
 from trl import DPOConfig, DPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+from common import bench_parser, quiet_libraries, write_report, zoo_root, zoo_world_split  # noqa: E402
 from grpo import realistic_vlm  # noqa: E402
 from pretrain_cache import EncoderCounter  # noqa: E402
 
 from align.data import world_preference_rows  # noqa: E402
 from align.dpo import dpo_trainer  # noqa: E402
-from align.paths import REPO_ROOT, default_cache_dir  # noqa: E402
 from align.training import VLMModelConfig, load_vlm, prepare_for_training  # noqa: E402
-from align.zoo import ZooConfig, build_zoo  # noqa: E402
 
 
 class PeakMemory:
@@ -70,8 +65,7 @@ class PeakMemory:
 
 
 def _child(way, path, pairs, args, output_dir, send) -> None:
-    warnings.filterwarnings("ignore")
-    hf_logging.set_verbosity_error()
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     send.send(run_once(way, path, pairs, args, output_dir)["peak_mb"])
 
@@ -113,21 +107,15 @@ def run_once(way: str, path: str, pairs, args, output_dir: str) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="both", choices=["tiny", "realistic", "both"])
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     args.threads = torch.get_num_threads()
-    warnings.filterwarnings("ignore")
-    hf_logging.set_verbosity_error()
+    quiet_libraries()
 
-    import datasets
-
-    build_zoo(ZooConfig())
-    root = default_cache_dir()
-    world = datasets.load_from_disk(str(root / "world"))["train"].select(range(args.steps * args.batch_size))
+    root = zoo_root()
+    world = zoo_world_split(root, args.steps * args.batch_size)
     pairs = world_preference_rows(world, per_image=1)
     report = {}
     names = {
@@ -169,10 +157,7 @@ def main(argv=None):
     for shape, r in report.items():
         peak = r["peak_memory_mb"]
         print(f"| {shape} | {peak['stock']:.0f} / {peak['ours']:.0f} / {peak['cached']:.0f} |")
-    out = REPO_ROOT / "runs" / "bench" / "dpo.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report("dpo", report)
 
 
 if __name__ == "__main__":

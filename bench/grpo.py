@@ -21,13 +21,11 @@ the towers encoded per prompt (forward hooks on the towers). Writes `runs/bench/
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -38,19 +36,17 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-from transformers.utils import logging as hf_logging
 from trl import GRPOConfig, GRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align.grpo import VisionGRPOTrainer, reward_functions  # noqa: E402
-from align.paths import REPO_ROOT, default_cache_dir  # noqa: E402
 from align.prompts import load_prompts  # noqa: E402
 from align.training import VLMModelConfig, load_vlm, prepare_for_training  # noqa: E402
-from align.zoo import ZooConfig, build_zoo  # noqa: E402
 from model.build import build_vlm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_parser, quiet_libraries, write_report, zoo_root  # noqa: E402
 from pretrain_cache import EncoderCounter  # noqa: E402
 
 
@@ -123,20 +119,16 @@ def bench_shape(shape: str, path: str, prompts, args, tmp: str) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="both", choices=["tiny", "realistic", "both"])
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per timed run")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--generations", type=int, default=4, help="answers per prompt (the group)")
     parser.add_argument("--max_completion_length", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each way")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    hf_logging.set_verbosity_error()
+    quiet_libraries()
     logging.disable(logging.WARNING)
 
-    build_zoo(ZooConfig())  # installs the shipped parts (nothing is trained when they match the code)
-    root = default_cache_dir()
+    root = zoo_root()
     prompts = load_prompts(root / "world", num_prompts=args.steps * args.prompts * 4)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,10 +144,7 @@ def main(argv=None):
         images = r["images_per_prompt"]
         print(f"| {shape} | {r['baseline']:.2f} | {r['ours']:.2f} | {r['ratio']:.2f}x | "
               f"{images['stock TRL GRPOTrainer']:.1f} -> {images['VisionGRPOTrainer']:.2f} |")
-    out = REPO_ROOT / "runs" / "bench" / "grpo.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report("grpo", report)
 
 
 if __name__ == "__main__":

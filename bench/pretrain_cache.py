@@ -19,14 +19,13 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import quiet_libraries  # noqa: E402
 
 from align.captioning import caption_training_rows, load_world  # noqa: E402
 from align.paths import default_cache_dir  # noqa: E402
@@ -73,8 +72,7 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    hf_logging.set_verbosity_error()
+    quiet_libraries()
     logging.getLogger("model").setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory() as tmp:

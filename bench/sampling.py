@@ -16,28 +16,22 @@ medians of candidates/s and their ratio are printed with the images encoded per 
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+from common import bench_parser, quiet_libraries, write_report, zoo_root  # noqa: E402
 from grpo import realistic_vlm  # noqa: E402
 from pretrain_cache import EncoderCounter  # noqa: E402
 
-from align.paths import REPO_ROOT, default_cache_dir  # noqa: E402
 from align.prompts import load_prompts  # noqa: E402
 from align.sampling import generate_groups  # noqa: E402
-from align.zoo import ZooConfig, build_zoo  # noqa: E402
 from model import VLMForConditionalGeneration, VLMProcessor  # noqa: E402
 
 
@@ -52,19 +46,15 @@ def batches_of(processor, prompts, size: int, count: int) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="both", choices=["tiny", "realistic", "both"])
+    parser = bench_parser(__doc__.splitlines()[0], repeats=3)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--prompts_per_batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=3, help="batches per timed run")
     parser.add_argument("--max_new_tokens", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    hf_logging.set_verbosity_error()
+    quiet_libraries()
 
-    build_zoo(ZooConfig())
-    root = default_cache_dir()
+    root = zoo_root()
     prompts = load_prompts(root / "world", num_prompts=args.prompts_per_batch * args.batches)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,10 +110,7 @@ def main(argv=None):
         images = r["images_per_prompt"]
         print(f"| {shape} | {r['baseline']:.1f} candidates/s | {r['ours']:.1f} candidates/s | {r['ratio']:.2f}x | "
               f"{images['generate(num_return_sequences)']:.0f} -> {images['shared prefill']:.0f} |")
-    out = REPO_ROOT / "runs" / "bench" / "sampling.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report("sampling", report)
 
 
 if __name__ == "__main__":

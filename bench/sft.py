@@ -14,31 +14,24 @@ are printed with the images encoded per sample and the tokens the model ran per 
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-import datasets
 import torch
-from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+from common import bench_parser, quiet_libraries, write_report, zoo_root, zoo_world_split  # noqa: E402
 from grpo import realistic_vlm  # noqa: E402
 from pretrain_cache import EncoderCounter  # noqa: E402
 
 from align.data import world_sft_rows  # noqa: E402
-from align.paths import REPO_ROOT, default_cache_dir  # noqa: E402
 from align.sft import padding_free_collator  # noqa: E402
 from align.training import VLMModelConfig, load_vlm, prepare_for_training  # noqa: E402
-from align.zoo import ZooConfig, build_zoo  # noqa: E402
 from model.pretrain import prepare_stage_data  # noqa: E402
 
 
@@ -81,18 +74,14 @@ def run_once(way: str, path: str, rows, args, tmp: str) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="both", choices=["tiny", "realistic", "both"])
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    hf_logging.set_verbosity_error()
+    quiet_libraries()
 
-    build_zoo(ZooConfig())
-    root = default_cache_dir()
-    world = datasets.load_from_disk(str(root / "world"))["train"].select(range(args.steps * args.batch_size))
+    root = zoo_root()
+    world = zoo_world_split(root, args.steps * args.batch_size)
     rows = world_sft_rows(world)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,10 +126,7 @@ def main(argv=None):
         ran = free["tokens_run_per_useful_token"]
         print(f"| {shape} | {free['baseline']:.2f} | {free['ours']:.2f} | {free['ratio']:.2f}x | "
               f"{ran['pixels']:.2f} -> {ran['padding-free']:.2f} |")
-    out = REPO_ROOT / "runs" / "bench" / "sft.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report("sft", report)
 
 
 if __name__ == "__main__":
