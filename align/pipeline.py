@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from align.paths import REPO_ROOT
-from align.runs import atomic_write_text, settings_differences
+from align.runs import atomic_write_text, describe_differences, settings_differences
 
 RECIPES = REPO_ROOT / "recipes"
 WALL_SECONDS = "wall_seconds.json"  # next to a step's metrics.json: how long its run took
@@ -107,10 +107,9 @@ def run_step(step: Step, run_dir: Path, force: bool = False, tag: str = "pipelin
     elif record.is_file():
         differences = settings_differences(json.loads(record.read_text()), settings)
         if differences:
-            listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
             raise SystemExit(
-                f"[{tag}] {step.name} ran before in {run_dir} with other settings ({listed}); rerun with --force to "
-                "redo every step, or use another run folder"
+                f"[{tag}] {step.name} ran before in {run_dir} with other settings "
+                f"({describe_differences(differences)}); rerun with --force to redo every step, or use another run folder"
             )
     atomic_write_text(record, json.dumps(settings, indent=2, sort_keys=True) + "\n")
     if metrics_file.exists() and not force:

@@ -156,6 +156,11 @@ def settings_differences(
     return {name: (before.get(name), now.get(name)) for name in sorted(names) if before.get(name) != now.get(name)}
 
 
+def describe_differences(differences: dict[str, tuple]) -> str:
+    """`settings_differences` in words: "learning_rate: 0.001 -> 0.0005; seed: 0 -> 1"."""
+    return "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
+
+
 def claim_output_dir(
     output_dir: str | os.PathLike, settings: dict, force: bool = False, allowed: set[str] = frozenset(),
     main_process: bool = True,
@@ -183,10 +188,9 @@ def claim_output_dir(
     # added to the code since (with a default that keeps the old behaviour), not changed by the user.
     differences = settings_differences(before, settings, allowed, shared_only=True) if before is not None else {}
     if differences and not force:
-        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in differences.items())
         raise ValueError(
-            f"{output_dir} holds a run with other settings ({listed}). Rerun with the same settings to continue "
-            "it, use another output_dir, or add --force to delete it and start over"
+            f"{output_dir} holds a run with other settings ({describe_differences(differences)}). Rerun with the "
+            "same settings to continue it, use another output_dir, or add --force to delete it and start over"
         )
     if main_process:
         if force and output_dir.is_dir() and any(output_dir.iterdir()):
@@ -239,6 +243,6 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, remove_incomplete: b
 
 __all__ = [
     "EXTENDABLE_SETTINGS", "RunArguments", "SETTINGS_FILE", "UNCOMPARED_SETTINGS", "atomic_file", "atomic_write_text",
-    "checkpoint_is_complete", "claim_output_dir", "last_complete_checkpoint", "resolved_config", "save_metrics",
-    "save_resolved_config", "settings_differences", "staged_dir",
+    "checkpoint_is_complete", "claim_output_dir", "describe_differences", "last_complete_checkpoint",
+    "resolved_config", "save_metrics", "save_resolved_config", "settings_differences", "staged_dir",
 ]
