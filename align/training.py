@@ -373,7 +373,8 @@ def start_run(training_args, *configs, force: bool = False) -> str | None:
     them, unless `force` (the folder is emptied first). With an explicit `--resume_from_checkpoint`, `max_steps` and
     `num_train_epochs` may grow (`align.runs.claim_output_dir`).
     """
-    explicit = training_args.resume_from_checkpoint not in (None, "")
+    value = training_args.resume_from_checkpoint
+    explicit = value is not None and str(value).lower() not in ("", "false", "none")  # continuing, and said so
     with training_args.main_process_first(desc="claiming the output folder"):
         claim_output_dir(
             training_args.output_dir, resolved_config(*configs), force=force,
