@@ -153,9 +153,10 @@ RUNS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RUNS))
 def test_trainer_killed_after_a_checkpoint_then_rerun(setup, tmp_path, recipe):
+    # Steps of tiny models take milliseconds: 6 steps after the kill point leave the kill time to land first.
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    run_recipe(f"{recipe}.py", {**RUNS[recipe](setup, clean), "max_steps": 4}, tmp_path)
-    config = {**RUNS[recipe](setup, killed), "max_steps": 4}
+    run_recipe(f"{recipe}.py", {**RUNS[recipe](setup, clean), "max_steps": 8}, tmp_path)
+    config = {**RUNS[recipe](setup, killed), "max_steps": 8}
     run_until_killed(f"{recipe}.py", config, tmp_path, lambda: (killed / "checkpoint-2" / "trainer_state.json").is_file())
     assert not (killed / "metrics.json").exists()
     rerun = run_recipe(f"{recipe}.py", config, tmp_path)
@@ -181,7 +182,7 @@ def test_evaluation_killed_while_generating_then_rerun(setup, tmp_path):
 @pytest.mark.slow
 def test_synthetic_qa_killed_while_generating_then_rerun(setup, tmp_path):
     config = {"llm_name_or_path": setup["llama"], "world_path": setup["world"], "world_split": "train",
-              "samples_per_caption": 2, "max_new_tokens": 16, "batch_size": 4, "seed": 0}
+              "samples_per_caption": 4, "max_new_tokens": 24, "batch_size": 2, "seed": 0}
     run_recipe("augment.py", {**config, "output_dir": str(tmp_path / "clean")}, tmp_path)
     killed = tmp_path / "killed"
     log = tmp_path / "augment.killed.log"
