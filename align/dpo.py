@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
 from align.data import build_mixture, world_preference_rows
+from align.families import family_of
 from align.runs import RunArguments
 from align.sft import CachedFeatureDataArguments, checked
 from align.towers import TowerMemo, vlm_models
@@ -85,6 +86,9 @@ class VisionDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if "cross_attention_mask" in family_of(self.model).image_inputs and self._is_vision_dataset:
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            self.data_collator = MllamaPreferenceCollator(self.data_collator, tokenizer.bos_token_id)
         # TRL's vision collator repeats each pair's images for chosen and rejected: encode each copy once.
         self.tower_memos = [TowerMemo(vlm, keep=False) for vlm in vlm_models(self.model, self.ref_model)]
         self.shared_prefix = bool(self.tower_memos)  # packing needs the suite's VLM (4-D masks, shift_labels)
@@ -108,6 +112,62 @@ class VisionDPOTrainer(DPOTrainer):
         super()._set_signature_columns_if_needed()
         if self._is_vision_dataset:
             self._signature_columns = [*self._signature_columns, *(c for c in REF_COLUMNS if c not in self._signature_columns)]
+
+
+@dataclass
+class MllamaPreferenceCollator:
+    """TRL's vision preference collator, fixed for Mllama (Llama 3.2 Vision) by composition, in two ways.
+
+    - `MllamaProcessor` puts `<|begin_of_text|>` before any text that lacks one, `add_special_tokens=False`
+      notwithstanding, so TRL's separately processed completions each start with a stray BOS, which the policy
+      would be trained (and the reference scored) on. It is dropped here.
+    - The processor builds `cross_attention_mask` (`[batch, tokens, images, tiles]`: which image tiles each text
+      token reads) for the left-padded prompts only; TRL appends the completions and flushes every row left
+      (`token_type_ids` and `mm_token_type_ids` are kept in step, this key is not), so the mask no longer lines up
+      with `input_ids` and the model fails on the length. Here each row's prompt part is shifted as TRL shifted its
+      tokens, and every completion token reads what the prompt's last token reads (the processor's own rule: a
+      token sees the images before it); padding reads nothing.
+    """
+
+    collator: Callable
+    bos_token_id: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collator(examples)
+        mask = batch.get("cross_attention_mask")
+        if mask is None:
+            return batch
+        if self.bos_token_id is not None:
+            _drop_completion_bos(batch, self.bos_token_id)
+        attention, completion = batch["attention_mask"], batch["completion_mask"].bool()
+        rows, length = attention.shape
+        width = mask.shape[1]  # the padded prompt length
+        extended = mask.new_zeros((rows, length, *mask.shape[2:]))
+        for row in range(rows):
+            starts = completion[row].nonzero()
+            prompt = int(starts[0]) if len(starts) else int(attention[row].sum())  # tokens before the completion
+            kept = min(prompt, length)
+            extended[row, :kept] = mask[row, width - prompt:width - prompt + kept]
+            rest = attention[row, kept:].bool()
+            extended[row, kept:][rest] = mask[row, width - 1]
+        batch["cross_attention_mask"] = extended
+        return batch
+
+
+def _drop_completion_bos(batch: dict, bos_token_id: int) -> None:
+    """Remove, in place, a BOS token at the start of each row's completion (rows flushed left, right-padded)."""
+    input_ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    for row in range(input_ids.shape[0]):
+        starts = completion[row].nonzero()
+        if not len(starts) or input_ids[row, int(starts[0])] != bos_token_id:
+            continue
+        at = int(starts[0])
+        for tensor in (input_ids, attention, completion):
+            tensor[row, at:-1] = tensor[row, at + 1:].clone()
+            tensor[row, -1] = 0  # a padding position (masked out: its id is never read)
+    used = int(attention.sum(-1).max())  # drop the columns now padding in every row
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        batch[key] = batch[key][:, :used]
 
 
 @dataclass

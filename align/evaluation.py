@@ -21,10 +21,9 @@ import datasets
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
-from transformers import AutoProcessor
 
 from align.families import family_of
-from align.loading import is_adapter_dir, load_pretrained
+from align.loading import is_adapter_dir, load_pretrained, load_processor
 from align.metrics import load_metric
 from align.sampling import generate_groups
 from align.world import CATEGORIES, prompt_rows, verify
@@ -599,7 +598,7 @@ def load_model_for_eval(
         model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
         logger.info("applied the adapter at %s to the base VLM at %s", adapter_path, base_path)
     processor_path = adapter_path if adapter_path is not None and _has_processor(adapter_path) else base_path
-    processor = AutoProcessor.from_pretrained(str(processor_path))
+    processor = load_processor(processor_path)
     return model.eval(), processor
 
 

@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from align.families import FAMILIES, family_of
-from align.loading import load_pretrained
+from align.loading import load_pretrained, load_processor
 from align.runs import SETTINGS_FILE, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -309,12 +309,10 @@ def load_merged(source: ExportSource, qlora_base: str = "dequantized"):
 
 
 def _processor(source: ExportSource):
-    from transformers import AutoProcessor
-
     import model  # noqa: F401
 
     has_own = (source.path / "processor_config.json").is_file() or (source.path / "tokenizer_config.json").is_file()
-    return AutoProcessor.from_pretrained(str(source.path if has_own else source.model_dir))
+    return load_processor(source.path if has_own else source.model_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -42,14 +44,26 @@ class Family:
     stop_tokens: tuple[str, ...] = ()
     image_inputs: tuple[str, ...] = ("pixel_values",)
     notes: str = ""
-    keep_out_of_4bit: tuple[str, ...] = field(default=())
+    # Components whose module paths depend on the checkpoint's config: Mllama's cross-attention decoder layers sit
+    # among its LLM's layers at `text_config.cross_attention_layers`.
+    config_components: Callable[[object], dict[str, tuple[str, ...]]] | None = None
+    # The chat template with `{% generation %}` markers for TRL's assistant-only loss, where TRL has none for the
+    # family's stock template (a file in `align/chat_templates/`).
+    training_chat_template: str | None = None
+
+    def paths(self, model_or_config, component: str) -> tuple[str, ...]:
+        """The module paths of `component` (`model.vision_tower`, ...) for this model or config."""
+        paths = self.components.get(component, ())
+        if self.config_components is not None:
+            paths += self.config_components(getattr(model_or_config, "config", model_or_config)).get(component, ())
+        return paths
 
     def modules(self, model: nn.Module, component: str) -> list[nn.Module]:
         """The modules of `component` that `model` has (`lm_head`: its output embeddings)."""
         if component == "lm_head":
             head = model.get_output_embeddings()
             return [head] if head is not None else []
-        return [model.get_submodule(path) for path in self.components.get(component, ()) if _has_submodule(model, path)]
+        return [model.get_submodule(path) for path in self.paths(model, component) if _has_submodule(model, path)]
 
     def trained_in_full_under_lora(self, stage: str, model: nn.Module) -> list[str]:
         """Module names PEFT's `modules_to_save` takes (matched as name suffixes): the parts of `model` that the
@@ -57,19 +71,41 @@ class Family:
         names = []
         for component in ("vision_towers", "projectors", "cross_attention"):
             if component in STAGES[stage]:
-                for path in self.components.get(component, ()):
-                    if _has_submodule(model, path):
-                        names.append(path.rsplit(".", 1)[-1])
+                names += [_suffix(path) for path in self.paths(model, component) if _has_submodule(model, path)]
         return names
 
-    def not_quantized(self) -> list[str]:
-        """Module names bitsandbytes leaves in full precision: the vision side and the LM head (only the LLM's
-        linears are quantized under QLoRA)."""
-        if self.keep_out_of_4bit:
-            return list(self.keep_out_of_4bit)
-        names = [path.rsplit(".", 1)[-1] for c in ("vision_towers", "projectors", "cross_attention")
-                 for path in self.components.get(c, ())]
-        return [*names, "lm_head"]
+    def lora_targets_for(self, model: nn.Module, modules_to_save: list[str] | None) -> str:
+        """`lora_targets`, leaving out the decoder layers that train in full (`modules_to_save`): PEFT cannot both
+        copy a layer whole and adapt the linears inside it."""
+        layers = [path for path in self.paths(model, "cross_attention")
+                  if path.rsplit(".", 1)[-1].isdigit() and _suffix(path) in (modules_to_save or [])]
+        if not layers:
+            return self.lora_targets
+        llm = self.components["language_model"][0].rsplit(".", 1)[-1]
+        indices = "|".join(path.rsplit(".", 1)[-1] for path in layers)
+        return rf".*{re.escape(llm)}\.layers\.(?!(?:{indices})\.)\d+\.(self_attn|mlp)\.{_PROJECTIONS}"
+
+    def not_quantized(self, model_or_config=None) -> list[str]:
+        """Module paths bitsandbytes leaves in full precision (`llm_int8_skip_modules`, matched from the start of a
+        module's name): the vision side, cross-attention layers and the LM head; only the LLM's linears are
+        quantized under QLoRA. `model_or_config` resolves config-dependent paths (Mllama's cross-attention
+        layers)."""
+        paths = [path for c in ("vision_towers", "projectors", "cross_attention")
+                 for path in (self.paths(model_or_config, c) if model_or_config is not None else self.components.get(c, ()))]
+        return [*paths, "lm_head"]
+
+    def chat_template_for_training(self) -> str | None:
+        """The family's training chat template (`training_chat_template`), read from `align/chat_templates/`."""
+        if self.training_chat_template is None:
+            return None
+        return (Path(__file__).parent / "chat_templates" / self.training_chat_template).read_text()
+
+
+def _suffix(path: str) -> str:
+    """The name PEFT's `modules_to_save` matches `path` by: its last part, or for a numbered layer the path from the
+    LLM on (`language_model.layers.3`: a bare `3` would match any module of that index)."""
+    parts = path.split(".")
+    return ".".join(parts[-3:]) if parts[-1].isdigit() else parts[-1]
 
 
 def _has_submodule(model: nn.Module, path: str) -> bool:
@@ -110,10 +146,16 @@ FAMILIES: dict[str, Family] = {
             name="mllama", model_types=("mllama",),
             components={"vision_towers": ("model.vision_model",), "projectors": ("model.multi_modal_projector",),
                         "language_model": ("model.language_model",)},
+            config_components=lambda config: {"cross_attention": tuple(
+                f"model.language_model.layers.{i}"
+                for i in getattr(getattr(config, "text_config", config), "cross_attention_layers", None) or ()
+            )},
             lora_targets=llm_lora_targets("language_model", blocks="self_attn|cross_attn|mlp"),
             stop_tokens=("<|eot_id|>",),
             image_inputs=("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"),
-            notes="LoRA adapts the cross-attention decoder layers' projections like the others' (not yet in full)",
+            training_chat_template="mllama_training.jinja",
+            notes="the cross-attention decoder layers (text_config.cross_attention_layers) train in full beside "
+                  "LoRA, as the suite's cross-attention adapters do; LoRA adapts the self-attention layers",
         ),
     )
 }

@@ -7,10 +7,22 @@ an alignment run would then train and evaluate noise. Here that is an error nami
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+from transformers.utils import PushToHubMixin, is_torchvision_available
 
 from align.families import FAMILIES, family_of
 
@@ -37,9 +49,10 @@ def load_pretrained(path: str | os.PathLike, model_class=AutoModelForImageTextTo
         raise ValueError(f"model path {path} does not exist or is not a directory (models load by local path)")
     quantization = kwargs.get("quantization_config")
     if quantization is not None and model_class is AutoModelForImageTextToText:
-        family = family_of(AutoConfig.from_pretrained(path))
+        config = AutoConfig.from_pretrained(path)
+        family = family_of(config)
         if family is not FAMILIES["vlm"] and not getattr(quantization, "llm_int8_skip_modules", None):
-            quantization.llm_int8_skip_modules = family.not_quantized()
+            quantization.llm_int8_skip_modules = family.not_quantized(config)
     model, info = model_class.from_pretrained(str(path), output_loading_info=True, **kwargs)
     problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys")}
     if any(problems.values()):
@@ -54,4 +67,67 @@ def load_pretrained(path: str | os.PathLike, model_class=AutoModelForImageTextTo
     return model
 
 
-__all__ = ["ADAPTER_CONFIG", "is_adapter_dir", "load_pretrained"]
+class NoVideoProcessor(PushToHubMixin):
+    """The video processor of a processor that has one (Qwen2-VL, Qwen2.5-VL), where torchvision is not installed.
+
+    transformers 5 builds every video processor on torchvision and refuses to create such a processor without one,
+    though image-text alignment never passes a video. This stand-in keeps the checkpoint's video settings (written
+    back unchanged on save, so the folder still loads where torchvision is installed) and refuses videos by name.
+    """
+
+    _auto_class = None  # not a custom (remote-code) class: saved in processor_config.json like the stock one
+
+    def __init__(self, settings: dict | None = None):
+        self.settings = dict(settings or {})
+
+    def to_dict(self) -> dict:
+        return dict(self.settings)
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("this processor was loaded without torchvision, which its video processor needs: "
+                         "install torchvision to pass videos (images need nothing more)")
+
+
+def without_torchvision(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`processor_class` accepting a `NoVideoProcessor`: its type check of the video processor needs torchvision's
+    classes. Same name and module, so that a saved processor names the stock class."""
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if isinstance(argument, NoVideoProcessor):
+            return NoVideoProcessor
+        return processor_class.check_argument_for_proper_class(self, argument_name, argument)
+
+    return type(processor_class.__name__, (processor_class,), {
+        "__module__": processor_class.__module__, "check_argument_for_proper_class": check_argument_for_proper_class,
+    })
+
+
+def load_processor(path: str | os.PathLike) -> ProcessorMixin:
+    """`AutoProcessor.from_pretrained(path)`; where torchvision is not installed and the folder's processor class
+    has a video processor (Qwen2-VL and Qwen2.5-VL under transformers 5, whose video processors need torchvision),
+    the same class built from the folder's image processor (its PIL backend), tokenizer and chat template, with
+    `NoVideoProcessor` keeping the video settings."""
+    path = Path(path)
+    settings = _read_json(path / "processor_config.json")
+    name = settings.pop("processor_class", None) or _read_json(path / "tokenizer_config.json").get("processor_class")
+    processor_class = getattr(transformers, name or "", None)
+    if (is_torchvision_available() or not isinstance(processor_class, type)
+            or "video_processor" not in processor_class.get_attributes()):
+        return AutoProcessor.from_pretrained(str(path))
+    video = settings.pop("video_processor", None) or _read_json(path / "video_preprocessor_config.json")
+    accepted = set(inspect.signature(processor_class.__init__).parameters) - set(processor_class.get_attributes())
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    template = path / "chat_template.jinja"
+    chat_template = (template.read_text() if template.is_file()
+                     else _read_json(path / "chat_template.json").get("chat_template", tokenizer.chat_template))
+    return without_torchvision(processor_class)(
+        image_processor=AutoImageProcessor.from_pretrained(str(path)), tokenizer=tokenizer,
+        video_processor=NoVideoProcessor(video), chat_template=chat_template,
+        **{k: v for k, v in settings.items() if k in accepted and k != "chat_template"},
+    )
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+__all__ = ["ADAPTER_CONFIG", "NoVideoProcessor", "is_adapter_dir", "load_pretrained", "load_processor", "without_torchvision"]

@@ -28,11 +28,11 @@ from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from peft import LoraConfig, PeftModel
 from torch import nn
-from transformers import AutoProcessor, PreTrainedModel
+from transformers import PreTrainedModel
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from align.families import FAMILIES, family_of, freeze_components
-from align.loading import is_adapter_dir, load_pretrained
+from align.loading import is_adapter_dir, load_pretrained, load_processor
 from align.runs import (
     EXTENDABLE_SETTINGS,
     checkpoint_is_complete,
@@ -197,7 +197,7 @@ def merged_base(path: str, **kwargs) -> Path:
             model = PeftModel.from_pretrained(base, path).merge_and_unload()
             if PartialState().is_main_process:
                 model.save_pretrained(merged)
-                AutoProcessor.from_pretrained(path).save_pretrained(merged)
+                load_processor(path).save_pretrained(merged)
             logger.info("merged the LoRA adapter at %s into its base model %s: %s", path, base_path, merged)
     return merged
 
@@ -234,8 +234,39 @@ def load_model(path: str, model_args: ModelConfig, from_pretrained=None) -> PreT
 
 
 def load_vlm(path: str, model_args: ModelConfig) -> tuple[PreTrainedModel, transformers.ProcessorMixin]:
-    """`load_model` plus the processor saved with the model (a LoRA output keeps its processor too)."""
-    return load_model(path, model_args), AutoProcessor.from_pretrained(path)
+    """`load_model` plus the processor saved with the model (a LoRA output keeps its processor too), with the
+    family's training chat template where TRL has none for its stock one (`use_training_chat_template`)."""
+    model = load_model(path, model_args)
+    processor = load_processor(path)
+    use_training_chat_template(processor, model)
+    return model, processor
+
+
+def use_training_chat_template(processor, model) -> None:
+    """Give `processor` its family's chat template with `{% generation %}` markers (`Family.training_chat_template`,
+    Mllama's) when its own has none and TRL has no training version of it.
+
+    TRL's assistant-only loss needs those markers, and TRL patches only the templates it knows (Qwen2.5-VL,
+    SmolVLM/Idefics3, LLaVA-NeXT, Gemma 3, ...): for Llama 3.2 Vision it raises. The family's template renders the
+    same conversation text (the markers print nothing), so the processor saved with the run keeps working for
+    generation in plain transformers.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = family_of(model).chat_template_for_training()
+    current = getattr(processor, "chat_template", None)
+    if template is None or not isinstance(current, str) or has_generation_markers(current):
+        return
+    try:
+        get_training_chat_template(processor)
+        return  # TRL knows this template and patches it itself
+    except ValueError:
+        pass
+    processor.chat_template = template
+    if getattr(processor, "tokenizer", None) is not None:
+        processor.tokenizer.chat_template = template
+    logger.info("chat template: the %s training template (with assistant markers for the loss), as TRL has none",
+                family_of(model).name)
 
 
 def load_reference(path: str, model_args: ModelConfig) -> PreTrainedModel:
@@ -256,11 +287,11 @@ def lora_config(model_args: ModelConfig, model: PreTrainedModel) -> LoraConfig |
     if not model_args.use_peft:
         return None
     family = family_of(model)
-    if model_args.lora_target_modules is None:
-        model_args.lora_target_modules = family.lora_targets
     if model_args.lora_modules_to_save is None:
         stage = getattr(model_args, "stage", "finetune")
         model_args.lora_modules_to_save = family.trained_in_full_under_lora(stage, model) or None
+    if model_args.lora_target_modules is None:
+        model_args.lora_target_modules = family.lora_targets_for(model, model_args.lora_modules_to_save)
     # PEFT reads a string as one regex and a list as module-name suffixes; TRL hands it over as given.
     return get_peft_config(model_args)
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from transformers import AutoProcessor
 from trl import TrlParser
 
 from align.evaluation import (
@@ -37,6 +36,7 @@ from align.evaluation import (
     read_predictions,
     scoreboard,
 )
+from align.loading import load_processor
 from align.paths import default_cache_dir
 from align.pipeline import (
     LAUNCHERS_HELP,
@@ -131,7 +131,7 @@ def write_calibration(args: StudentsArguments, teacher: str, path: Path) -> Path
         return Path(args.calibration_file)
     if not path.is_file() or args.force:
         world = datasets.load_from_disk(args.world_path or str(default_cache_dir() / "world"))
-        processing = AutoProcessor.from_pretrained(teacher)
+        processing = load_processor(teacher)
         documents = lm_documents(world, args.calibration_split, getattr(processing, "tokenizer", processing))
         with atomic_file(path) as handle:
             handle.writelines(json.dumps({"text": text}) + "\n" for text in documents)

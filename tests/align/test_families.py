@@ -1,17 +1,20 @@
 """align.families and align.loading on tiny random stock VLMs built from config (no hub): each family's LoRA targets
-are its LLM's projections only, its projector/merger/connector trains in full beside LoRA, full fine-tuning freezes
-its vision side, QLoRA keeps that side out of 4-bit; a checkpoint whose weights do not fit is refused with the keys;
-and the SFT, DPO and evaluation recipes run on a stock LLaVA, Idefics3 and Gemma 3."""
+are its LLM's projections only, its projector/merger/connector (Mllama: its cross-attention layers too) trains in full
+beside LoRA, full fine-tuning freezes its vision side, QLoRA keeps that side out of 4-bit; a checkpoint whose
+weights do not fit is refused with the keys; and the SFT, DPO and evaluation recipes run on a stock LLaVA, Idefics3,
+Gemma 3, Qwen2-VL, Qwen2.5-VL and Mllama, each with its processor and (where TRL ships it) its own chat template."""
 
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoConfig,
     AutoModelForImageTextToText,
     AutoTokenizer,
     Gemma3Config,
@@ -23,14 +26,20 @@ from transformers import (
     LlavaConfig,
     LlavaProcessor,
     MllamaConfig,
+    MllamaProcessor,
     Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
+    Qwen2VLProcessor,
     SiglipImageProcessor,
 )
+from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from trl import ModelConfig
+from trl.chat_template_utils import qwen2_5_vl_chat_template
 
 from align.families import FAMILIES, GENERIC, family_of, freeze_components
-from align.loading import load_pretrained
+from align.loading import NoVideoProcessor, load_pretrained, load_processor, without_torchvision
 from align.training import lora_config
 from tests.align.training_helpers import TINY_TRAINING, read_json, run_recipe, tiny_world
 
@@ -83,11 +92,14 @@ def test_lora_adapts_the_llm_only_and_trains_the_connector_in_full(models, name)
     llm, tower, connector = LAYOUT[name]
     args = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8)
     config = lora_config(args, model)
-    assert config.modules_to_save == [connector]
+    # Mllama's cross-attention decoder layer (index 1 here) trains in full, as the suite's adapters do.
+    in_full = [f"{llm.removeprefix('model.')}.layers.1"] if name == "mllama" else []
+    assert config.modules_to_save == [connector, *in_full]
     targeted = [n for n, _ in model.named_modules() if re.fullmatch(config.target_modules, n)]
     assert targeted and all(n.startswith(f"{llm}.layers.") for n in targeted)
-    layers = len(model.get_submodule(f"{llm}.layers"))
-    assert len(targeted) >= 7 * layers  # q, k, v, o, gate, up, down of every decoder layer
+    assert not any(n.startswith(f"{llm}.layers.1.") for n in targeted) if in_full else True
+    layers = len(model.get_submodule(f"{llm}.layers")) - len(in_full)
+    assert len(targeted) >= 7 * layers  # q, k, v, o, gate, up, down of every decoder layer LoRA adapts
 
     wrapped = get_peft_model(model, config)
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
@@ -113,13 +125,32 @@ def test_full_fine_tuning_freezes_the_vision_side_by_stage(models, name):
 
 
 def test_qlora_keeps_the_vision_side_out_of_4bit_and_unknown_types_are_generic(models, caplog):
-    assert FAMILIES["qwen2_vl"].not_quantized() == ["visual", "merger", "lm_head"]
-    assert FAMILIES["idefics3"].not_quantized() == ["vision_model", "connector", "lm_head"]
+    assert FAMILIES["qwen2_vl"].not_quantized() == ["model.visual", "model.visual.merger", "lm_head"]
+    assert FAMILIES["idefics3"].not_quantized() == ["model.vision_model", "model.connector", "lm_head"]
+    assert FAMILIES["mllama"].not_quantized(models["mllama"])[-2:] == ["model.language_model.layers.1", "lm_head"]
 
     class Config:
         model_type = "some_new_vlm"
 
     assert family_of(Config()) is GENERIC and "no rules for model_type 'some_new_vlm'" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "mllama"])
+def test_a_4bit_load_quantizes_the_llm_only(models, tmp_path, name):
+    """bitsandbytes matches `llm_int8_skip_modules` from the start of a module's name (or as its end): bare names
+    such as `visual` matched nothing and the whole vision side went to 4 bit."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    models[name].save_pretrained(tmp_path / name)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = load_pretrained(tmp_path / name, quantization_config=quantization, dtype=torch.float32)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    llm, tower, connector = LAYOUT[name]
+    assert quantized and all(n.startswith(f"{llm}.layers.") for n in quantized)
+    assert not any(n.startswith(f"{llm}.layers.1.") for n in quantized) if name == "mllama" else True
+    full = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert any(n.startswith(tower + ".") for n in full) and "lm_head" in full
 
 
 def test_a_checkpoint_that_does_not_fit_is_refused_with_its_keys(models, tmp_path):
@@ -177,21 +208,98 @@ def stock_vlms(tiny_tokenizer, tmp_path_factory):
         image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}, do_pan_and_scan=False),
         tokenizer=gemma_tokenizer, image_seq_length=4, chat_template=gemma_tokenizer.chat_template,
     ).save_pretrained(root / "gemma3")
-    return {**{name: str(root / name) for name in ("llava", "idefics3", "gemma3")},
+    _save_qwen(root, tokenizer, text, Qwen2VLConfig, Qwen2VLProcessor, "qwen2_vl")
+    _save_qwen(root, tokenizer, text, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, "qwen2_5_vl")
+    _save_mllama(root, tokenizer, text)
+    return {**{name: str(root / name) for name in STOCK},
             "world": tiny_world(root / "world", images=8)}
 
 
+STOCK = ("llava", "idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl", "mllama")
+
+
+def _with_tokens(tokenizer, folder: Path, tokens: list[str], chat_template: str, **special):
+    """A copy of `tokenizer` with `tokens` added and `chat_template`, reloaded with `special` tokens named as a
+    stock checkpoint's tokenizer names them (`image_token`, ...)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(folder)
+    named = {k: v for k, v in special.items() if k in ("bos_token", "eos_token")}
+    return AutoTokenizer.from_pretrained(folder, **named, extra_special_tokens={
+        k: v for k, v in special.items() if k not in named})
+
+
+def _save_qwen(root: Path, tokenizer, text: dict, config_class, processor_class, name: str) -> None:
+    """A Qwen2-VL or Qwen2.5-VL with Qwen2.5-VL's own chat template (as TRL ships it), its PIL image processor and,
+    where torchvision is missing, `NoVideoProcessor` (what `load_processor` gives such a folder)."""
+    tokenizer = _with_tokens(
+        tokenizer, root / f"{name}-tokenizer", ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                                                "<|image_pad|>", "<|video_pad|>"], qwen2_5_vl_chat_template,
+        image_token="<|image_pad|>", video_token="<|video_pad|>", vision_bos_token="<|vision_start|>",
+        vision_eos_token="<|vision_end|>", eos_token="<|im_end|>",
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")}
+    vision = dict(depth=2, hidden_size=32, num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+    if name == "qwen2_vl":
+        vision.update(embed_dim=32)
+    else:
+        vision.update(intermediate_size=64, out_hidden_size=32, fullatt_block_indexes=[1], window_size=16)
+    config = config_class(
+        vision_config=vision, text_config={**text, "vocab_size": len(tokenizer), "rope_scaling": MROPE,
+                                           "eos_token_id": tokenizer.eos_token_id},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+    )
+    AutoModelForImageTextToText.from_config(config).save_pretrained(root / name)
+    video = NoVideoProcessor({"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 8, "merge_size": 2,
+                              "temporal_patch_size": 2})
+    without_torchvision(processor_class)(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8, merge_size=2,
+                                                 temporal_patch_size=2),
+        tokenizer=tokenizer, video_processor=video, chat_template=qwen2_5_vl_chat_template,
+    ).save_pretrained(root / name)
+
+
+def _save_mllama(root: Path, tokenizer, text: dict) -> None:
+    """A Mllama (Llama 3.2 Vision layout: a cross-attention decoder layer among four) whose processor carries the
+    Llama 3.2 Vision conversation format without `{% generation %}` markers, as the stock one has none."""
+    template = FAMILIES["mllama"].chat_template_for_training()
+    stock = re.sub(r"\{%-? ?(end)?generation ?-?%\}", "", template)
+    tokenizer = _with_tokens(
+        tokenizer, root / "mllama-tokenizer", ["<|image|>", "<|begin_of_text|>", "<|start_header_id|>",
+                                               "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"], stock,
+        image_token="<|image|>", bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+    )
+    config = MllamaConfig(
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_global_layers=1, attention_heads=2, max_num_tiles=1, supported_aspect_ratios=[[1, 1]],
+                           vision_output_dim=64, intermediate_layers_indices=[0]),
+        text_config={**text, "vocab_size": len(tokenizer), "num_hidden_layers": 4, "cross_attention_layers": [1],
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"),
+    )
+    AutoModelForImageTextToText.from_config(config).save_pretrained(root / "mllama")
+    MllamaProcessor(image_processor=MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=1),
+                    tokenizer=tokenizer, chat_template=stock).save_pretrained(root / "mllama")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llava", "idefics3", "gemma3"])
+@pytest.mark.parametrize("name", STOCK)
 def test_sft_dpo_and_evaluation_recipes_on_stock_vlms(stock_vlms, tmp_path, name):
-    connector = LAYOUT[name][2]
+    connector = {"qwen2_vl": "merger", "qwen2_5_vl": "merger"}.get(name, LAYOUT[name][2])
     lora = {**TINY_TRAINING, "use_peft": True, "lora_r": 8, "lora_alpha": 16, "max_length": None, "max_steps": 2,
             "world_path": stock_vlms["world"]}
     sft = run_recipe("sft.py", {**lora, "model_name_or_path": stock_vlms[name], "output_dir": str(tmp_path / "sft"),
                                 "assistant_only_loss": True}, tmp_path)
-    assert f"trained in full: {connector}" in sft.stdout
     adapter = read_json(tmp_path / "sft" / "adapter_config.json")
-    assert adapter["modules_to_save"] == [connector]
+    if name == "mllama":  # its cross-attention decoder layer trains in full too, and LoRA leaves it alone
+        assert "trained in full: language_model.layers.1, multi_modal_projector" in sft.stdout
+        assert adapter["modules_to_save"] == ["multi_modal_projector", "language_model.layers.1"]
+        assert "mllama training template" in sft.stdout + sft.stderr
+    else:
+        assert f"trained in full: {connector}" in sft.stdout
+        assert adapter["modules_to_save"] == [connector]
     metrics = read_json(tmp_path / "sft" / "metrics.json")
     assert metrics["global_step"] == 2 and metrics["loss"]["last"] > 0
 
@@ -203,7 +311,7 @@ def test_sft_dpo_and_evaluation_recipes_on_stock_vlms(stock_vlms, tmp_path, name
         "model_name_or_path": str(tmp_path / "dpo"), "world_path": stock_vlms["world"], "dataset_split": "train",
         "output_dir": str(tmp_path / "eval"), "num_questions": 6, "batch_size": 3, "max_new_tokens": 4, "num_samples": 2,
     }, tmp_path)
-    assert f"({name})" in evaluated.stdout + evaluated.stderr
+    assert f"({family_of(AutoConfig.from_pretrained(stock_vlms[name])).name})" in evaluated.stdout + evaluated.stderr
     scores = read_json(tmp_path / "eval" / "metrics.json")
     assert scores["total"] == 6 and scores["num_samples"] == 2 and 0 <= scores["pass@2"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
@@ -249,3 +357,48 @@ def test_rejection_sampling_and_grpo_on_a_stock_llava(stock_vlms, tmp_path):
     metrics = read_json(tmp_path / "grpo" / "metrics.json")
     assert metrics["global_step"] == 2 and [step for step, _ in metrics["reward"]["history"]] == [1, 2]
     assert read_json(tmp_path / "grpo" / "adapter_config.json")["modules_to_save"] == ["multi_modal_projector"]
+
+
+def test_mllama_cross_attention_mask_is_extended_over_the_completions(stock_vlms):
+    """TRL's preference collator leaves Mllama's `cross_attention_mask` at the prompts' length; extended, each row
+    equals the mask the processor gives the whole conversation (prompt + completion) on its own."""
+    from PIL import Image
+    from trl.data_utils import apply_chat_template
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from align.dpo import MllamaPreferenceCollator
+
+    processor = load_processor(stock_vlms["mllama"])
+    image = Image.new("RGB", (32, 32), "red")
+
+    def pair(question, chosen, rejected):
+        return {"images": [image], "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": rejected}]}
+
+    examples = [pair("What color is it?", "red", "a blue circle"), pair("How many objects are there here?", "two", "1")]
+    collator = MllamaPreferenceCollator(DataCollatorForVisionPreference(processor), processor.tokenizer.bos_token_id)
+    batch = collator(copy.deepcopy(examples))
+    assert batch["cross_attention_mask"].shape[:2] == batch["input_ids"].shape
+    for row, (example, side) in enumerate([(e, s) for s in ("chosen", "rejected") for e in examples]):
+        text = apply_chat_template({k: example[k] for k in ("prompt", "chosen", "rejected")}, processor)
+        alone = processor(images=[[image]], text=text["prompt"] + text[side], add_special_tokens=False, return_tensors="pt")
+        length = alone["input_ids"].shape[1]
+        assert torch.equal(batch["input_ids"][row, :length], alone["input_ids"][0])
+        assert torch.equal(batch["cross_attention_mask"][row, :length], alone["cross_attention_mask"][0])
+        assert not batch["cross_attention_mask"][row, length:].any()  # padding reads nothing
+
+
+def test_a_qwen_processor_loads_without_torchvision(stock_vlms, tmp_path):
+    """transformers 5 cannot create a Qwen2-VL/2.5-VL processor without torchvision (its video part); the loader
+    builds it from the image processor's PIL backend, keeps the video settings and refuses videos by name."""
+    from transformers.utils import is_torchvision_available
+
+    processor = load_processor(stock_vlms["qwen2_5_vl"])
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor" and processor.chat_template == qwen2_5_vl_chat_template
+    if not is_torchvision_available():
+        assert isinstance(processor.video_processor, NoVideoProcessor)
+        with pytest.raises(ValueError, match="without torchvision"):
+            processor.video_processor([])
+    processor.save_pretrained(tmp_path)
+    assert read_json(tmp_path / "processor_config.json")["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
+    assert load_processor(tmp_path).image_processor.to_dict() == processor.image_processor.to_dict()
