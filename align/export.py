@@ -817,13 +817,26 @@ def load_for_probe(spec: dict):
     kwargs = {"dtype": getattr(torch, spec.get("dtype") or "float32")}
     if spec.get("quantization"):
         kwargs["quantization_config"] = BitsAndBytesConfig.from_dict(dict(spec["quantization"]))
+    def processor_of(folder):
+        try:
+            return AutoProcessor.from_pretrained(folder)
+        except (ImportError, ValueError) as error:
+            if "torchvision" not in str(error).lower() or kind == "llava":
+                raise
+            # A Qwen2-VL-style processor (its video part needs torchvision) where torchvision is missing: the
+            # project's loader builds it without the video part. Only the reload of suite and stock VLM formats
+            # (a process that imports the project anyway) gets here; the native LLaVA format stays plain.
+            from align.loading import load_processor
+
+            return load_processor(folder)
+
     if kind in ("vlm", "llava"):
-        return AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval(), AutoProcessor.from_pretrained(path)
+        return AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval(), processor_of(path)
     from peft import PeftModel
 
     if kind == "peft-vlm":
         base = AutoModelForImageTextToText.from_pretrained(spec["base"], **kwargs)
-        loaded, processor = PeftModel.from_pretrained(base, path).eval(), AutoProcessor.from_pretrained(path)
+        loaded, processor = PeftModel.from_pretrained(base, path).eval(), processor_of(path)
     elif kind == "peft-llm":
         base = AutoModelForCausalLM.from_pretrained(spec["base"], **kwargs)
         loaded, processor = PeftModel.from_pretrained(base, path).eval(), AutoTokenizer.from_pretrained(path)

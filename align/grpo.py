@@ -35,6 +35,7 @@ from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
+from align.families import family_of
 from align.prompts import PromptArguments
 from align.runs import RunArguments
 from align.sampling import generate_groups
@@ -156,6 +157,15 @@ class VisionGRPOTrainer(GRPOTrainer):
     suite VLM is not one of; given here, it is prepared as TRL prepares its own."""
 
     def __init__(self, model, reward_funcs, args, *, ref_model=None, **kwargs):
+        family = family_of(model)
+        if "cross_attention_mask" in family.image_inputs:
+            # TRL's GRPO forward passes pixel_values, image_grid_thw, pixel_attention_mask, image_sizes and the
+            # token type ids on, and drops the rest of what the processor returned.
+            raise ValueError(
+                f"GRPO does not run on {family.name} models: TRL's GRPOTrainer drops their aspect_ratio_ids, "
+                "aspect_ratio_mask and cross_attention_mask; align them with rejection sampling and DPO rounds "
+                "(recipes/rounds.py) instead"
+            )
         separate_reference = ref_model is not None and args.beta != 0.0
         if separate_reference and (isinstance(model, PeftModel) or kwargs.get("peft_config") is not None):
             raise ValueError("ref_model is for full fine-tuning: under LoRA the reference is the policy without adapters")

@@ -1,6 +1,7 @@
 """Reward modelling of a VLM: the Bradley-Terry loss on preference pairs, a thin trainer, and scoring.
 
-A reward model is the VLM's backbone with a scalar head (`model.VLMForRewardModeling`). It reads the whole
+A reward model is the VLM's backbone with a scalar head (`model.VLMForRewardModeling`; for a stock VLM,
+`model.ImageTextForRewardModeling` on its base model). It reads the whole
 conversation (images, prompt, answer) rendered with the processor's chat template exactly as the policy sees it in
 training, so `reward_scores` scores what a policy generates, and is trained on pairs (`images`, `prompt`, `chosen`,
 `rejected`) so that the chosen answer scores higher.
@@ -35,7 +36,8 @@ from trl import ModelConfig, RewardConfig
 from trl.trainer.utils import disable_dropout_in_model
 
 from align.data import load_dataset_local, validate_rows, world_preference_rows
-from align.loading import is_adapter_dir
+from align.families import FAMILIES, family_of, freeze_components
+from align.loading import is_adapter_dir, load_pretrained, load_processor
 from align.paths import default_cache_dir
 from align.runs import RunArguments
 from align.sft import WorldDataArguments
@@ -43,7 +45,13 @@ from align.training import (
     load_model,
     lora_config,
 )
-from model import VLMForRewardModeling, VLMProcessor, freeze_for_stage, pack_image_features
+from model import (
+    ImageTextForRewardModeling,
+    VLMForRewardModeling,
+    VLMProcessor,
+    freeze_for_stage,
+    pack_image_features,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -231,12 +239,17 @@ def _image_list(images) -> list:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
+REWARD_MODEL_CLASSES = (VLMForRewardModeling, ImageTextForRewardModeling)
+
+
 def _encode(processor, texts: list[str], images: list[list], return_pixel_values: bool = True, **kwargs):
     # The chat template writes the BOS itself; the tokenizer must not add a second one (as TRL's collators).
-    return processor(
-        images=images, text=texts, padding=True, padding_side="right", add_special_tokens=False,
-        return_pixel_values=return_pixel_values, return_tensors="pt", **kwargs,
-    )
+    options = dict(padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt", **kwargs)
+    if isinstance(processor, VLMProcessor):
+        return processor(images=images, text=texts, return_pixel_values=return_pixel_values, **options)
+    # A stock processor: its own image inputs (`pixel_values` and `image_grid_thw`, `pixel_attention_mask`,
+    # `cross_attention_mask`, ...) for every row. The suite's once-per-pair encoding needs its own VLM's features.
+    return processor(images=images if any(images) else None, text=texts, **options)
 
 
 @dataclass
@@ -255,8 +268,11 @@ class RewardCollator:
         images = [_image_list(e.get("images")) for e in examples]
         texts = [render_conversation(self.processor, e["prompt"], e[side]) for side in ("chosen", "rejected") for e in examples]
         options = {"pad_to_multiple_of": self.pad_to_multiple_of} if self.pad_to_multiple_of else {}
-        batch = dict(_encode(self.processor, texts, images + images, return_pixel_values=False, **options))
-        if any(images):
+        if not isinstance(self.processor, VLMProcessor):  # a stock VLM: every row carries its image inputs
+            batch = dict(_encode(self.processor, texts, images + images, **options))
+        else:
+            batch = dict(_encode(self.processor, texts, images + images, return_pixel_values=False, **options))
+        if any(images) and isinstance(self.processor, VLMProcessor):
             batch["pixel_values"] = self.processor(images=[i for i in images if i], return_tensors="pt")["pixel_values"]
         if "margin" in examples[0]:
             batch["margin"] = torch.tensor([float(e["margin"]) for e in examples], dtype=torch.float32)
@@ -270,14 +286,16 @@ def drop_long_pairs(dataset: Dataset, processor, max_length: int | None) -> Data
     if max_length is None:
         return dataset
 
-    # Token counts need the images' number only: read the text columns and the image count of each row.
+    # The suite's processor counts image tokens from the images' number only: read the text columns and the image
+    # count of each row. A stock processor's count can depend on the image (Qwen2-VL's grid): it gets the images.
     view = dataset.select_columns(["images", "prompt", "chosen", "rejected"])
-    if isinstance(view.features["images"], (datasets.List, datasets.Sequence)):
+    suite = isinstance(processor, VLMProcessor)
+    if suite and isinstance(view.features["images"], (datasets.List, datasets.Sequence)):
         view = view.cast_column("images", datasets.List(datasets.Image(decode=False)))
     keep = []
     for start in range(0, len(view), 256):
         batch = view[start : start + 256]
-        keys = [[object()] * len(_image_list(images)) for images in batch["images"]]  # counted, never decoded
+        keys = [[object()] * len(_image_list(images)) if suite else _image_list(images) for images in batch["images"]]
         lengths = [
             _encode(
                 processor,
@@ -305,14 +323,25 @@ def drop_long_pairs(dataset: Dataset, processor, max_length: int | None) -> Data
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_reward_model_for_training(path: str, model_args: ModelConfig) -> tuple[VLMForRewardModeling, VLMProcessor]:
-    """A reward model to train, and its processor, on the VLM at `path` (a VLM folder, the LoRA output of a VLM run merged on load as
-    `align.training.load_model` does, or a full reward model to train further), in full precision or with its LLM
-    in 4 bit (`--load_in_4bit`; the split is logged)."""
-    model = load_model(path, model_args, from_pretrained=VLMForRewardModeling.from_vlm)
+def reward_model_from_folder(path: str | os.PathLike, **kwargs) -> torch.nn.Module:
+    """A reward model from a folder: a saved reward model as it is, or a VLM (the suite's or a stock one) with a new
+    head at zero on its backbone. `kwargs`: `from_pretrained` options (`dtype`, `quantization_config`, ...)."""
+    config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
+    if config.get("model_type") == "vlm_align":
+        return VLMForRewardModeling.from_vlm(path, **kwargs)
+    if ImageTextForRewardModeling.__name__ in (config.get("architectures") or []):
+        return ImageTextForRewardModeling.from_pretrained(path, **kwargs)
+    return ImageTextForRewardModeling.from_vlm(load_pretrained(path, **kwargs))
+
+
+def load_reward_model_for_training(path: str, model_args: ModelConfig) -> tuple[torch.nn.Module, object]:
+    """A reward model to train, and its processor, on the VLM at `path` (a VLM folder, the suite's or a stock one;
+    the LoRA output of a VLM run merged on load as `align.training.load_model` does; or a full reward model to
+    train further), in full precision or with its LLM in 4 bit (`--load_in_4bit`; the split is logged)."""
+    model = load_model(path, model_args, from_pretrained=reward_model_from_folder)
     if is_adapter_dir(path):
         path = str(Path(path) / "merged")
-    return model, VLMProcessor.from_pretrained(path)
+    return model, load_processor(path)
 
 
 def prepare_reward_model(model: VLMForRewardModeling, model_args: ModelConfig) -> LoraConfig | None:
@@ -321,7 +350,11 @@ def prepare_reward_model(model: VLMForRewardModeling, model_args: ModelConfig) -
     classification task type), or the stage's components (`freeze_for_stage`). Returns the LoRA config or None."""
     peft_config = lora_config(model_args, model)
     if peft_config is None:
-        freeze_for_stage(model, getattr(model_args, "stage", "finetune"))
+        stage = getattr(model_args, "stage", "finetune")
+        if family_of(model) is FAMILIES["vlm"]:
+            freeze_for_stage(model, stage)
+        else:
+            freeze_components(model, stage)
         model.score.requires_grad_(True)
         logger.info("score head trainable (%d parameters)", model.score.weight.numel())
         return None
@@ -339,13 +372,14 @@ def prepare_reward_model(model: VLMForRewardModeling, model_args: ModelConfig) -
     return peft_config
 
 
-def _reward_model_of(model) -> VLMForRewardModeling:
-    """The `VLMForRewardModeling` inside a PEFT (and/or DDP) wrapper."""
+def _reward_model_of(model) -> VLMForRewardModeling | ImageTextForRewardModeling:
+    """The reward model inside a PEFT (and/or DDP) wrapper."""
     model = getattr(model, "module", model)
     if is_peft_model(model):
         model = model.get_base_model()
-    if not isinstance(model, VLMForRewardModeling):
-        raise TypeError(f"expected a VLMForRewardModeling (or a PEFT model around one), got {type(model).__name__}")
+    if not isinstance(model, REWARD_MODEL_CLASSES):
+        raise TypeError(f"expected a VLMForRewardModeling or ImageTextForRewardModeling (or a PEFT model around one), "
+                        f"got {type(model).__name__}")
     return model
 
 
@@ -372,23 +406,23 @@ def load_reward_model(
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise ValueError(f"the adapter at {path} names the base model {base!r}, which is not a local folder")
-        model = VLMForRewardModeling.from_vlm(base, **kwargs)
+        model = reward_model_from_folder(base, **kwargs)
         if quantization_config is None and device is not None:
             model.to(device)
         model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
         processor_path = path if (path / "processor_config.json").is_file() else Path(base)
     else:
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        if VLMForRewardModeling.__name__ not in (config.get("architectures") or []):
+        if not {c.__name__ for c in REWARD_MODEL_CLASSES} & set(config.get("architectures") or []):
             raise ValueError(
                 f"{path} holds no reward model (architectures: {config.get('architectures')}); train one with "
                 "recipes/reward.py, or wrap a VLM with VLMForRewardModeling.from_vlm"
             )
-        model = VLMForRewardModeling.from_pretrained(str(path), **kwargs)
+        model = reward_model_from_folder(path, **kwargs)
         if quantization_config is None and device is not None:
             model.to(device)
         processor_path = path
-    return model.eval(), VLMProcessor.from_pretrained(str(processor_path))
+    return model.eval(), load_processor(processor_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,9 +497,8 @@ class VisionRewardTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         margin = inputs.pop("margin", None)
-        pixel_values = inputs.pop("pixel_values", None)
-        if pixel_values is not None:
-            inputs.update(pair_image_inputs(model, pixel_values))
+        if isinstance(_reward_model_of(model), VLMForRewardModeling) and inputs.get("pixel_values") is not None:
+            inputs.update(pair_image_inputs(model, inputs.pop("pixel_values")))
         rewards = model(**inputs, use_cache=False).logits.squeeze(-1).float()
         chosen, rejected = rewards.chunk(2)
         loss = bradley_terry_loss(chosen, rejected, margin)
@@ -531,8 +564,8 @@ def reward_trainer(
         callbacks: extra `TrainerCallback`s.
     """
     _check_reward_config(args)
-    if not isinstance(model, VLMForRewardModeling):
-        raise TypeError(f"reward_trainer takes a VLMForRewardModeling, got {type(model).__name__}")
+    if not isinstance(model, REWARD_MODEL_CLASSES):
+        raise TypeError(f"reward_trainer takes a VLMForRewardModeling or ImageTextForRewardModeling, got {type(model).__name__}")
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)

@@ -22,7 +22,7 @@ from .modeling_vlm import (
     unpack_pixel_values,
 )
 from .projectors import PROJECTORS
-from .reward_model import VLMForRewardModeling
+from .reward_model import ImageTextForRewardModeling, VLMForRewardModeling
 from .stages import STAGES, freeze_for_stage
 from .ternary import BitLinear, ternarize_
 
@@ -33,6 +33,7 @@ AutoModelForSequenceClassification.register(VLMConfig, VLMForRewardModeling, exi
 
 __all__ = [
     "FUSIONS",
+    "ImageTextForRewardModeling",
     "PROJECTORS",
     "STAGES",
     "BitLinear",

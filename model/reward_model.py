@@ -8,6 +8,10 @@ under LoRA) hold unchanged.
 
     reward = VLMForRewardModeling.from_vlm("runs/tiny/sft/merged")  # backbone weights from a VLM, head at zero
     scores = reward(**processor(images=..., text=..., padding=True, return_tensors="pt")).logits  # [batch, 1]
+
+`ImageTextForRewardModeling` is the same for a stock VLM (LLaVA, Qwen2-VL, Idefics3, Gemma 3, Mllama, ...): its
+base model (`LlavaModel`, ...: what `AutoModel` builds from the checkpoint's config) with the same head. transformers
+has no sequence-classification class for these families.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 
 import torch
 from torch import nn
-from transformers import BitsAndBytesConfig
+from transformers import AutoConfig, AutoModel, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
@@ -175,4 +179,74 @@ class VLMForRewardModeling(VLMPreTrainedModel):
         )
 
 
-__all__ = ["VLMForRewardModeling", "last_token_indices"]
+class ImageTextForRewardModeling(PreTrainedModel):
+    """A stock VLM's base model (`AutoModel` of its config: `LlavaModel`, `Qwen2VLModel`, `MllamaModel`, ...) with
+    `score`, a bias-free `Linear(text_hidden, 1)` read at each row's last real token, as `VLMForRewardModeling`.
+
+    Args:
+        config: the stock VLM's config; `num_labels` is set to 1 and `architectures` to this class.
+        backbone: an existing base model to wrap without copying (a loaded VLM's `.model`, see `from_vlm`).
+    """
+
+    config_class = PretrainedConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+    _keys_to_ignore_on_load_missing = [r"^score\."]
+
+    def __init__(self, config: PretrainedConfig, backbone: nn.Module | None = None):
+        config.num_labels = 1
+        config.architectures = [type(self).__name__]
+        super().__init__(config)
+        self.num_labels = 1
+        self.model = backbone if backbone is not None else AutoModel.from_config(config)
+        self._no_split_modules = getattr(self.model, "_no_split_modules", None)
+        self.score = nn.Linear(config.get_text_config().hidden_size, 1, bias=False)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if module is getattr(self, "score", None):
+            init.zeros_(module.weight)  # every answer scores 0 before training (see VLMForRewardModeling)
+
+    @classmethod
+    def from_vlm(cls, vlm: PreTrainedModel) -> ImageTextForRewardModeling:
+        """A reward model on a loaded stock VLM's base model (`vlm.model`, shared, not copied), head at zero."""
+        reward = cls(copy.deepcopy(vlm.config), backbone=vlm.model)
+        return reward.to(vlm.get_input_embeddings().weight.device)
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        """A saved `ImageTextForRewardModeling` folder; the config class is the stock family's (`AutoConfig`)."""
+        kwargs.setdefault("config", AutoConfig.from_pretrained(path))
+        return super().from_pretrained(path, *args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, labels=None, use_cache=None, **kwargs):
+        r"""The stock model's inputs (`pixel_values`, `image_grid_thw`, `pixel_attention_mask`,
+        `cross_attention_mask`, `token_type_ids`, ...); `logits` `[batch, 1]` at each row's last real token."""
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=bool(use_cache), **kwargs)
+        hidden_states = outputs.last_hidden_state
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            last = last_token_indices(attention_mask).to(hidden_states.device)
+        else:
+            last = torch.full((batch,), hidden_states.shape[1] - 1, device=hidden_states.device)
+        logits = self.score(hidden_states[torch.arange(batch, device=hidden_states.device), last].to(self.score.weight.dtype))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+
+__all__ = ["ImageTextForRewardModeling", "VLMForRewardModeling", "last_token_indices"]
