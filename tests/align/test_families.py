@@ -38,7 +38,12 @@ from transformers import (
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from trl import ModelConfig
-from trl.chat_template_utils import qwen2_5_vl_chat_template
+from trl.chat_template_utils import (
+    gemma3_chat_template,
+    idefics3_chat_template,
+    llava_next_chat_template,
+    qwen2_5_vl_chat_template,
+)
 
 from align.families import FAMILIES, GENERIC, family_of, freeze_components
 from align.loading import NoVideoProcessor, load_pretrained, load_processor, without_torchvision
@@ -171,9 +176,11 @@ def test_a_checkpoint_that_does_not_fit_is_refused_with_its_keys(models, tmp_pat
 
 @pytest.fixture(scope="module")
 def stock_vlms(tiny_tokenizer, tmp_path_factory):
-    """Tiny random stock VLMs saved like hub checkpoints with their own processors: a LLaVA (SigLIP tower, Llama LLM,
-    `LlavaProcessor`), an Idefics3 (`Idefics3Processor`, its image tokens added to the tokenizer) and a Gemma 3
-    (`Gemma3Processor`, Gemma 3 text model)."""
+    """Tiny random stock VLMs saved like hub checkpoints with their own processors and, where TRL ships the
+    original (so that its assistant-only loss patches it as it would the real checkpoint's), their own chat
+    templates: a LLaVA (SigLIP tower, Llama LLM, `LlavaProcessor`, LLaVA-NeXT's `[INST]` template), an Idefics3
+    (`Idefics3Processor`, Idefics3's template), a Gemma 3 (`Gemma3Processor`, Gemma 3's template), a Qwen2-VL and a
+    Qwen2.5-VL (Qwen2.5-VL's template) and a Mllama (Llama 3.2 Vision's format)."""
     root = tmp_path_factory.mktemp("stock")
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]})
@@ -181,35 +188,44 @@ def stock_vlms(tiny_tokenizer, tmp_path_factory):
     text = {**TEXT, "model_type": "llama", "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     torch.manual_seed(0)
-    llava = LlavaConfig(vision_config={"model_type": "siglip_vision_model", **VISION}, text_config=text,
+    llava_tokenizer = _with_tokens(tokenizer, root / "llava-tokenizer", ["</s>"], llava_next_chat_template,
+                                   image_token="<image>", eos_token="</s>")
+    llava = LlavaConfig(vision_config={"model_type": "siglip_vision_model", **VISION},
+                        text_config={**text, "vocab_size": len(llava_tokenizer), "eos_token_id": llava_tokenizer.eos_token_id},
                         image_token_index=image_token, vision_feature_layer=-1, vision_feature_select_strategy="full")
     AutoModelForImageTextToText.from_config(llava).save_pretrained(root / "llava")
     LlavaProcessor(
-        image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer, patch_size=8,
-        vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=tokenizer.chat_template,
+        image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=llava_tokenizer, patch_size=8,
+        vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=llava_next_chat_template,
     ).save_pretrained(root / "llava")
-    idefics3 = Idefics3Config(vision_config=VISION, text_config=text, scale_factor=2, image_token_id=image_token)
+    idefics3_tokenizer = _with_tokens(tokenizer, root / "idefics3-tokenizer", ["<|begin_of_text|>"],
+                                      idefics3_chat_template, image_token="<image>", eos_token="<end_of_utterance>")
+    idefics3 = Idefics3Config(vision_config=VISION, scale_factor=2, image_token_id=image_token, text_config={
+        **text, "vocab_size": len(idefics3_tokenizer), "eos_token_id": idefics3_tokenizer.eos_token_id})
     AutoModelForImageTextToText.from_config(idefics3).save_pretrained(root / "idefics3")
     Idefics3Processor(
         image_processor=Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 32},
                                                max_image_size={"longest_edge": 32}),
-        tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template,  # 16 patches / scale_factor²
+        tokenizer=idefics3_tokenizer, image_seq_len=4, chat_template=idefics3_chat_template,  # 16 patches / scale_factor²
     ).save_pretrained(root / "idefics3")
     # Gemma 3: its processor writes `boi_token` where the template puts an image and expands it with `image_token`s.
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>", "<end_of_image>"]})
-    tokenizer.save_pretrained(root / "gemma3-tokenizer")
-    gemma_tokenizer = AutoTokenizer.from_pretrained(root / "gemma3-tokenizer", extra_special_tokens={
-        "boi_token": "<image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    gemma_tokenizer = _with_tokens(
+        tokenizer, root / "gemma3-tokenizer", ["<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                                               "<image_soft_token>", "<end_of_image>"], gemma3_chat_template,
+        boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>",
+        eos_token="<end_of_turn>",
+    )
     gemma3 = Gemma3Config(
         vision_config=VISION, text_config={**text, "model_type": "gemma3_text", "head_dim": 8,
-                                           "vocab_size": len(gemma_tokenizer)},
+                                           "vocab_size": len(gemma_tokenizer), "eos_token_id": gemma_tokenizer.eos_token_id},
         mm_tokens_per_image=4, image_token_index=gemma_tokenizer.convert_tokens_to_ids("<image_soft_token>"),
-        boi_token_index=image_token, eoi_token_index=gemma_tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        boi_token_index=gemma_tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=gemma_tokenizer.convert_tokens_to_ids("<end_of_image>"),
     )
     AutoModelForImageTextToText.from_config(gemma3).save_pretrained(root / "gemma3")
     Gemma3Processor(
         image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}, do_pan_and_scan=False),
-        tokenizer=gemma_tokenizer, image_seq_length=4, chat_template=gemma_tokenizer.chat_template,
+        tokenizer=gemma_tokenizer, image_seq_length=4, chat_template=gemma3_chat_template,
     ).save_pretrained(root / "gemma3")
     _save_qwen(root, tokenizer, text, Qwen2VLConfig, Qwen2VLProcessor, "qwen2_vl")
     _save_qwen(root, tokenizer, text, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, "qwen2_5_vl")
