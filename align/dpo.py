@@ -24,7 +24,7 @@ from align.data import build_mixture, world_preference_rows
 from align.families import family_of
 from align.runs import RunArguments
 from align.sft import CachedFeatureDataArguments, checked
-from align.towers import TowerMemo, vlm_models
+from align.towers import TowerMemo, memoize_stock_towers, vlm_models
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,12 @@ class VisionDPOTrainer(DPOTrainer):
         # TRL's vision collator repeats each pair's images for chosen and rejected: encode each copy once.
         self.tower_memos = [TowerMemo(vlm, keep=False) for vlm in vlm_models(self.model, self.ref_model)]
         self.shared_prefix = bool(self.tower_memos)  # packing needs the suite's VLM (4-D masks, shift_labels)
+        # A stock VLM: TRL's two rows per pair, each image encoded once within the call.
+        self.row_memos = [] if self.shared_prefix else memoize_stock_towers(self.model, self.ref_model)
 
     @property
     def images_encoded(self) -> int:
-        return sum(memo.images_encoded for memo in self.tower_memos)
+        return sum(memo.images_encoded for memo in [*self.tower_memos, *self.row_memos])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Chosen and rejected share their image and prompt: one forward per pair (SharedPrefixModel).

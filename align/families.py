@@ -50,6 +50,9 @@ class Family:
     # The chat template with `{% generation %}` markers for TRL's assistant-only loss, where TRL has none for the
     # family's stock template (a file in `align/chat_templates/`).
     training_chat_template: str | None = None
+    # Whether the vision tower's input rows are whole images (so repeated images can be encoded once,
+    # `align.towers.RowMemo`); Qwen2-VL's tower takes the flattened patches of all images instead.
+    image_rows: bool = True
 
     def paths(self, model_or_config, component: str) -> tuple[str, ...]:
         """The module paths of `component` (`model.vision_tower`, ...) for this model or config."""
@@ -115,12 +118,13 @@ def _has_submodule(model: nn.Module, path: str) -> bool:
         return False
 
 
-def _stock(name, model_types, vision, projector, llm, stop_tokens=(), image_inputs=("pixel_values",), cross=(), notes=""):
+def _stock(name, model_types, vision, projector, llm, stop_tokens=(), image_inputs=("pixel_values",), cross=(), notes="",
+           image_rows=True):
     return Family(
         name=name, model_types=model_types,
         components={"vision_towers": vision, "projectors": projector, "cross_attention": cross, "language_model": (llm,)},
         lora_targets=llm_lora_targets(llm.rsplit(".", 1)[-1]), stop_tokens=stop_tokens, image_inputs=image_inputs,
-        notes=notes,
+        notes=notes, image_rows=image_rows,
     )
 
 
@@ -137,7 +141,8 @@ FAMILIES: dict[str, Family] = {
                ("model.multi_modal_projector",), "model.language_model",
                image_inputs=("pixel_values", "image_sizes")),
         _stock("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), ("model.visual",), ("model.visual.merger",),
-               "model.language_model", stop_tokens=("<|im_end|>",), image_inputs=("pixel_values", "image_grid_thw")),
+               "model.language_model", stop_tokens=("<|im_end|>",), image_inputs=("pixel_values", "image_grid_thw"),
+               image_rows=False),
         _stock("idefics3", ("idefics3", "smolvlm"), ("model.vision_model",), ("model.connector",), "model.text_model",
                stop_tokens=("<end_of_utterance>",), image_inputs=("pixel_values", "pixel_attention_mask")),
         _stock("gemma3", ("gemma3",), ("model.vision_tower",), ("model.multi_modal_projector",),

@@ -39,7 +39,7 @@ from align.families import family_of
 from align.prompts import PromptArguments
 from align.runs import RunArguments
 from align.sampling import generate_groups
-from align.towers import TowerMemo, same_frozen_towers, vlm_models
+from align.towers import TowerMemo, memoize_stock_towers, same_frozen_towers, vlm_models
 from align.world import verify, well_formed
 
 logger = logging.getLogger(__name__)
@@ -189,6 +189,8 @@ class VisionGRPOTrainer(GRPOTrainer):
                 vlm.get_vision_features = shared
             else:
                 self.tower_memos.append(TowerMemo(vlm))
+        # A stock VLM: TRL repeats each prompt's images for every answer of its group; each is encoded once per call.
+        self.row_memos = [] if self.tower_memos else memoize_stock_towers(self.model, self.ref_model)
         if "use_cache" not in (self.args.generation_kwargs or {}):
             self.generation_config.use_cache = True
             self.generation_kwargs["use_cache"] = True
@@ -208,7 +210,7 @@ class VisionGRPOTrainer(GRPOTrainer):
 
     @property
     def images_encoded(self) -> int:
-        return sum(memo.images_encoded for memo in self.tower_memos)
+        return sum(memo.images_encoded for memo in [*self.tower_memos, *self.row_memos])
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         """Each group's prompt prefilled once and its answers decoded from copies of its KV cache

@@ -1,5 +1,8 @@
 """One tower pass per distinct image: a VLM's `get_vision_features` wrapped so that copies of an image (a GRPO group's
-prompt repeated for each answer, a DPO pair's image repeated for chosen and rejected) are encoded once."""
+prompt repeated for each answer, a DPO pair's image repeated for chosen and rejected) are encoded once.
+
+`TowerMemo` is for the suite's VLM; `RowMemo` does the same within each call of a stock VLM's vision tower (LLaVA,
+Idefics3/SmolVLM, Gemma 3, Mllama), whose input rows are whole images."""
 
 from __future__ import annotations
 
@@ -60,6 +63,80 @@ class TowerMemo:
         return [torch.stack([self.features[key][tower] for key in keys]) for tower in range(len(self.features[keys[0]]))]
 
 
+class RowMemo:
+    """Wraps a stock vision tower's `forward` so that rows of its pixel input that repeat an earlier row (by pixel
+    content) are not encoded again within a call: the tower runs on the distinct rows, with the other batch-aligned
+    inputs (`patch_attention_mask`, `aspect_ratio_ids`, ...) taken along, and every batch-first tensor of its output
+    is indexed back to the original rows. Indexing is differentiable, so a trained tower gets the gradient of every
+    copy. `images_encoded` counts the rows that went through the tower."""
+
+    def __init__(self, tower: torch.nn.Module):
+        self.tower = tower
+        self.encode = tower.forward
+        self.images_encoded = 0
+        tower.forward = self
+
+    def __call__(self, *args, **kwargs):
+        pixel_values = args[0] if args else kwargs.get("pixel_values")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() < 2:
+            return self.encode(*args, **kwargs)
+        rows = pixel_values.shape[0]
+        keys = [_digest(row) for row in pixel_values]
+        first: dict[bytes, int] = {}
+        for index, key in enumerate(keys):
+            first.setdefault(key, index)
+        self.images_encoded += len(first)
+        if len(first) == rows:
+            return self.encode(*args, **kwargs)
+        unique = torch.tensor(list(first.values()), device=pixel_values.device)
+        position = {key: i for i, key in enumerate(first)}
+        inverse = torch.tensor([position[key] for key in keys], device=pixel_values.device)
+
+        def take(value):
+            return value[unique] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows else value
+
+        output = self.encode(*(take(a) for a in args), **{k: take(v) for k, v in kwargs.items()})
+        return _index_rows(output, inverse, len(first))
+
+
+def _index_rows(value, inverse: torch.Tensor, rows: int):
+    """`value` (a tensor, or a model output, dict, tuple or list of them) with each batch-first tensor of `rows`
+    rows indexed by `inverse`."""
+    if isinstance(value, torch.Tensor):
+        return value[inverse] if value.dim() and value.shape[0] == rows else value
+    if isinstance(value, dict):  # transformers' ModelOutput is a dict too
+        for key in list(value.keys()):
+            value[key] = _index_rows(value[key], inverse, rows)
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_index_rows(v, inverse, rows) for v in value)
+    return value
+
+
+def memoize_stock_towers(*models) -> list[RowMemo]:
+    """A `RowMemo` on the vision tower of each stock VLM among `models` (PEFT-wrapped or not) whose tower takes
+    whole images as rows (`Family.image_rows`; Qwen2-VL's takes flattened patches and is left alone)."""
+    from align.families import FAMILIES, family_of
+
+    memos, seen = [], set()
+    for model in models:
+        if model is None:
+            continue
+        family = family_of(getattr(model, "config", None)) if hasattr(model, "config") else None
+        if family is None or family is FAMILIES["vlm"] or not family.image_rows:
+            continue
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for path in family.paths(base, "vision_towers"):
+            try:
+                tower = base.get_submodule(path)
+            except AttributeError:
+                continue
+            if id(tower) not in seen and not isinstance(tower.forward, RowMemo):
+                seen.add(id(tower))
+                memos.append(RowMemo(tower))
+    return memos
+
+
 def same_frozen_towers(a, b) -> bool:
     """Whether two VLMs' vision towers are frozen and hold the same weights (a policy and its reference copy)."""
     towers = (a.vision_towers, b.vision_towers)
@@ -86,4 +163,4 @@ def vlm_models(*models) -> list:
     return found
 
 
-__all__ = ["TowerMemo", "same_frozen_towers", "vlm_models"]
+__all__ = ["RowMemo", "TowerMemo", "memoize_stock_towers", "same_frozen_towers", "vlm_models"]

@@ -80,7 +80,8 @@ def main(script_args: DPOScriptArguments, training_args: DPOConfig, model_args: 
     rejects = log_rejects(f"{training_args.output_dir}/{REJECTS_FILE}", len(train_dataset)) if main_process else {}
     metrics = run_metrics(
         trainer, train_result, len(train_dataset), rejects,
-        extra={"reference": ref_path or "adapters disabled", "resumed_from": checkpoint},
+        extra={"reference": ref_path or "adapters disabled", "resumed_from": checkpoint,
+               "images_encoded": trainer.images_encoded},
     )
     write_outputs(trainer, processor, (script_args, model_args, training_args), metrics, header=CONFIG_HEADER)
     trainer.end()

@@ -449,3 +449,30 @@ def test_a_qwen_processor_loads_without_torchvision(stock_vlms, tmp_path):
     processor.save_pretrained(tmp_path)
     assert read_json(tmp_path / "processor_config.json")["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
     assert load_processor(tmp_path).image_processor.to_dict() == processor.image_processor.to_dict()
+
+
+@pytest.mark.parametrize("name", ["llava", "idefics3", "gemma3", "mllama", "qwen2_5_vl"])
+def test_a_repeated_image_goes_through_a_stock_tower_once(stock_vlms, name):
+    """`RowMemo` on a stock tower (what DPO and GRPO put there: TRL hands each pair's or group's image over once per
+    row): the same logits, with each distinct image encoded once. Qwen2-VL's tower takes flattened patches, not
+    images as rows, and is left alone."""
+    from PIL import Image
+
+    from align.towers import memoize_stock_towers
+
+    model = load_pretrained(stock_vlms[name]).eval()
+    processor = load_processor(stock_vlms[name])
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[[red], [blue], [red], [red]], text=[text] * 4, padding=True, return_tensors="pt",
+                       add_special_tokens=False)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        memos = memoize_stock_towers(model)
+        if name == "qwen2_5_vl":
+            assert memos == []
+            return
+        got = model(**inputs).logits
+    assert len(memos) == 1 and memos[0].images_encoded == 2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
