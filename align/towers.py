@@ -10,6 +10,8 @@ import hashlib
 
 import torch
 
+from align.families import FAMILIES, family_of
+
 
 def _digest(image: torch.Tensor) -> bytes:
     """A key for an image's pixels (its bytes, so that bfloat16 pixels hash too)."""
@@ -116,8 +118,6 @@ def _index_rows(value, inverse: torch.Tensor, rows: int):
 def memoize_stock_towers(*models) -> list[RowMemo]:
     """A `RowMemo` on the vision tower of each stock VLM among `models` (PEFT-wrapped or not) whose tower takes
     whole images as rows (`Family.image_rows`; Qwen2-VL's takes flattened patches and is left alone)."""
-    from align.families import FAMILIES, family_of
-
     memos, seen = [], set()
     for model in models:
         if model is None:
