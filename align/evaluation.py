@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 
 from align.families import family_of
-from align.loading import is_adapter_dir, load_pretrained, load_processor
+from align.loading import adapter_base, is_adapter_dir, load_pretrained, load_processor
 from align.metrics import load_metric
 from align.sampling import generate_groups
 from align.world import CATEGORIES, prompt_rows, verify
@@ -572,16 +572,8 @@ def load_model_for_eval(
         raise ValueError(f"model path {path} does not exist or is not a directory (models load by local path)")
     base_path, adapter_path = path, None
     if is_adapter_dir(path):
-        from peft import PeftConfig
-
         adapter_path = path
-        base = base_model_name_or_path or PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-        if not base or not Path(base).is_dir():
-            raise ValueError(
-                f"the adapter at {path} names the base model {base!r}, which is not a local folder; pass "
-                "base_model_name_or_path"
-            )
-        base_path = Path(base)
+        base_path = adapter_base(path, base_model_name_or_path)
     kwargs = {}
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -34,6 +34,29 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def adapter_base(adapter_dir: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+    """The base model folder of the adapter at `adapter_dir`: `base` if given, else its `adapter_config.json`'s
+    `base_model_name_or_path`; as written (relative to the working directory, as training wrote it), else relative
+    to the adapter folder's parents (a run folder moved with its base).
+
+    Raises:
+        ValueError: naming the adapter, when it names no base or the base is not a local model folder.
+    """
+    adapter_dir = Path(adapter_dir)
+    if base is None:
+        config = adapter_dir / ADAPTER_CONFIG
+        base = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    if not base:
+        raise ValueError(f"the adapter at {adapter_dir} names no base model (base_model_name_or_path)")
+    for candidate in [Path(base)] + [parent / base for parent in adapter_dir.resolve().parents]:
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    raise ValueError(
+        f"the adapter at {adapter_dir} names the base model {str(base)!r}, which is not a local model folder; pass "
+        "base_model_name_or_path"
+    )
+
+
 def load_pretrained(path: str | os.PathLike, model_class=AutoModelForImageTextToText, **kwargs) -> PreTrainedModel:
     """`model_class.from_pretrained(path, **kwargs)`, refusing a checkpoint whose weights do not all load.
 
@@ -130,4 +153,4 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-__all__ = ["ADAPTER_CONFIG", "NoVideoProcessor", "is_adapter_dir", "load_pretrained", "load_processor", "without_torchvision"]
+__all__ = ["ADAPTER_CONFIG", "NoVideoProcessor", "adapter_base", "is_adapter_dir", "load_pretrained", "load_processor", "without_torchvision"]

@@ -37,7 +37,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from align.data import load_dataset_local, validate_rows, world_preference_rows
 from align.families import FAMILIES, family_of, freeze_components
-from align.loading import is_adapter_dir, load_pretrained, load_processor
+from align.loading import adapter_base, is_adapter_dir, load_pretrained, load_processor
 from align.paths import default_cache_dir
 from align.runs import RunArguments
 from align.sft import WorldDataArguments
@@ -403,9 +403,7 @@ def load_reward_model(
         raise ValueError(f"reward model path {path} is not a directory")
     kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
     if is_adapter_dir(path):
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise ValueError(f"the adapter at {path} names the base model {base!r}, which is not a local folder")
+        base = adapter_base(path)
         model = reward_model_from_folder(base, **kwargs)
         if quantization_config is None and device is not None:
             model.to(device)

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from align.families import FAMILIES, family_of, freeze_components
-from align.loading import is_adapter_dir, load_pretrained, load_processor
+from align.loading import ADAPTER_CONFIG, adapter_base, is_adapter_dir, load_pretrained, load_processor
 from align.runs import (
     EXTENDABLE_SETTINGS,
     checkpoint_is_complete,
@@ -185,14 +185,11 @@ def merged_base(path: str, **kwargs) -> Path:
     lacks the first adapter) nor a temporary folder, so that later stages and evaluation load it correctly.
     """
     merged = Path(path) / "merged"
-    adapter_file = Path(path) / "adapter_config.json"
+    adapter_file = Path(path) / ADAPTER_CONFIG
     done = merged / "config.json"
     with PartialState().main_process_first():
         if not done.is_file() or done.stat().st_mtime < adapter_file.stat().st_mtime:
-            adapter = json.loads(adapter_file.read_text())
-            base_path = adapter.get("base_model_name_or_path")
-            if not base_path or not Path(base_path).is_dir():
-                raise ValueError(f"{path} holds a LoRA adapter whose base model {base_path!r} is not a local directory")
+            base_path = adapter_base(path)
             base = load_pretrained(base_path, **kwargs)
             model = PeftModel.from_pretrained(base, path).merge_and_unload()
             if PartialState().is_main_process:

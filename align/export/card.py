@@ -9,9 +9,10 @@ from pathlib import Path
 import yaml
 
 from align.families import family_of
+from align.loading import adapter_base, is_adapter_dir
 
 from .checksums import CHECKSUMS_FILE
-from .source import ExportSource, _read_json, _read_yaml, _resolve_base, _stock_model_type
+from .source import ExportSource, _read_json, _read_yaml, _stock_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +35,15 @@ def stage_chain(path: str | os.PathLike) -> list[dict]:
     chain, seen = [], set()
     current = Path(path)
     while current is not None and current.is_dir() and current.resolve() not in seen:
-        if current.name == "merged" and (current.parent / "adapter_config.json").is_file():
+        if current.name == "merged" and is_adapter_dir(current.parent):
             current = current.parent
             continue
         seen.add(current.resolve())
-        adapter = _read_json(current / "adapter_config.json")
         config = _read_yaml(current / "config.yaml")
         base = None
-        if adapter:
+        if is_adapter_dir(current):
             try:
-                base = _resolve_base(current, adapter.get("base_model_name_or_path"))
+                base = adapter_base(current)
             except ValueError:
                 base = None
         declared = Path(config["model_name_or_path"]) if config.get("model_name_or_path") else None
@@ -56,7 +56,7 @@ def stage_chain(path: str | os.PathLike) -> list[dict]:
             )
         chain.append({
             "path": str(current),
-            "kind": "LoRA adapter" if adapter else "full model",
+            "kind": "LoRA adapter" if is_adapter_dir(current) else "full model",
             "config": config,
             "metrics": _read_json(current / "metrics.json"),
             "note": note,

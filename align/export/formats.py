@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from align.loading import load_pretrained
+from align.loading import ADAPTER_CONFIG, load_pretrained
 from model.llava import to_llava
 
 from .source import (
@@ -29,9 +29,9 @@ def export_peft(source: ExportSource, processor, output_dir: Path) -> Path:
 
     target = output_dir / "peft"
     target.mkdir(parents=True, exist_ok=True)
-    adapter_config = _read_json(source.path / "adapter_config.json")
+    adapter_config = _read_json(source.path / ADAPTER_CONFIG)
     adapter_config["base_model_name_or_path"] = str(source.base)
-    (target / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    (target / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     weights = source.path / "adapter_model.safetensors"
     if weights.is_file():
         shutil.copyfile(weights, target / "adapter_model.safetensors")
@@ -81,13 +81,13 @@ def export_peft_llm(source: ExportSource, processor, output_dir: Path) -> tuple[
     modules = sorted({
         key[len("base_model.model.") :].split(".lora_")[0] for key in weights if ".lora_" in key
     })
-    adapter_config = _read_json(source.path / "adapter_config.json")
+    adapter_config = _read_json(source.path / ADAPTER_CONFIG)
     adapter_config.update(
         base_model_name_or_path=str(base_dir.resolve()), target_modules=modules, exclude_modules=None,
         task_type="CAUSAL_LM",
     )
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     save_file(weights, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     processor.tokenizer.save_pretrained(adapter_dir)
     return base_dir, adapter_dir

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from align.families import FAMILIES, family_of
-from align.loading import load_pretrained, load_processor
+from align.loading import ADAPTER_CONFIG, adapter_base, load_pretrained, load_processor
 from model.llava import llava_refusal as suite_llava_refusal
 
 logger = logging.getLogger(__name__)
@@ -58,21 +58,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _resolve_base(adapter_dir: Path, base: str | None) -> Path:
-    """An adapter's base folder: as written (relative to the working directory, as training wrote it), else
-    relative to the adapter folder's parents."""
-    if not base:
-        raise ValueError(f"the adapter at {adapter_dir} names no base model (base_model_name_or_path)")
-    candidates = [Path(base)] + [parent / base for parent in adapter_dir.resolve().parents]
-    for candidate in candidates:
-        if (candidate / "config.json").is_file():
-            return candidate.resolve()
-    raise ValueError(
-        f"the adapter at {adapter_dir} names the base model {base!r}, which is not a local model folder; pass "
-        "base_model_name_or_path"
-    )
-
-
 def _quantization_of(stage_config: dict) -> dict | None:
     from trl import ModelConfig, get_quantization_config
 
@@ -100,14 +85,14 @@ def inspect_source(
     if not path.is_dir():
         raise ValueError(f"{path} is not a folder: expected a stage output (a VLM or a LoRA adapter folder)")
     stage_config = _read_yaml(path / "config.yaml")
-    adapter_config = _read_json(path / "adapter_config.json")
+    adapter_config = _read_json(path / ADAPTER_CONFIG)
     if not adapter_config:
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} holds neither a model (config.json) nor a PEFT adapter (adapter_config.json)")
         return ExportSource(path=path, stage_config=stage_config)
     if adapter_config.get("peft_type") != "LORA":
         raise ValueError(f"{path} holds a {adapter_config.get('peft_type')} adapter; only LoRA adapters are exported")
-    base = _resolve_base(path, base_model_name_or_path or adapter_config.get("base_model_name_or_path"))
+    base = adapter_base(path, base_model_name_or_path or adapter_config.get("base_model_name_or_path"))
     settings = dict(stage_config)
     if base_load_in_4bit is not None:
         settings["load_in_4bit"] = base_load_in_4bit
@@ -149,7 +134,7 @@ def peft_llm_refusal(source: ExportSource, config) -> str | None:
         return f"re-keying an adapter to the bare LLM is done for the suite's own VLM only, not for {stock}"
     if config.ternary:
         return "the LLM has ternary (BitLinear) layers, which plain transformers does not build"
-    adapter_config = _read_json(source.path / "adapter_config.json")
+    adapter_config = _read_json(source.path / ADAPTER_CONFIG)
     for key in ("rank_pattern", "alpha_pattern"):
         if adapter_config.get(key):
             return f"the adapter uses a per-module {key}"
