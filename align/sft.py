@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from align.data import RejectReport, build_mixture, refusal_rows, validate_rows, world_sft_rows
+from align.data import REJECTS_FILE, build_mixture, refusal_rows, validate_rows, world_sft_rows
 from align.data.formats import FORMATS
 from align.data.mixture import (
     DatasetNameArgument,
@@ -30,7 +30,6 @@ from model.pretrain import FEATURE_CACHE_MODES, resolve_feature_cache
 
 logger = logging.getLogger(__name__)
 
-REJECTS_FILE = "rejects.jsonl"
 
 
 @dataclass
@@ -195,19 +194,13 @@ def world_sft_mixture(args: SFTScriptArguments, seed: int) -> Dataset:
     return mix(parts, size, seed)
 
 
-def write_rejects(report: RejectReport, output_dir: str | os.PathLike) -> None:
-    """Write `output_dir/rejects.jsonl` (empty when nothing was skipped, so a rerun never shows stale rejects)."""
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    report.write(Path(output_dir) / REJECTS_FILE)
-
-
 def checked(dataset: Dataset, kind: str, source: str, output_dir: str, write_rejects_file: bool) -> Dataset:
     """`validate_rows` with the rejects written to `output_dir/rejects.jsonl`; an empty result is an error."""
     if len(dataset) == 0:
         raise ValueError(f"{source}: the dataset is empty")
     clean, report = validate_rows(dataset, kind, source=source)
-    if write_rejects_file:
-        write_rejects(report, output_dir)
+    if write_rejects_file:  # empty when nothing was skipped, so a rerun never shows stale rejects
+        report.write(Path(output_dir) / REJECTS_FILE)
     if len(clean) == 0:
         raise ValueError(f"{source}: no usable rows, {report.summary()}; see {Path(output_dir) / REJECTS_FILE}")
     return clean
@@ -231,7 +224,7 @@ def sft_dataset(args: SFTScriptArguments, output_dir: str, seed: int, main_proce
     return checked(world_sft_mixture(args, seed), "sft", "shapes world", output_dir, main_process)
 
 
-__all__ = ["REJECTS_FILE", "SFTScriptArguments", "WorldDataArguments", "checked", "mix", "sft_dataset", "world_sft_mixture"]
+__all__ = ["SFTScriptArguments", "WorldDataArguments", "checked", "mix", "sft_dataset", "world_sft_mixture"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

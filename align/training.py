@@ -13,7 +13,6 @@ do not know about a VLM:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -338,31 +337,6 @@ def load_trained(path: str | os.PathLike, dtype=None) -> PreTrainedModel:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data problems
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def rejects_summary(path: str | os.PathLike) -> dict[str, int]:
-    """Rows skipped per reason, read back from a `rejects.jsonl`."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    reasons = Counter(json.loads(line)["reason"] for line in path.read_text().splitlines() if line.strip())
-    return dict(reasons.most_common())
-
-
-def log_rejects(path: str | os.PathLike, kept: int) -> dict[str, int]:
-    """Log the end-of-run summary of skipped rows, e.g. "skipped 3 rows (2 missing image, 1 empty answer)"."""
-    reasons = rejects_summary(path)
-    if reasons:
-        detail = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
-        logger.warning("skipped %d rows (%s), trained on %d; see %s", sum(reasons.values()), detail, kept, path)
-    else:
-        logger.info("no rows skipped; trained on %d", kept)
-    return reasons
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Checkpoints and outputs
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -451,11 +425,9 @@ __all__ = [
     "load_reference",
     "load_trained",
     "load_vlm",
-    "log_rejects",
     "lora_config",
     "parameter_counts",
     "prepare_for_training",
-    "rejects_summary",
     "resolve_checkpoint",
     "run_metrics",
     "setup_logging",

@@ -25,6 +25,7 @@ import logging
 from transformers import set_seed
 from trl import TrlParser
 
+from align.data import REJECTS_FILE, log_rejects
 from align.distill import (
     DistillConfig,
     DistillScriptArguments,
@@ -34,11 +35,10 @@ from align.distill import (
     load_for_distillation,
     ternarize_student,
 )
-from align.sft import REJECTS_FILE, sft_dataset
+from align.sft import sft_dataset
 from align.training import (
     VLMModelConfig,
     check_launch,
-    log_rejects,
     prepare_for_training,
     run_metrics,
     setup_logging,

@@ -22,14 +22,13 @@ import logging
 from transformers import set_seed
 from trl import DPOConfig, TrlParser
 
+from align.data import REJECTS_FILE, log_rejects
 from align.dpo import DPOScriptArguments, dpo_trainer, preference_dataset
-from align.sft import REJECTS_FILE
 from align.training import (
     VLMModelConfig,
     check_launch,
     load_reference,
     load_vlm,
-    log_rejects,
     prepare_for_training,
     run_metrics,
     setup_logging,

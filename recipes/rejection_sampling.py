@@ -25,6 +25,7 @@ import transformers
 from accelerate import PartialState
 from trl import ModelConfig, TrlParser, get_quantization_config
 
+from align.data import REJECTS_FILE
 from align.evaluation import load_model_for_eval
 from align.prompts import PromptArguments
 from align.rejection_sampling import (
@@ -106,7 +107,7 @@ class RejectionSamplingArguments(PromptArguments, RunArguments):
 
 def load_prompts(args: RejectionSamplingArguments, output_dir: Path) -> datasets.Dataset:
     """The prompt rows: world questions (with records) or a local prompt set; bad rows listed in rejects.jsonl."""
-    return args.load_prompts(needs_records=args.scorer == "verifier", rejects_path=output_dir / "rejects.jsonl")
+    return args.load_prompts(needs_records=args.scorer == "verifier", rejects_path=output_dir / REJECTS_FILE)
 
 
 def main(script_args: RejectionSamplingArguments, model_args: ModelConfig):

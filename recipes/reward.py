@@ -23,6 +23,7 @@ import logging
 from transformers import set_seed
 from trl import TrlParser
 
+from align.data import REJECTS_FILE, log_rejects
 from align.dpo import preference_dataset
 from align.reward import (
     RewardScriptArguments,
@@ -34,11 +35,9 @@ from align.reward import (
     prepare_reward_model,
     reward_trainer,
 )
-from align.sft import REJECTS_FILE
 from align.training import (
     VLMModelConfig,
     check_launch,
-    log_rejects,
     run_metrics,
     setup_logging,
     start_run,

@@ -20,12 +20,12 @@ import logging
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from align.sft import REJECTS_FILE, SFTScriptArguments, padding_free_collator, sft_dataset
+from align.data import REJECTS_FILE, log_rejects
+from align.sft import SFTScriptArguments, padding_free_collator, sft_dataset
 from align.training import (
     VLMModelConfig,
     check_launch,
     load_vlm,
-    log_rejects,
     prepare_for_training,
     run_metrics,
     setup_logging,

@@ -47,6 +47,8 @@ KIND_FEATURES = {
     for kind, columns in KIND_COLUMNS.items()
 }
 
+# Where a run lists the rows it skipped (one JSON line each), in its output folder.
+REJECTS_FILE = "rejects.jsonl"
 # Reasons a row is rejected, as written to rejects.jsonl.
 MISSING_IMAGE = "missing image"
 CORRUPT_IMAGE = "corrupt image"
@@ -111,6 +113,26 @@ class RejectReport:
             logger.info("%s: loaded %d rows", self.source, self.total)
             return
         logger.warning("%s: %s%s", self.source, self.summary(), f"; see {rejects_path}" if rejects_path else "")
+
+
+def rejects_summary(path: str | os.PathLike) -> dict[str, int]:
+    """Rows skipped per reason, read back from a `rejects.jsonl`."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    reasons = Counter(json.loads(line)["reason"] for line in path.read_text().splitlines() if line.strip())
+    return dict(reasons.most_common())
+
+
+def log_rejects(path: str | os.PathLike, kept: int) -> dict[str, int]:
+    """Log the end-of-run summary of skipped rows, e.g. "skipped 3 rows (2 missing image, 1 empty answer)"."""
+    reasons = rejects_summary(path)
+    if reasons:
+        detail = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+        logger.warning("skipped %d rows (%s), trained on %d; see %s", sum(reasons.values()), detail, kept, path)
+    else:
+        logger.info("no rows skipped; trained on %d", kept)
+    return reasons
 
 
 # ---------------------------------------------------------------------------------------------------

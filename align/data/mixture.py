@@ -32,7 +32,7 @@ import datasets
 import numpy as np
 from datasets import Dataset, Value
 
-from .formats import FORMATS, KIND_COLUMNS, KINDS, load_dataset_local
+from .formats import FORMATS, KIND_COLUMNS, KINDS, REJECTS_FILE, load_dataset_local
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def build_mixture(config: MixtureConfig, rejects_dir: str | os.PathLike | None =
         raise ValueError("the mixture has no datasets; add entries under `datasets:`")
     rejects_path = None
     if rejects_dir is not None:
-        rejects_path = Path(rejects_dir) / "rejects.jsonl"
+        rejects_path = Path(rejects_dir) / REJECTS_FILE
         rejects_path.parent.mkdir(parents=True, exist_ok=True)
         rejects_path.write_text("")
     parts = []

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from trl import DPOConfig, SFTConfig, SFTTrainer
 
-from align.data import world_preference_rows, world_sft_rows
+from align.data import REJECTS_FILE, log_rejects, rejects_summary, world_preference_rows, world_sft_rows
 from align.dpo import REF_COLUMNS, DPOScriptArguments, SharedPrefixModel, dpo_trainer, preference_dataset
-from align.sft import REJECTS_FILE, SFTScriptArguments, checked, sft_dataset
+from align.sft import SFTScriptArguments, checked, sft_dataset
 from align.training import (
     VLMModelConfig,
     check_launch,
@@ -22,9 +22,7 @@ from align.training import (
     load_model,
     load_trained,
     load_vlm,
-    log_rejects,
     prepare_for_training,
-    rejects_summary,
     resolve_checkpoint,
 )
 from tests.align.training_helpers import (
