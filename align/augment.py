@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Features, Value, concatenate_datasets
 
-from align.paths import default_cache_dir
+from align.data.world import open_world
 from align.runs import RunArguments, atomic_file
 from align.world import WorldConfig, question_category, record_for_question, verify
 from align.world.dataset import MESSAGES_FEATURE
@@ -417,21 +417,10 @@ def reward_score_fn(model_name_or_path: str, batch_size: int = 16, device=None) 
 def load_captioned_images(path: str | Path | None = None, split: str = "train", n: int | None = None) -> Dataset:
     """Captioned images from a `save_to_disk` folder (a `Dataset`, or a `DatasetDict` and its `split`), the first
     `n` rows when `n` is set; default: the zoo's shapes world."""
-    import datasets
-
-
-    path = Path(path) if path else default_cache_dir() / "world"
-    if not path.is_dir():
-        raise ValueError(f"world_path {path} is not a folder written by save_to_disk (build the zoo's world with "
-                         "`python -m align.zoo`, or set world_path)")
-    data = datasets.load_from_disk(str(path))
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise ValueError(f"world_split {split!r} is not a split of {path}; splits: {list(data)}")
-        data = data[split]
+    data = open_world(path, split, hint="set world_path")
     if n is not None:
         data = data.select(range(min(n, len(data))))
-    logger.info("captioned images: %d of %s (%s)", len(data), path, split)
+    logger.info("captioned images: %d of %s (%s)", len(data), path or "the zoo's world", split)
     return data
 
 

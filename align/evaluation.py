@@ -17,10 +17,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import datasets
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 
 from align.families import family_of
 from align.loading import adapter_base, is_adapter_dir, load_pretrained, load_processor
@@ -84,14 +83,11 @@ def load_eval_questions(path: str | os.PathLike, split: str = "test", n: int | N
         n: keep the first `n` questions.
     """
     from align.data import load_dataset_local, validate_rows
+    from align.data.world import open_world
 
     path = Path(path)
     if path.is_dir():
-        data = datasets.load_from_disk(str(path))
-        if isinstance(data, DatasetDict):
-            if split not in data:
-                raise ValueError(f"{path} has no split {split!r}; splits: {list(data)}")
-            data = data[split]
+        data = open_world(path, split)
         if "record" in data.column_names:
             data, _ = validate_rows(data, "prompt", source=str(path))
         return question_rows(data, n)

@@ -59,7 +59,6 @@ import torch
 import torch.nn.functional as F
 
 from align.evaluation import load_model_for_eval
-from align.paths import default_cache_dir
 from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
 
 logger = logging.getLogger(__name__)
@@ -580,12 +579,12 @@ def main(argv=None) -> dict:
     split = args.split or ("test" if args.llm else "train")
 
 
-    world_path = args.world or str(default_cache_dir() / "world")
-    if not Path(world_path).is_dir():
-        parser.error(f"--world: {world_path} is not a folder (build the zoo with `python -m align.zoo`)")
-    world = datasets.load_from_disk(world_path)
-    if split not in world:
-        parser.error(f"--split: {world_path} has no split {split!r} (it has {sorted(world)})")
+    from align.data.world import open_world
+
+    try:
+        world = {split: open_world(args.world, split, hint="set --world")}
+    except ValueError as error:
+        parser.error(str(error))
     if args.llm:
         return _main_llm(args, world[split])
     if args.encoder:

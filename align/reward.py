@@ -36,9 +36,9 @@ from trl import ModelConfig, RewardConfig
 from trl.trainer.utils import disable_dropout_in_model
 
 from align.data import load_dataset_local, validate_rows, world_preference_rows
+from align.data.world import open_world
 from align.families import FAMILIES, family_of, freeze_components
 from align.loading import adapter_base, is_adapter_dir, load_pretrained, load_processor
-from align.paths import default_cache_dir
 from align.runs import RunArguments
 from align.sft import WorldDataArguments
 from align.training import (
@@ -170,15 +170,10 @@ class VLMRewardConfig(RewardConfig):
 
 
 def _world(args: WorldDataArguments) -> datasets.DatasetDict:
-    path = Path(args.world_path) if args.world_path else None
-    if path is None:
-
-        path = default_cache_dir() / "world"
-    if not path.is_dir():
-        raise ValueError(f"no shapes world at {path} for held-out pairs: set --world_path, --eval_path, or --eval_images 0")
-    world = datasets.load_from_disk(str(path))
+    world = open_world(args.world_path, hint="set --world_path, --eval_path, or --eval_images 0 (held-out pairs)")
     if not isinstance(world, datasets.DatasetDict):
-        raise ValueError(f"the world at {path} has no splits, so no held-out split: set --eval_path or --eval_images 0")
+        raise ValueError(f"the world at {args.world_path} has no splits, so no held-out split: set --eval_path or "
+                         "--eval_images 0")
     return world
 
 

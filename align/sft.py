@@ -23,7 +23,7 @@ from align.data.mixture import (
     mixture_counts,
     sample_indices,
 )
-from align.paths import default_cache_dir
+from align.data.world import open_world
 from align.runs import RunArguments
 from align.world import caption_rows
 from model.pretrain import FEATURE_CACHE_MODES, resolve_feature_cache
@@ -82,20 +82,11 @@ class WorldDataArguments(MixtureConfig, DatasetNameArgument):
                              image_root=self.image_root)
 
     def load_world_split(self) -> Dataset:
-        path = Path(self.world_path) if self.world_path else default_cache_dir() / "world"
-        if not path.is_dir():
-            raise ValueError(
-                f"no shapes world at {path}: build it with `python -m align.zoo`, set --world_path, or give "
-                "`datasets` (a mixture of local datasets)"
-            )
-        world = datasets.load_from_disk(str(path))
-        if isinstance(world, datasets.DatasetDict):
-            if self.world_split not in world:
-                raise ValueError(f"the world at {path} has no split {self.world_split!r}; splits: {list(world)}")
-            world = world[self.world_split]
+        world = open_world(self.world_path, self.world_split,
+                           hint="set --world_path, or give `datasets` (a mixture of local datasets)")
         if self.world_images is not None:
             world = world.select(range(min(self.world_images, len(world))))
-        logger.info("shapes world: %d images of %s/%s", len(world), path, self.world_split)
+        logger.info("shapes world: %d images of %s/%s", len(world), self.world_path or "the zoo's world", self.world_split)
         return world
 
 

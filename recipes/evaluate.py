@@ -27,6 +27,7 @@ from accelerate.utils import gather_object
 from trl import ModelConfig, TrlParser, get_quantization_config
 
 from align.data.mixture import DatasetNameArgument
+from align.data.world import open_world
 from align.evaluation import (
     PREDICTIONS,
     category_table,
@@ -195,7 +196,7 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
 
     # ----- text-only regression against the base LLM ------------------------------------------------------------
     if script_args.base_llm:
-        world = datasets.load_from_disk(str(world_path))
+        world = open_world(world_path)
         docs = lm_documents(world, script_args.dataset_split, processor.tokenizer)
         step = max(1, len(docs) // script_args.text_documents)
         drift = text_regression(model, processor, script_args.base_llm, docs[::step][: script_args.text_documents])

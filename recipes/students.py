@@ -25,9 +25,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 from trl import TrlParser
 
+from align.data.world import open_world
 from align.evaluation import (
     PREDICTIONS,
     is_adapter_dir,
@@ -37,7 +37,6 @@ from align.evaluation import (
     scoreboard,
 )
 from align.loading import load_processor
-from align.paths import default_cache_dir
 from align.pipeline import (
     LAUNCHERS_HELP,
     RECIPES,
@@ -130,7 +129,7 @@ def write_calibration(args: StudentsArguments, teacher: str, path: Path) -> Path
     if args.calibration_file:
         return Path(args.calibration_file)
     if not path.is_file() or args.force:
-        world = datasets.load_from_disk(args.world_path or str(default_cache_dir() / "world"))
+        world = open_world(args.world_path)
         processing = load_processor(teacher)
         documents = lm_documents(world, args.calibration_split, getattr(processing, "tokenizer", processing))
         with atomic_file(path) as handle:

@@ -10,16 +10,36 @@ import json
 import logging
 import random
 import re
+from pathlib import Path
 
 import datasets
-from datasets import Dataset, Features, Value
+from datasets import Dataset, DatasetDict, Features, Value
 
+from align.paths import default_cache_dir
 from align.world import verify
 from align.world.dataset import MESSAGES_FEATURE
 from align.world.language import article, count_sentence, phrase
 from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
 
 logger = logging.getLogger(__name__)
+
+
+def open_world(path=None, split: str | None = None, hint: str = "set --world_path") -> Dataset | DatasetDict:
+    """The shapes world saved by `build_world` at `path` (default: the zoo's, `<cache>/world`): every split, or
+    the `split` named (a folder holding one `Dataset` is that split). The one way the library opens a world.
+
+    Raises:
+        ValueError: naming the folder, when it holds no world or lacks the split; `hint` says what to set instead.
+    """
+    path = Path(path) if path else default_cache_dir() / "world"
+    if not path.is_dir():
+        raise ValueError(f"no shapes world at {path}: build it with `python -m align.zoo`, or {hint}")
+    world = datasets.load_from_disk(str(path))
+    if split is None or not isinstance(world, DatasetDict):
+        return world
+    if split not in world:
+        raise ValueError(f"the world at {path} has no split {split!r}; splits: {list(world)}")
+    return world[split]
 
 # Refusals for questions the image cannot answer; each one passes `verify` for an unanswerable record.
 REFUSALS = (
