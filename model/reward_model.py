@@ -41,7 +41,32 @@ def last_token_indices(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * (attention_mask != 0)).argmax(dim=-1)
 
 
-class VLMForRewardModeling(VLMPreTrainedModel):
+class ScalarHead:
+    """What both reward models share: the backbone's embeddings (no output embeddings: `score` replaces the LM
+    head), and the score read at each row's last real token."""
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+    def score_last_token(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """`score` of each row's last real token (the rightmost 1 of `attention_mask`; without one, the last
+        position): `[batch, 1]`."""
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            last = last_token_indices(attention_mask).to(hidden_states.device)
+        else:
+            last = torch.full((batch,), hidden_states.shape[1] - 1, device=hidden_states.device)
+        pooled = hidden_states[torch.arange(batch, device=hidden_states.device), last]
+        return self.score(pooled.to(self.score.weight.dtype))
+
+
+class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
     """The VLM's `VLMModel` backbone + `score`, a scalar reward per sequence (`num_labels` is always 1).
 
     Args:
@@ -109,15 +134,6 @@ class VLMForRewardModeling(VLMPreTrainedModel):
             kwargs["quantization_config"] = quantization_config
         return super().from_pretrained(*args, **kwargs)
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> None:
-        return None
-
     @can_return_tuple
     def forward(
         self,
@@ -157,14 +173,7 @@ class VLMForRewardModeling(VLMPreTrainedModel):
             cross_attention_states=cross_attention_states,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        batch = hidden_states.shape[0]
-        if attention_mask is not None:
-            last = last_token_indices(attention_mask).to(hidden_states.device)
-        else:
-            last = torch.full((batch,), hidden_states.shape[1] - 1, device=hidden_states.device)
-        pooled = hidden_states[torch.arange(batch, device=hidden_states.device), last]
-        logits = self.score(pooled.to(self.score.weight.dtype))
+        logits = self.score_last_token(outputs.last_hidden_state, attention_mask)
 
         loss = None
         if labels is not None:
@@ -179,7 +188,7 @@ class VLMForRewardModeling(VLMPreTrainedModel):
         )
 
 
-class ImageTextForRewardModeling(PreTrainedModel):
+class ImageTextForRewardModeling(ScalarHead, PreTrainedModel):
     """A stock VLM's base model (`AutoModel` of its config: `LlavaModel`, `Qwen2VLModel`, `MllamaModel`, ...) with
     `score`, a bias-free `Linear(text_hidden, 1)` read at each row's last real token, as `VLMForRewardModeling`.
 
@@ -222,27 +231,12 @@ class ImageTextForRewardModeling(PreTrainedModel):
         kwargs.setdefault("config", AutoConfig.from_pretrained(path))
         return super().from_pretrained(path, *args, **kwargs)
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> None:
-        return None
-
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, labels=None, use_cache=None, **kwargs):
         r"""The stock model's inputs (`pixel_values`, `image_grid_thw`, `pixel_attention_mask`,
         `cross_attention_mask`, `token_type_ids`, ...); `logits` `[batch, 1]` at each row's last real token."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=bool(use_cache), **kwargs)
-        hidden_states = outputs.last_hidden_state
-        batch = hidden_states.shape[0]
-        if attention_mask is not None:
-            last = last_token_indices(attention_mask).to(hidden_states.device)
-        else:
-            last = torch.full((batch,), hidden_states.shape[1] - 1, device=hidden_states.device)
-        logits = self.score(hidden_states[torch.arange(batch, device=hidden_states.device), last].to(self.score.weight.dtype))
+        logits = self.score_last_token(outputs.last_hidden_state, attention_mask)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
