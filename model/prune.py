@@ -876,7 +876,7 @@ def prune_model(
         del student
     _, sizes, kept, scores, metrics, student, adapter_map = best
 
-    before, after = parameter_counts(model), parameter_counts(student)
+    before, after = llm_parameter_counts(model), llm_parameter_counts(student)
     report = {
         "sizes": asdict(sizes),
         "teacher_sizes": asdict(teacher),
@@ -918,7 +918,7 @@ def prune_model(
     return student, report
 
 
-def parameter_counts(model: PreTrainedModel) -> dict[str, int]:
+def llm_parameter_counts(model: PreTrainedModel) -> dict[str, int]:
     """Parameters of a causal LM or a VLM as `prune_plan.json` reports them: the LLM's non-embedding ones (decoder
     layers and final norm, what `target_params` is a fraction of), the LLM's with token embeddings and LM head, and
     the whole model's."""

@@ -49,7 +49,7 @@ from align.pipeline import (
 from align.runs import atomic_file, atomic_write_text, save_metrics
 from align.training import merged_base
 from align.zoo import lm_documents
-from model.prune import PLAN_FILE, PruneArguments, load_teacher, parameter_counts
+from model.prune import PLAN_FILE, PruneArguments, llm_parameter_counts, load_teacher
 from model.prune import main as prune_main
 
 logger = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def main(args: StudentsArguments) -> dict:
             "sizes": plan["sizes"],
         }
     if teacher_params is None:
-        teacher_params = parameter_counts(load_teacher(teacher)[0])
+        teacher_params = llm_parameter_counts(load_teacher(teacher)[0])
     if args.ternary:
         students["ternary (b1.58)"] = {"dir": output_dir / "ternary", "init": teacher, "ternary": True, "parameters": teacher_params}
     jobs = [evaluate_teacher] + [job for entry in students.values() for job in both_ways(args, entry["dir"], entry, teacher)]

@@ -31,7 +31,7 @@ from .source import (
     peft_llm_refusal,
     resolve_formats,
 )
-from .verify import TOLERANCES, load_for_probe, probe_batch, probe_model, verify_export
+from .verify import TOLERANCES, load_for_probe, probe_batch, probe_outputs, verify_export
 from .writer import MANIFEST_FILE, export
 
 __all__ = [
@@ -59,7 +59,7 @@ __all__ = [
     "parse_formats",
     "peft_llm_refusal",
     "probe_batch",
-    "probe_model",
+    "probe_outputs",
     "resolve_formats",
     "stage_chain",
     "to_llava",

@@ -41,7 +41,7 @@ TOLERANCES = {
 
 
 def load_for_probe(spec: dict):
-    """Load one exported format (or the source) for `probe_model`: `(model, processor_or_tokenizer)`.
+    """Load one exported format (or the source) for `probe_outputs`: `(model, processor_or_tokenizer)`.
 
     spec: `kind` ("vlm", "peft-vlm", "peft-llm", "llava"), `path`, `base` (adapters), `dtype`, `quantization`
     (`BitsAndBytesConfig` dict of an adapter's base, or None).
@@ -92,7 +92,7 @@ def load_for_probe(spec: dict):
     return loaded, processor
 
 
-def probe_model(model, processor, image_path: str | None, question: str, new_tokens: int) -> dict:
+def probe_outputs(model, processor, image_path: str | None, question: str, new_tokens: int) -> dict:
     """Logits and greedy tokens of `model` on one prompt: the question about the image through the processor's chat
     template, or (`image_path=None`) the bare question through the tokenizer (an LLM without vision)."""
     import torch
@@ -140,9 +140,9 @@ if __name__ == "__main__":
             loaded[key] = load_for_probe(spec)
         reloaded, processor = loaded[key]
         if spec.get("text_only"):
-            results[name] = probe_model(reloaded, processor, None, job["text"], job["new_tokens"])
+            results[name] = probe_outputs(reloaded, processor, None, job["text"], job["new_tokens"])
         else:
-            results[name] = probe_model(reloaded, processor, job["image"], job["question"], job["new_tokens"])
+            results[name] = probe_outputs(reloaded, processor, job["image"], job["question"], job["new_tokens"])
         results[name]["class"] = type(reloaded).__name__
     project = sorted({m.split(".")[0] for m in sys.modules} & {"model", "align", "recipes", "tests"})
     # Tensors as safetensors and the rest as JSON in its metadata: the parent loads no pickle.
@@ -156,7 +156,7 @@ if __name__ == "__main__":
 
 def _child_source() -> str:
     header = "from __future__ import annotations\n\n"
-    functions = [textwrap.dedent(inspect.getsource(f)) for f in (load_for_probe, probe_model)]
+    functions = [textwrap.dedent(inspect.getsource(f)) for f in (load_for_probe, probe_outputs)]
     return header + "\n\n".join(functions) + _CHILD_MAIN
 
 

@@ -22,7 +22,7 @@ from align.export import (
     load_for_probe,
     parse_formats,
     probe_batch,
-    probe_model,
+    probe_outputs,
     stage_chain,
     to_llava,
     verify_export,
@@ -161,11 +161,11 @@ def test_qlora_prepend_merges_the_dequantized_base_and_matches_the_4bit_model(vl
     # models compute what the adapter computes on its 4-bit base.
     image, question, _ = probe_batch(tmp_path)
     spec = {"kind": "peft-vlm", "path": str(adapter), "base": str(source.base), "quantization": source.quantization}
-    reference = probe_model(*load_for_probe(spec), image, question, 4)
-    base = probe_model(*load_for_probe({"kind": "vlm", "path": str(source.base)}), image, question, 4)
+    reference = probe_outputs(*load_for_probe(spec), image, question, 4)
+    base = probe_outputs(*load_for_probe({"kind": "vlm", "path": str(source.base)}), image, question, 4)
     assert (reference["logits"] - base["logits"]).abs().max() > 1e-2  # the adapter changes the model
     for name in ("merged", "llava"):
-        reloaded = probe_model(*load_for_probe({"kind": name.replace("merged", "vlm"), "path": str(out / name)}),
+        reloaded = probe_outputs(*load_for_probe({"kind": name.replace("merged", "vlm"), "path": str(out / name)}),
                                image, question, 4)
         assert torch.equal(reloaded["input_ids"], reference["input_ids"])
         tolerance = TOLERANCES["merged"]["float32"] * max(1.0, reference["logits"].abs().max().item())
