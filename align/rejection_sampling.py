@@ -22,15 +22,19 @@ import os
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 from datasets import Dataset, Features, Value
 
+from align.data import REJECTS_FILE
 from align.data.world import _assistant, with_images
 from align.evaluation import pass_at_k, sample_batch
-from align.runs import atomic_write_text
-from align.scoring import Scorer, WeightedScorer, ranking_agreement
+from align.prompts import PromptArguments
+from align.runs import RunArguments, atomic_write_text
+from align.scoring import SCORERS, Scorer, WeightedScorer, ranking_agreement
+from align.world import CATEGORIES
 from align.world.dataset import MESSAGES_FEATURE
 
 logger = logging.getLogger(__name__)
@@ -304,11 +308,86 @@ def build_datasets(prompts: Dataset, records: Sequence[dict], threshold: float, 
     return sft, dpo
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe's arguments (recipes/rejection_sampling.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RejectionSamplingArguments(PromptArguments, RunArguments):
+    """Prompts (`PromptArguments`), sampling, scoring and selection (the policy is `ModelConfig.model_name_or_path`)."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Run folder (required): candidates.jsonl, sft/, dpo/, metrics.json."}
+    )
+    num_candidates: int = field(default=8, metadata={"help": "Candidates sampled per prompt (N)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Answer length limit in tokens."})
+    prompts_per_batch: int = field(
+        default=8, metadata={"help": "Prompts per generate call (each with num_candidates sequences)."}
+    )
+    scorer: str = field(default="verifier", metadata={"help": f"How candidates are ranked: one of {list(SCORERS)}."})
+    reward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward model (recipes/reward.py output) for the `reward` and `combined` scorers; with the "
+            "`verifier` scorer it is only compared with the verifier (agreement statistics)."
+        },
+    )
+    verifier_weight: float = field(default=1.0, metadata={"help": "`combined`: weight of the verifier's 0/1 score."})
+    reward_weight: float = field(default=0.1, metadata={"help": "`combined`: weight of the reward model's score."})
+    sft_threshold: float = field(
+        default=0.5,
+        metadata={"help": "Keep a prompt's best candidate for SFT when its score is at least this (verifier: 1 right, 0 wrong)."},
+    )
+    min_margin: float = field(
+        default=0.5, metadata={"help": "Keep the (best, worst) pair for DPO when their scores differ by at least this."}
+    )
+    reward_batch_size: int = field(default=32, metadata={"help": "Candidates per reward-model forward."})
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base VLM of an adapter policy (default: from adapter_config.json)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Sampling seed (each batch is seeded from it and its first prompt)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.output_dir:
+            raise ValueError("output_dir is required: the run folder")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {list(SCORERS)}, got {self.scorer!r}")
+        if self.scorer in ("reward", "combined") and not self.reward_model_name_or_path:
+            raise ValueError(f"scorer {self.scorer!r} needs reward_model_name_or_path")
+        if self.prompt_offset < 0:
+            raise ValueError(f"prompt_offset must be >= 0, got {self.prompt_offset}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1 or unset (all), got {self.num_prompts}")
+        unknown = set(self.categories or []) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"categories has unknown names {sorted(unknown)}; supported: {list(CATEGORIES)}")
+        if self.min_margin < 0 or self.reward_batch_size < 1:
+            raise ValueError(f"min_margin must be >= 0 and reward_batch_size >= 1, got {self.min_margin}, {self.reward_batch_size}")
+        self.settings()  # validates the sampling settings
+
+    def settings(self) -> SamplingSettings:
+        return SamplingSettings(
+            num_candidates=self.num_candidates, temperature=self.temperature, top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens, prompts_per_batch=self.prompts_per_batch, seed=self.seed,
+        )
+
+
+def load_prompts(args: RejectionSamplingArguments, output_dir: Path) -> datasets.Dataset:
+    """The prompt rows: world questions (with records) or a local prompt set; bad rows listed in rejects.jsonl."""
+    return args.load_prompts(needs_records=args.scorer == "verifier", rejects_path=output_dir / REJECTS_FILE)
+
+
 __all__ = [
     "CANDIDATES_FILE",
+    "RejectionSamplingArguments",
     "SamplingSettings",
     "build_datasets",
     "collect",
+    "load_prompts",
     "pass_at_k",
     "read_candidates",
     "sample_and_score",
