@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
-from datasets import Dataset, Features, Value, concatenate_datasets
+from datasets import Dataset, Features, Value
 
-from align.data.world import open_world
+from align.data.world import open_world, with_images
 from align.runs import RunArguments, atomic_file
 from align.world import WorldConfig, question_category, record_for_question, verify
 from align.world.dataset import MESSAGES_FEATURE
@@ -449,17 +449,6 @@ def _image_counts(dataset: Dataset) -> list[int]:
     return pc.list_value_length(column).to_pylist()
 
 
-def _kept_dataset(world_split: Dataset, indices: list[int], columns: dict) -> Dataset:
-    """The kept rows: the images of rows `indices` of `world_split` beside the SFT `columns`."""
-    if not indices:
-        # A column-wise concatenation of empty tables would keep only the first table's columns.
-        features = Features({"images": world_split.features["images"], **SFT_FEATURES})
-        return Dataset.from_dict({name: [] for name in features}, features=features)
-    # The images are taken over as stored (an Arrow take of the encoded bytes), never decoded and re-encoded.
-    images = world_split.select_columns(["images"]).select(indices).flatten_indices()
-    return concatenate_datasets([images, Dataset.from_dict(columns, features=SFT_FEATURES)], axis=1)
-
-
 def augment(
     world_split: Dataset,
     llm,
@@ -555,7 +544,7 @@ def augment(
             kept_rows["category"].append(verdict["category"])
             kept_rows["record"].append(json.dumps(verdict["record"]) if verdict["record"] else None)
             kept_rows["image_id"].append(image_ids[image])
-    dataset = _kept_dataset(world_split, kept_indices, kept_rows)
+    dataset = with_images(world_split, kept_indices, kept_rows, SFT_FEATURES)
 
     stats = augment_stats(log, len(texts), seconds)
     if generations_path is not None:

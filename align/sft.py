@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
-import numpy as np
 import torch
 from datasets import Dataset
 
@@ -21,7 +19,7 @@ from align.data.mixture import (
     MixtureConfig,
     MixtureSource,
     mixture_counts,
-    sample_indices,
+    weighted_mix,
 )
 from align.data.world import open_world
 from align.runs import RunArguments
@@ -153,22 +151,14 @@ class SFTScriptArguments(CachedFeatureDataArguments, RunArguments):
 
 
 def mix(parts: dict[str, tuple[Dataset, float]], size: int, seed: int) -> Dataset:
-    """Sample in-memory SFT datasets to their weights' shares of `size` rows, as `build_mixture` does with local
-    ones (a source repeats when its share exceeds its rows), tagged with a `source` column (kept where a part has
-    one already) and shuffled."""
-    parts = {name: (data, weight) for name, (data, weight) in parts.items() if weight > 0}
-    names = list(parts)
-    weights = [parts[name][1] for name in names]
-    sampled = []
-    for i, (name, count) in enumerate(zip(names, mixture_counts(weights, size))):
-        data = parts[name][0]
-        if count == 0 or len(data) == 0:
-            continue
-        rows = data.select(sample_indices(len(data), count, np.random.default_rng([seed, i])))
-        rows = rows.select_columns(["images", "messages", *(["source"] if "source" in rows.column_names else [])])
-        sampled.append(rows if "source" in rows.column_names else rows.add_column("source", [name] * count))
-        logger.info("mixture: %s gives %d rows (%.1f%%)", name, count, 100 * count / size)
-    return datasets.concatenate_datasets(sampled).shuffle(seed=seed)
+    """In-memory SFT datasets (`{name: (dataset, weight)}`) sampled to their weights' shares of `size` rows as
+    `build_mixture` samples local ones (`align.data.mixture.weighted_mix`), on their `images`, `messages` (and
+    `source`) columns; parts of weight 0 are left out before sampling."""
+    kept = [
+        (name, data.select_columns(["images", "messages", *(["source"] if "source" in data.column_names else [])]), weight)
+        for name, (data, weight) in parts.items() if weight > 0
+    ]
+    return weighted_mix(kept, size, seed)
 
 
 def world_sft_mixture(args: SFTScriptArguments, seed: int) -> Dataset:

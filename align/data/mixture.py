@@ -177,17 +177,26 @@ def build_mixture(config: MixtureConfig, rejects_dir: str | os.PathLike | None =
         parts.append(data.select_columns(list(KIND_COLUMNS[kind])))
 
     total = config.mixture_size or sum(len(part) for part in parts)
-    counts = mixture_counts([s.weight for s in config.datasets], total)
+    return weighted_mix([(s.name, part, s.weight) for s, part in zip(config.datasets, parts)], total,
+                        config.mixture_seed)
+
+
+def weighted_mix(parts: list[tuple[str, Dataset, float]], total: int, seed: int) -> Dataset:
+    """`(name, dataset, weight)` parts sampled to their weights' shares of `total` rows (`mixture_counts`; a part
+    repeats when its share exceeds its rows, `sample_indices`), each row tagged with its part's name in a `source`
+    column (kept where a part has one already), and shuffled. Part `i` samples with the generator `[seed, i]`."""
+    counts = mixture_counts([weight for _, _, weight in parts], total)
     sampled = []
-    for i, (source, part, count) in enumerate(zip(config.datasets, parts, counts)):
-        if count == 0:
+    for i, ((name, part, _), count) in enumerate(zip(parts, counts)):
+        if count == 0 or len(part) == 0:
             continue
-        indices = sample_indices(len(part), count, np.random.default_rng([config.mixture_seed, i]))
+        indices = sample_indices(len(part), count, np.random.default_rng([seed, i]))
         # Indices only: repeated rows are not copied until the trainer reads them.
-        named = part.add_column("source", [source.name] * len(part), feature=Value("string"))
-        sampled.append(named.select(indices))
+        if "source" not in part.column_names:
+            part = part.add_column("source", [name] * len(part), feature=Value("string"))
+        sampled.append(part.select(indices))
         logger.info(
-            "mixture: %s gives %d rows (%.1f%%) from %d%s", source.name, count, 100 * count / total, len(part),
+            "mixture: %s gives %d rows (%.1f%%) from %d%s", name, count, 100 * count / total, len(part),
             f", each row about {count / len(part):.2f} times" if count > len(part) else "",
         )
-    return datasets.concatenate_datasets(sampled).shuffle(seed=config.mixture_seed)
+    return datasets.concatenate_datasets(sampled).shuffle(seed=seed)
