@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from align.families import family_of
-from align.loading import adapter_base, is_adapter_dir, load_pretrained, load_processor
+from align.loading import is_adapter_dir
 from align.metrics import load_metric
 from align.sampling import generate_groups
 from align.world import CATEGORIES, prompt_rows, verify
@@ -536,60 +536,6 @@ def text_regression(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _has_processor(path: Path) -> bool:
-    return (path / "processor_config.json").is_file() or (path / "tokenizer_config.json").is_file()
-
-
-def load_model_for_eval(
-    model_name_or_path: str | os.PathLike,
-    base_model_name_or_path: str | os.PathLike | None = None,
-    dtype: str | torch.dtype | None = None,
-    quantization_config=None,
-    device: str | torch.device | None = None,
-    attn_implementation: str | None = None,
-):
-    """Load a VLM to evaluate: a full VLM folder (the suite's or a stock checkpoint), or a PEFT adapter folder
-    applied to its base VLM. Weights that do not load are an error (`align.loading.load_pretrained`).
-
-    Args:
-        model_name_or_path: a VLM saved with `save_pretrained`, or an adapter folder (`adapter_config.json`).
-        base_model_name_or_path: the base VLM of an adapter (default: the adapter's `base_model_name_or_path`).
-        dtype: load dtype (e.g. "bfloat16"; default as saved).
-        quantization_config: e.g. a 4-bit `BitsAndBytesConfig` for a QLoRA adapter's base; only used when given.
-        device: where the model goes (ignored for quantized models, which bitsandbytes places itself).
-        attn_implementation: e.g. "sdpa", "eager" (default: transformers' choice).
-
-    Returns:
-        `(model, processor)`: the VLM (a `PeftModel` for an adapter) in eval mode and its processor (the
-        adapter folder's own when it has one, else the base's).
-    """
-    path = Path(model_name_or_path)
-    if not path.is_dir():
-        raise ValueError(f"model path {path} does not exist or is not a directory (models load by local path)")
-    base_path, adapter_path = path, None
-    if is_adapter_dir(path):
-        adapter_path = path
-        base_path = adapter_base(path, base_model_name_or_path)
-    kwargs = {}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    model = load_pretrained(base_path, **kwargs)
-    if quantization_config is None and device is not None:
-        model.to(device)
-    if adapter_path is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
-        logger.info("applied the adapter at %s to the base VLM at %s", adapter_path, base_path)
-    processor_path = adapter_path if adapter_path is not None and _has_processor(adapter_path) else base_path
-    processor = load_processor(processor_path)
-    return model.eval(), processor
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------------------------
@@ -700,7 +646,6 @@ __all__ = [
     "generate_answers",
     "is_adapter_dir",
     "load_eval_questions",
-    "load_model_for_eval",
     "majority_answer",
     "paired_difference",
     "paired_table",

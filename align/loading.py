@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
+import torch
 import transformers
 from transformers import (
     AutoConfig,
@@ -25,6 +27,8 @@ from transformers import (
 from transformers.utils import PushToHubMixin, is_torchvision_available
 
 from align.families import FAMILIES, family_of
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -90,6 +94,58 @@ def load_pretrained(path: str | os.PathLike, model_class=AutoModelForImageTextTo
     return model
 
 
+def _has_processor(path: Path) -> bool:
+    return (path / "processor_config.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+def load_run(
+    model_name_or_path: str | os.PathLike,
+    base_model_name_or_path: str | os.PathLike | None = None,
+    *,
+    builder=None,
+    dtype: str | torch.dtype | None = None,
+    quantization_config=None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+):
+    """Load a run folder to use as it is (evaluate, sample, score): a whole model folder (the suite's VLM, a stock
+    checkpoint, a reward model), or a PEFT adapter folder applied, unmerged, to its base. Weights that do not load
+    are an error (`load_pretrained`). Training loads through `align.training.load_model`, which merges an adapter
+    into its base first so that a new adapter can train on top.
+
+    Args:
+        model_name_or_path: a folder saved with `save_pretrained`, or an adapter folder (`adapter_config.json`).
+        base_model_name_or_path: the base of an adapter (default: its `adapter_config.json`'s, `adapter_base`).
+        builder: what loads the (base) folder with the load options; default `load_pretrained` (any VLM class),
+            e.g. `align.reward.reward_model_from_folder`.
+        dtype: load dtype (e.g. "bfloat16"; default as saved).
+        quantization_config: e.g. a 4-bit `BitsAndBytesConfig` for a QLoRA adapter's base; only used when given.
+        device: where the model goes (ignored for quantized models, which bitsandbytes places itself).
+        attn_implementation: e.g. "sdpa", "eager" (default: transformers' choice).
+
+    Returns:
+        `(model, processor)`: the model (a `PeftModel` for an adapter) in eval mode and its processor (the adapter
+        folder's own when it has one, else the base's).
+    """
+    path = Path(model_name_or_path)
+    if not path.is_dir():
+        raise ValueError(f"model path {path} does not exist or is not a directory (models load by local path)")
+    base_path, adapter_path = path, None
+    if is_adapter_dir(path):
+        adapter_path, base_path = path, adapter_base(path, base_model_name_or_path)
+    options = {"dtype": dtype, "quantization_config": quantization_config, "attn_implementation": attn_implementation}
+    model = (builder or load_pretrained)(base_path, **{k: v for k, v in options.items() if v is not None})
+    if quantization_config is None and device is not None:
+        model.to(device)
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
+        logger.info("applied the adapter at %s to its base at %s", adapter_path, base_path)
+    processor_path = adapter_path if adapter_path is not None and _has_processor(adapter_path) else base_path
+    return model.eval(), load_processor(processor_path)
+
+
 class NoVideoProcessor(PushToHubMixin):
     """The video processor of a processor that has one (Qwen2-VL, Qwen2.5-VL), where torchvision is not installed.
 
@@ -153,4 +209,4 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-__all__ = ["ADAPTER_CONFIG", "NoVideoProcessor", "adapter_base", "is_adapter_dir", "load_pretrained", "load_processor", "without_torchvision"]
+__all__ = ["ADAPTER_CONFIG", "NoVideoProcessor", "adapter_base", "is_adapter_dir", "load_pretrained", "load_processor", "load_run", "without_torchvision"]

@@ -58,7 +58,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from align.evaluation import load_model_for_eval
+from align.loading import load_run
 from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
 
 logger = logging.getLogger(__name__)
@@ -600,7 +600,7 @@ def main(argv=None) -> dict:
         from transformers import BitsAndBytesConfig
 
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    model, processor = load_model_for_eval(args.model, quantization_config=quantization)
+    model, processor = load_run(args.model, quantization_config=quantization)
     if args.scenes == "multi":
         rows = multi_object_rows(world[split], args.images or 1000, args.attribute)
     else:

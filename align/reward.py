@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import EvalPrediction, Trainer
 from trl import ModelConfig, RewardConfig
 from trl.trainer.utils import disable_dropout_in_model
@@ -38,7 +38,7 @@ from trl.trainer.utils import disable_dropout_in_model
 from align.data import load_dataset_local, validate_rows, world_preference_rows
 from align.data.world import open_world
 from align.families import FAMILIES, family_of, freeze_components
-from align.loading import adapter_base, is_adapter_dir, load_pretrained, load_processor
+from align.loading import is_adapter_dir, load_pretrained, load_processor, load_run
 from align.runs import RunArguments
 from align.sft import WorldDataArguments
 from align.training import (
@@ -396,26 +396,15 @@ def load_reward_model(
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"reward model path {path} is not a directory")
-    kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    if is_adapter_dir(path):
-        base = adapter_base(path)
-        model = reward_model_from_folder(base, **kwargs)
-        if quantization_config is None and device is not None:
-            model.to(device)
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-        processor_path = path if (path / "processor_config.json").is_file() else Path(base)
-    else:
+    if not is_adapter_dir(path):
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         if not {c.__name__ for c in REWARD_MODEL_CLASSES} & set(config.get("architectures") or []):
             raise ValueError(
                 f"{path} holds no reward model (architectures: {config.get('architectures')}); train one with "
                 "recipes/reward.py, or wrap a VLM with VLMForRewardModeling.from_vlm"
             )
-        model = reward_model_from_folder(path, **kwargs)
-        if quantization_config is None and device is not None:
-            model.to(device)
-        processor_path = path
-    return model.eval(), load_processor(processor_path)
+    # An adapter's base is the VLM the reward model was trained on: a new head there, the adapter carries the score.
+    return load_run(path, builder=reward_model_from_folder, quantization_config=quantization_config, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from align.evaluation import (
     category_table,
     generate_answers,
     load_eval_questions,
-    load_model_for_eval,
     prediction_rows,
     sample_answers,
     sampled_metrics,
@@ -43,6 +42,7 @@ from align.evaluation import (
     text_regression_table,
 )
 from align.families import family_of
+from align.loading import load_run
 from align.paths import default_cache_dir
 from align.runs import (
     RunArguments,
@@ -135,7 +135,7 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
                          main_process=state.is_main_process)
 
     # ----- model and processor ----------------------------------------------------------------------------------
-    model, processor = load_model_for_eval(
+    model, processor = load_run(
         model_args.model_name_or_path,
         base_model_name_or_path=script_args.base_model_name_or_path,
         dtype=model_args.dtype,

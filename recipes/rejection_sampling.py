@@ -24,7 +24,7 @@ import transformers
 from accelerate import PartialState
 from trl import ModelConfig, TrlParser, get_quantization_config
 
-from align.evaluation import load_model_for_eval
+from align.loading import load_run
 from align.rejection_sampling import (
     RejectionSamplingArguments,
     build_datasets,
@@ -63,7 +63,7 @@ def main(script_args: RejectionSamplingArguments, model_args: ModelConfig):
     logger.info("%d prompts, %d candidates each", len(prompts), script_args.num_candidates)
 
     # ----- policy and scorers -----------------------------------------------------------------------------------
-    model, processor = load_model_for_eval(
+    model, processor = load_run(
         model_args.model_name_or_path, base_model_name_or_path=script_args.base_model_name_or_path,
         dtype=model_args.dtype, quantization_config=get_quantization_config(model_args), device=state.device,
         attn_implementation=model_args.attn_implementation,

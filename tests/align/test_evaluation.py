@@ -18,7 +18,6 @@ from align.evaluation import (
     generate_answers,
     is_adapter_dir,
     load_eval_questions,
-    load_model_for_eval,
     majority_answer,
     paired_difference,
     paired_table,
@@ -32,6 +31,7 @@ from align.evaluation import (
     scoreboard,
     text_regression,
 )
+from align.loading import load_run
 from align.report import load_log_history, write_report
 from align.world import build_world, generate_split
 from model.build import build_vlm
@@ -253,12 +253,12 @@ def test_load_model_for_eval_applies_an_adapter(tiny_parts, tmp_path):
     vlm, processor = build_vlm(tiny_parts["siglip"], tiny_parts["llama"])
     vlm.save_pretrained(tmp_path / "base")
     processor.save_pretrained(tmp_path / "base")
-    base, _ = load_model_for_eval(tmp_path / "base")
+    base, _ = load_run(tmp_path / "base")
     wrapped = _with_lora(base)  # records tmp_path/base as the adapter's base model
     wrapped.save_pretrained(tmp_path / "adapter")
     assert is_adapter_dir(tmp_path / "adapter") and not is_adapter_dir(tmp_path / "base")
 
-    loaded, loaded_processor = load_model_for_eval(tmp_path / "adapter")
+    loaded, loaded_processor = load_run(tmp_path / "adapter")
     assert isinstance(loaded, PeftModel) and not loaded.training
     assert loaded_processor.num_image_tokens == processor.num_image_tokens
     batch = processor(images=[[Image.new("RGB", (32, 32), "red")]], text=["<image>What color?"], return_tensors="pt")
@@ -267,7 +267,7 @@ def test_load_model_for_eval_applies_an_adapter(tiny_parts, tmp_path):
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, plain)
     with pytest.raises(ValueError, match="base_model_name_or_path"):
-        load_model_for_eval(tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "missing"))
+        load_run(tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "missing"))
 
 
 def test_load_eval_questions_from_a_world_and_from_jsonl(tmp_path, world_split):

@@ -71,9 +71,9 @@ def test_bad_arguments_are_named(setup):
 def test_readout_trains_only_the_adapters_and_the_answer_loss_falls(setup):
     import datasets
 
-    from align.evaluation import load_model_for_eval
+    from align.loading import load_run
 
-    model, processor = load_model_for_eval(setup["vlm"])
+    model, processor = load_run(setup["vlm"])
     rows = single_object_rows(datasets.load_from_disk(setup["world"])["train"], 40)
     snapshot = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     result = readout_curve(model, processor, rows, "color", steps=30, eval_every=15, lr=1e-2, batch_size=8)
@@ -96,9 +96,9 @@ def test_readout_trains_only_the_adapters_and_the_answer_loss_falls(setup):
 def test_readout_with_llm_lr_trains_the_llm_too_at_its_own_rate(setup):
     import datasets
 
-    from align.evaluation import load_model_for_eval
+    from align.loading import load_run
 
-    model, processor = load_model_for_eval(setup["vlm"])
+    model, processor = load_run(setup["vlm"])
     rows = single_object_rows(datasets.load_from_disk(setup["world"])["train"], 40)
     snapshot = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     result = readout_curve(model, processor, rows, "color", steps=2, eval_every=2, lr=1e-2, batch_size=4, llm_lr=1e-3)
@@ -339,10 +339,10 @@ def test_closed_set_answer_scores_each_answer_as_if_alone(setup):
     sequence penalised the shorter answers by the log-probability of `<s>` after a pad token.)"""
     import datasets
 
-    from align.evaluation import load_model_for_eval
+    from align.loading import load_run
     from align.probe import _chat, closed_set_answer, closed_set_scores
 
-    model, processor = load_model_for_eval(setup["vlm"])
+    model, processor = load_run(setup["vlm"])
     rows = single_object_rows(datasets.load_from_disk(setup["world"])["train"], 6)
     values = VALUES["color"]
     lengths = {len(processor(text=[_chat(processor, "What color is the circle?", v)], images=[[rows[0]["image"]]])["input_ids"][0]) for v in values}
@@ -369,10 +369,10 @@ def test_the_vlm_path_equals_hand_built_inputs_embeds(setup):
     import datasets
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from align.evaluation import load_model_for_eval
+    from align.loading import load_run
     from align.probe import _user_turn
 
-    vlm, processor = load_model_for_eval(setup["vlm"])
+    vlm, processor = load_run(setup["vlm"])
     reset_adapters(vlm)
     rows = multi_object_rows(datasets.load_from_disk(setup["world"])["train"], 6, "color")
     examples = [{"images": [r["image"]], "messages": [

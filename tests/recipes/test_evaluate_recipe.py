@@ -72,9 +72,9 @@ def test_evaluate_a_vlm_with_the_text_regression(setup, tiny_parts):
 
 @pytest.mark.slow
 def test_evaluate_a_lora_adapter(setup):
-    from align.evaluation import load_model_for_eval
+    from align.loading import load_run
 
-    base, _ = load_model_for_eval(setup / "vlm")
+    base, _ = load_run(setup / "vlm")
     lora = LoraConfig(
         task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=r".*language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
     )
