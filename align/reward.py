@@ -36,11 +36,11 @@ from trl import ModelConfig, RewardConfig
 from trl.trainer.utils import disable_dropout_in_model
 
 from align.data import load_dataset_local, validate_rows, world_preference_rows
+from align.data.mixture import WorldDataArguments
 from align.data.world import open_world
 from align.families import FAMILIES, family_of, freeze_components
 from align.loading import is_adapter_dir, load_pretrained, load_processor, load_run
 from align.runs import RunArguments
-from align.sft import WorldDataArguments
 from align.training import (
     load_model,
     lora_config,

@@ -13,79 +13,17 @@ import torch
 from datasets import Dataset
 
 from align.data import REJECTS_FILE, build_mixture, refusal_rows, validate_rows, world_sft_rows
-from align.data.formats import FORMATS
 from align.data.mixture import (
-    DatasetNameArgument,
-    MixtureConfig,
-    MixtureSource,
+    WorldDataArguments,
     mixture_counts,
     weighted_mix,
 )
-from align.data.world import open_world
 from align.runs import RunArguments
 from align.world import caption_rows
 from model.pretrain import FEATURE_CACHE_MODES, resolve_feature_cache
 
 logger = logging.getLogger(__name__)
 
-
-
-@dataclass
-class WorldDataArguments(MixtureConfig, DatasetNameArgument):
-    """Where the training rows come from: `datasets` (a weighted mixture of local datasets, see
-    `align.data.mixture`) or, when it is empty, the shapes world."""
-
-    world_path: str | None = field(
-        default=None,
-        metadata={"help": "The shapes world (a `save_to_disk` folder); default: the zoo's, .cache/zoo/world."},
-    )
-    world_split: str = field(default="train", metadata={"help": "Split of the world to train on."})
-    world_images: int | None = field(
-        default=None, metadata={"help": "Use only the first N images of the split (default: all)."}
-    )
-    # One dataset on the command line, as TRL's scripts take it (kept out of `MixtureConfig`, which composes with
-    # TRL's `ScriptArguments` and its own `dataset_name`).
-    dataset_path: str | None = field(
-        default=None,
-        metadata={"help": "One local dataset file or folder instead of `datasets` (a one-entry mixture), e.g. "
-                  "--dataset_path data/train.jsonl --dataset_format llava --image_root data/images."},
-    )
-    dataset_format: str | None = field(
-        default=None, metadata={"help": f"Format of --dataset_path: one of {list(FORMATS)} (detected when omitted)."}
-    )
-    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_path when it holds several."})
-    image_root: str | None = field(
-        default=None, metadata={"help": "Folder --dataset_path's relative image paths start from (default: its own)."}
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.world_images is not None and self.world_images < 1:
-            raise ValueError(f"world_images must be >= 1 or unset, got {self.world_images}")
-        single = self._single_dataset()
-        if single is not None:
-            if self.datasets:
-                raise ValueError("give either `datasets` (a mixture) or --dataset_path (one dataset), not both")
-            # From here on it is the mixture's one entry: a saved config (config.yaml) names it there only.
-            self.datasets = [single]
-            self.dataset_path = self.dataset_name = self.dataset_format = self.image_root = None
-            self.dataset_split = "train"
-
-    def _single_dataset(self) -> MixtureSource | None:
-        """--dataset_path (or its alias --dataset_name) as a one-entry mixture."""
-        self.merge_dataset_name()
-        if self.dataset_path is None:
-            return None
-        return MixtureSource(path=self.dataset_path, format=self.dataset_format, split=self.dataset_split,
-                             image_root=self.image_root)
-
-    def load_world_split(self) -> Dataset:
-        world = open_world(self.world_path, self.world_split,
-                           hint="set --world_path, or give `datasets` (a mixture of local datasets)")
-        if self.world_images is not None:
-            world = world.select(range(min(self.world_images, len(world))))
-        logger.info("shapes world: %d images of %s/%s", len(world), self.world_path or "the zoo's world", self.world_split)
-        return world
 
 
 @dataclass
@@ -205,7 +143,7 @@ def sft_dataset(args: SFTScriptArguments, output_dir: str, seed: int, main_proce
     return checked(world_sft_mixture(args, seed), "sft", "shapes world", output_dir, main_process)
 
 
-__all__ = ["SFTScriptArguments", "WorldDataArguments", "checked", "mix", "sft_dataset", "world_sft_mixture"]
+__all__ = ["CachedFeatureDataArguments", "SFTScriptArguments", "checked", "mix", "sft_dataset", "world_sft_mixture"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -455,7 +455,8 @@ def test_one_dataset_on_the_command_line(tmp_path):
     from trl import TrlParser
 
     from align.data import MixtureSource
-    from align.sft import SFTScriptArguments, WorldDataArguments
+    from align.data.mixture import WorldDataArguments
+    from align.sft import SFTScriptArguments
 
     data = tmp_path / "rows.jsonl"
     data.write_text("{}\n")
