@@ -141,6 +141,26 @@ def staged_dir(path: str | os.PathLike):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def shared_staged_dir(path: str | os.PathLike):
+    """`staged_dir` for a folder that several processes may build at once, each with the same content (two stages
+    of a pipeline merging the same LoRA output): each builds in a staging folder of its own (by process id), the
+    first to finish renames it into place, and the others discard theirs. A reader sees `path` absent or whole."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        try:
+            staging.rename(path)  # atomic; fails when another process has put its copy there first
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reruns: same settings continue, other settings are refused
 # ---------------------------------------------------------------------------------------------------------------

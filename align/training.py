@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from align.runs import (
     resolved_config,
     save_metrics,
     save_resolved_config,
+    shared_staged_dir,
 )
 from model.stages import COMPONENTS, STAGES, freeze_for_stage  # `model` registers the VLM's Auto classes
 
@@ -192,8 +194,14 @@ def merged_base(path: str, **kwargs) -> Path:
             base = load_pretrained(base_path, **kwargs)
             model = PeftModel.from_pretrained(base, path).merge_and_unload()
             if PartialState().is_main_process:
-                model.save_pretrained(merged)
-                load_processor(path).save_pretrained(merged)
+                if merged.is_dir() and (not done.is_file() or done.stat().st_mtime < adapter_file.stat().st_mtime):
+                    shutil.rmtree(merged)  # merged from an older adapter in this folder
+                # Written aside and renamed into place: a kill, or another stage merging the same output at the
+                # same moment (the demo's DPO and reward model both start from SFT), never leaves a half folder
+                # that looks finished.
+                with shared_staged_dir(merged) as staging:
+                    model.save_pretrained(staging)
+                    load_processor(path).save_pretrained(staging)
             logger.info("merged the LoRA adapter at %s into its base model %s: %s", path, base_path, merged)
     return merged
 

@@ -92,3 +92,40 @@ def test_nothing_in_the_project_loads_a_pickle():
             if any("weights_only=True" not in call for call in calls) or re.search(r"pickle\.loads?\(|allow_pickle=True", text):
                 offenders.append(str(path.relative_to(REPO_ROOT)))
     assert offenders == []
+
+
+def _build_slowly(path: str, marker: str, started, go) -> None:
+    """A process building `path` through `shared_staged_dir`: writes its files, waits until every builder has
+    started, then finishes (so that the builds overlap)."""
+    import time
+    from pathlib import Path
+
+    from align.runs import shared_staged_dir
+
+    with shared_staged_dir(path) as staging:
+        (Path(staging) / "config.json").write_text("{}")
+        started.release()
+        go.wait(30)
+        time.sleep(0.05)
+        (Path(staging) / "weights").write_text(marker)
+
+
+def test_a_folder_built_by_two_processes_at_once_is_whole_and_one_of_theirs(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    started, go = context.Semaphore(0), context.Event()
+    target = tmp_path / "merged"
+    builders = [context.Process(target=_build_slowly, args=(str(target), name, started, go)) for name in "ab"]
+    for builder in builders:
+        builder.start()
+    for _ in builders:
+        assert started.acquire(timeout=60)
+    assert not target.exists()  # nothing visible while both are writing
+    go.set()
+    for builder in builders:
+        builder.join(60)
+        assert builder.exitcode == 0
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "weights"]
+    assert (target / "weights").read_text() in ("a", "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging folder left
