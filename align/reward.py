@@ -322,10 +322,12 @@ def reward_model_from_folder(path: str | os.PathLike, **kwargs) -> torch.nn.Modu
     """A reward model from a folder: a saved reward model as it is, or a VLM (the suite's or a stock one) with a new
     head at zero on its backbone. `kwargs`: `from_pretrained` options (`dtype`, `quantization_config`, ...)."""
     config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
+    # Through `load_pretrained`: weights that do not fit are an error naming them, never a random start (the LM head
+    # of a VLM folder and the new head are the classes' declared exceptions).
     if config.get("model_type") == "vlm_align":
-        return VLMForRewardModeling.from_vlm(path, **kwargs)
+        return load_pretrained(path, model_class=VLMForRewardModeling, **kwargs)
     if ImageTextForRewardModeling.__name__ in (config.get("architectures") or []):
-        return ImageTextForRewardModeling.from_pretrained(path, **kwargs)
+        return load_pretrained(path, model_class=ImageTextForRewardModeling, **kwargs)
     return ImageTextForRewardModeling.from_vlm(load_pretrained(path, **kwargs))
 
 

@@ -124,38 +124,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(path: str | os.PathLike):
+def staged_dir(path: str | os.PathLike, shared: bool = False):
     """Yield an empty staging folder beside `path`; on success it replaces `path` (an older `path` is removed
     first), on an error it is removed. A kill leaves `path` as it was, plus a stale staging folder that the next
-    call clears."""
+    call clears.
+
+    `shared`: for a folder that several processes may build at once, each with the same content (two stages of a
+    pipeline merging the same LoRA output): each builds in a staging folder of its own (by process id), the first
+    to finish renames it into place and the others discard theirs, so a reader sees `path` absent or whole."""
     path = Path(path)
-    staging = path.with_name(f".{path.name}.partial")
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial" if shared else f".{path.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         yield staging
-        if path.exists():
+        if path.exists() and not shared:
             shutil.rmtree(path)
-        staging.rename(path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def shared_staged_dir(path: str | os.PathLike):
-    """`staged_dir` for a folder that several processes may build at once, each with the same content (two stages
-    of a pipeline merging the same LoRA output): each builds in a staging folder of its own (by process id), the
-    first to finish renames it into place, and the others discard theirs. A reader sees `path` absent or whole."""
-    path = Path(path)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
         try:
-            staging.rename(path)  # atomic; fails when another process has put its copy there first
+            staging.rename(path)  # atomic; when shared, it fails if another process has put its copy there first
         except OSError:
-            if not path.is_dir():
+            if not (shared and path.is_dir()):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -41,7 +41,7 @@ from align.runs import (
     resolved_config,
     save_metrics,
     save_resolved_config,
-    shared_staged_dir,
+    staged_dir,
 )
 from model.stages import COMPONENTS, STAGES, freeze_for_stage  # `model` registers the VLM's Auto classes
 
@@ -199,7 +199,7 @@ def merged_base(path: str, **kwargs) -> Path:
                 # Written aside and renamed into place: a kill, or another stage merging the same output at the
                 # same moment (the demo's DPO and reward model both start from SFT), never leaves a half folder
                 # that looks finished.
-                with shared_staged_dir(merged) as staging:
+                with staged_dir(merged, shared=True) as staging:
                     model.save_pretrained(staging)
                     load_processor(path).save_pretrained(staging)
             logger.info("merged the LoRA adapter at %s into its base model %s: %s", path, base_path, merged)
@@ -246,6 +246,15 @@ def load_vlm(path: str, model_args: ModelConfig) -> tuple[PreTrainedModel, trans
     return model, processor
 
 
+def _trl_patches(processor, get_training_chat_template) -> bool:
+    """Whether TRL has a training version of the processor's chat template (it raises ValueError when not)."""
+    try:
+        get_training_chat_template(processor)
+    except ValueError:
+        return False
+    return True
+
+
 def use_training_chat_template(processor, model) -> None:
     """Give `processor` its family's chat template with `{% generation %}` markers (`Family.training_chat_template`,
     Mllama's) when its own has none and TRL has no training version of it.
@@ -261,11 +270,8 @@ def use_training_chat_template(processor, model) -> None:
     current = getattr(processor, "chat_template", None)
     if template is None or not isinstance(current, str) or has_generation_markers(current):
         return
-    try:
-        get_training_chat_template(processor)
-        return  # TRL knows this template and patches it itself
-    except ValueError:
-        pass
+    if _trl_patches(processor, get_training_chat_template):
+        return
     processor.chat_template = template
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.chat_template = template

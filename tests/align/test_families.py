@@ -476,3 +476,20 @@ def test_a_repeated_image_goes_through_a_stock_tower_once(stock_vlms, name):
         got = model(**inputs).logits
     assert len(memos) == 1 and memos[0].images_encoded == 2
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stock_reward_model_whose_weights_do_not_fit_is_refused(stock_vlms, tmp_path):
+    """A saved reward model on a stock backbone reloads whole, or not at all: an unexpected key is named."""
+    from model import ImageTextForRewardModeling
+
+    from align.reward import load_reward_model
+
+    ImageTextForRewardModeling.from_vlm(load_pretrained(stock_vlms["llava"])).save_pretrained(tmp_path)
+    load_processor(stock_vlms["llava"]).save_pretrained(tmp_path)
+    reloaded, _ = load_reward_model(tmp_path)
+    assert type(reloaded).__name__ == "ImageTextForRewardModeling"
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.multi_modal_projector.extra.weight"] = weights["score.weight"].clone()
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): model.multi_modal_projector.extra.weight"):
+        load_reward_model(tmp_path)

@@ -95,14 +95,14 @@ def test_nothing_in_the_project_loads_a_pickle():
 
 
 def _build_slowly(path: str, marker: str, started, go) -> None:
-    """A process building `path` through `shared_staged_dir`: writes its files, waits until every builder has
+    """A process building `path` through `staged_dir(shared=True)`: writes its files, waits until every builder has
     started, then finishes (so that the builds overlap)."""
     import time
     from pathlib import Path
 
-    from align.runs import shared_staged_dir
+    from align.runs import staged_dir
 
-    with shared_staged_dir(path) as staging:
+    with staged_dir(path, shared=True) as staging:
         (Path(staging) / "config.json").write_text("{}")
         started.release()
         go.wait(30)
