@@ -480,9 +480,8 @@ def test_a_repeated_image_goes_through_a_stock_tower_once(stock_vlms, name):
 
 def test_a_stock_reward_model_whose_weights_do_not_fit_is_refused(stock_vlms, tmp_path):
     """A saved reward model on a stock backbone reloads whole, or not at all: an unexpected key is named."""
-    from model import ImageTextForRewardModeling
-
     from align.reward import load_reward_model
+    from model import ImageTextForRewardModeling
 
     ImageTextForRewardModeling.from_vlm(load_pretrained(stock_vlms["llava"])).save_pretrained(tmp_path)
     load_processor(stock_vlms["llava"]).save_pretrained(tmp_path)
