@@ -120,17 +120,13 @@ def memoize_stock_towers(*models) -> list[RowMemo]:
     whole images as rows (`Family.image_rows`; Qwen2-VL's takes flattened patches and is left alone)."""
     memos, seen = [], set()
     for model in models:
-        if model is None:
+        if model is None or not hasattr(model, "config"):
             continue
-        family = family_of(getattr(model, "config", None)) if hasattr(model, "config") else None
-        if family is None or family is FAMILIES["vlm"] or not family.image_rows:
+        family = family_of(model)
+        if family is FAMILIES["vlm"] or not family.image_rows:
             continue
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        for path in family.paths(base, "vision_towers"):
-            try:
-                tower = base.get_submodule(path)
-            except AttributeError:
-                continue
+        for tower in family.modules(base, "vision_towers"):
             if id(tower) not in seen and not isinstance(tower.forward, RowMemo):
                 seen.add(id(tower))
                 memos.append(RowMemo(tower))
