@@ -191,8 +191,13 @@ def merged_base(path: str, **kwargs) -> Path:
     with PartialState().main_process_first():
         if not done.is_file() or done.stat().st_mtime < adapter_file.stat().st_mtime:
             base_path = adapter_base(path)
-            base = load_pretrained(base_path, **kwargs)
-            model = PeftModel.from_pretrained(base, path).merge_and_unload()
+            # PEFT initialises the adapter's layers at random before loading their weights: without a fork, a run
+            # that merges here (the first stage to start from this output) would draw from the global RNG after its
+            # `set_seed`, and its own new adapter would start from other weights than a rerun's, which finds the
+            # merged folder made.
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                base = load_pretrained(base_path, **kwargs)
+                model = PeftModel.from_pretrained(base, path).merge_and_unload()
             if PartialState().is_main_process:
                 if merged.is_dir() and (not done.is_file() or done.stat().st_mtime < adapter_file.stat().st_mtime):
                     shutil.rmtree(merged)  # merged from an older adapter in this folder

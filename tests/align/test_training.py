@@ -3,6 +3,7 @@ a run's output, and the DPO reference log-probs precomputed for vision data."""
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import datasets
@@ -199,6 +200,18 @@ def test_lora_sft_trains_adapters_and_projector_only_and_its_output_loads(vlms, 
     assert Path(continued.name_or_path) == tmp_path / "out" / "merged"
     with torch.no_grad():
         torch.testing.assert_close(continued.eval()(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+
+    # Whether the stage merges (the first to start from this output) or finds the merged folder made, the global
+    # RNG after loading is the same, so its own new adapter starts from the same weights after `set_seed`.
+    draws = []
+    for remove_merged in (True, False):
+        if remove_merged:
+            shutil.rmtree(tmp_path / "out" / "merged")
+        torch.manual_seed(0)
+        load_model(str(tmp_path / "out"), VLMModelConfig(model_name_or_path=str(tmp_path / "out")))
+        draws.append(torch.rand(4))
+    assert (tmp_path / "out" / "merged" / "config.json").is_file()
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
 
 
 def test_full_finetune_trains_the_llm_and_projector_not_the_tower(vlms, world_train, tmp_path):
