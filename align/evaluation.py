@@ -452,7 +452,7 @@ def evaluate_qa(
 
 
 def _encode_documents(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    # As the LLM parts were pretrained (model.parts.pack_documents): <bos> text <eos>.
+    # As the LLM parts were pretrained (align.zoo.parts.pack_documents): <bos> text <eos>.
     eos = tokenizer.eos_token or ""
     ids = tokenizer([t if not eos or t.endswith(eos) else t + eos for t in texts], add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -157,7 +157,7 @@ def renders_images(tokenizer: PreTrainedTokenizerBase, image_token: str = IMAGE_
 def prepare_vlm_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str = IMAGE_TOKEN) -> list[str]:
     """Make an LLM tokenizer ready for a VLM: image token, image-aware chat template, pad token.
 
-    A tokenizer whose template already renders image items (like `model.tokenizer`'s) keeps its template.
+    A tokenizer whose template already renders image items (like `align.zoo.tokenizer`'s) keeps its template.
     Otherwise the template is replaced by `vlm_chat_template(detect_chat_style(tokenizer))`. A missing pad
     token is set to the eos token (padding positions are masked by the attention mask, never trained).
 

@@ -24,7 +24,7 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer of the project's kind (image token, chat template)."""
-    from model.tokenizer import train_tokenizer
+    from align.zoo.tokenizer import train_tokenizer
 
     return train_tokenizer(CORPUS, vocab_size=320)
 

@@ -342,7 +342,7 @@ def test_config_validation(tmp_path):
 
 
 def test_different_vocabularies_are_a_clear_error(models, tmp_path):
-    from model.tokenizer import train_tokenizer
+    from align.zoo.tokenizer import train_tokenizer
 
     teacher, teacher_tokenizer, _ = _load(models["text_teacher"])
     # A smaller vocabulary: the sizes differ.

@@ -124,7 +124,7 @@ def test_tokenizer_answer_lines_make_line_initial_answers_whole_tokens(zoo):
 
     from align.world import text_corpus
     from align.zoo import tokenizer_documents
-    from model.tokenizer import train_tokenizer
+    from align.zoo.tokenizer import train_tokenizer
 
     cfg, _ = zoo
     world = datasets.load_from_disk(str(cfg.root / "world"))
@@ -148,7 +148,8 @@ def test_llm_object_documents_option(zoo):
     import datasets
 
     from align.world import object_documents, text_corpus
-    from align.zoo import LLAMA_CODE, _fingerprint, code_fingerprint, lm_documents, read_manifest
+    from align.zoo import LLAMA_CODE, code_fingerprint, lm_documents, read_manifest
+    from align.zoo.manifest import settings_fingerprint
 
     cfg, report = zoo
     world = datasets.load_from_disk(str(cfg.root / "world"))
@@ -167,14 +168,16 @@ def test_llm_object_documents_option(zoo):
     for name in ("world", "tokenizer", "siglip"):
         assert rebuilt[name] == copied[name]  # reused, not rebuilt
     # Off, the LLM's fingerprint is the tokenizer's (the part it is built from), its config and its code alone.
-    assert report["llama"]["fingerprint"] == _fingerprint(
+    assert report["llama"]["fingerprint"] == settings_fingerprint(
         report["tokenizer"]["fingerprint"], asdict(cfg.llama()), code_fingerprint(*LLAMA_CODE))
 
 
 def test_llm_captioned_chats_put_the_detailed_caption_where_the_image_was(zoo):
     import datasets
 
-    from align.zoo import LLAMA_CODE, _fingerprint, _llama_part, code_fingerprint, lm_documents
+    from align.zoo import LLAMA_CODE, code_fingerprint, lm_documents
+    from align.zoo.build import _llama_part
+    from align.zoo.manifest import settings_fingerprint
 
     cfg, report = zoo
     world = datasets.load_from_disk(str(cfg.root / "world"))
@@ -193,7 +196,7 @@ def test_llm_captioned_chats_put_the_detailed_caption_where_the_image_was(zoo):
     tokenizer_fingerprint = report["tokenizer"]["fingerprint"]
     on = replace(cfg, llm_captioned_chats=True)
     assert _llama_part(on, tokenizer_fingerprint).fingerprint != report["llama"]["fingerprint"]
-    assert _llama_part(cfg, tokenizer_fingerprint).fingerprint == _fingerprint(
+    assert _llama_part(cfg, tokenizer_fingerprint).fingerprint == settings_fingerprint(
         tokenizer_fingerprint, asdict(cfg.llama()), code_fingerprint(*LLAMA_CODE))
 
 
@@ -203,7 +206,7 @@ def test_object_patch_labels_name_each_object_at_its_patch(zoo):
     from align.probe import object_patch
     from align.world import SIZES, Scene, WorldConfig
     from align.zoo import object_patch_labels
-    from model.parts import SiglipPartConfig
+    from align.zoo.parts import SiglipPartConfig
 
     cfg, _ = zoo
     scenes = datasets.load_from_disk(str(cfg.root / "world"))["train"]["scene"][:20]
@@ -255,11 +258,11 @@ def test_base_vlm_is_its_pretraining_runs_in_order(based):
 
 
 def test_shipped_parts_are_installed_instead_of_trained(based, tmp_path, monkeypatch):
-    import align.zoo as zoo_module
+    import align.zoo.manifest as manifest_module
 
     cfg, report = based
-    monkeypatch.setattr(zoo_module, "SHIPPED_PARTS", tmp_path / "shipped")
-    assert zoo_module.ship(cfg) == ["tokenizer", "siglip", "llama", "base"]
+    monkeypatch.setattr(manifest_module, "SHIPPED_PARTS", tmp_path / "shipped")
+    assert manifest_module.ship(cfg.root) == ["tokenizer", "siglip", "llama", "base"]
     assert not (tmp_path / "shipped" / "siglip" / "dual").exists()
     fresh = replace(cfg, cache_dir=str(tmp_path / "fresh"))
     installed = build_zoo(fresh)

@@ -112,7 +112,7 @@ def test_baseline_and_real_config_in_process(setup, tmp_path):
 
 
 def test_a_teacher_with_another_vocabulary_is_refused(setup, tiny_parts, tmp_path):
-    from model.tokenizer import train_tokenizer
+    from align.zoo.tokenizer import train_tokenizer
 
     llm = save_tiny_llama(tmp_path / "llama300", train_tokenizer(CORPUS, vocab_size=300))
     teacher = tiny_vlm(tmp_path / "teacher300", tiny_parts["siglip"], llm)

@@ -5,7 +5,7 @@ from PIL import Image
 from transformers import LlamaForCausalLM
 
 from align.probe import fit_probe
-from model.parts import (
+from align.zoo.parts import (
     LlamaPartConfig,
     SiglipPartConfig,
     llama_config,
@@ -15,7 +15,7 @@ from model.parts import (
     pretrain_siglip,
     retrieval_accuracy,
 )
-from model.tokenizer import train_tokenizer
+from align.zoo.tokenizer import train_tokenizer
 
 
 def test_trained_parts_beat_random_init(tmp_path):

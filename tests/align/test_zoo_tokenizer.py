@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from model.tokenizer import IMAGE_TOKEN, train_tokenizer
+from align.zoo.tokenizer import IMAGE_TOKEN, train_tokenizer
 
 CONVERSATION = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many circles are there?"}]},
