@@ -110,6 +110,28 @@ TINY_TRAINING = {
 }
 
 
+def lora_config(model: str, output_dir, **settings) -> dict:
+    """A tiny recipe config: `TINY_TRAINING` with LoRA (r 8) on `model`, 2 steps into `output_dir`, then `settings`."""
+    return {
+        **TINY_TRAINING, "model_name_or_path": model, "output_dir": str(output_dir), "use_peft": True, "lora_r": 8,
+        "lora_alpha": 16, "max_steps": 2, **settings,
+    }
+
+
+def check_run_output(recipe: str, output_dir: Path, steps: int) -> tuple[dict, tuple]:
+    """What every training recipe leaves: weights (an adapter or a whole model), the processor, TensorBoard events,
+    a `config.yaml` that re-parses into the recipe's arguments for this output folder, and `metrics.json` at `steps`.
+    Returns the metrics and the re-parsed arguments."""
+    assert (output_dir / "adapter_model.safetensors").is_file() or (output_dir / "model.safetensors").is_file()
+    assert (output_dir / "processor_config.json").is_file()
+    assert list(output_dir.glob("runs/*/events.out.tfevents.*")), "no TensorBoard event file"
+    parsed = load_recipe(recipe).make_parser().parse_args_and_config(["--config", str(output_dir / "config.yaml")])
+    assert parsed[1].output_dir == str(output_dir)
+    metrics = read_json(output_dir / "metrics.json")
+    assert metrics["global_step"] == steps
+    return metrics, parsed
+
+
 def run_recipe(
     script: str, config: dict, folder: Path, *overrides: str, processes: int = 1, timeout: int = 300
 ) -> subprocess.CompletedProcess:

@@ -13,8 +13,9 @@ from align.training import load_trained
 from model import VLMForConditionalGeneration
 from tests.align.training_helpers import (
     REPO,
-    TINY_TRAINING,
+    check_run_output,
     load_recipe,
+    lora_config,
     preference_rows_with_bad_ones,
     read_json,
     run_recipe,
@@ -45,19 +46,13 @@ def setup(tiny_parts, tiny_tokenizer, tmp_path_factory):
 
 
 def dpo_config(model: str, output_dir, **settings) -> dict:
-    return {
-        **TINY_TRAINING, "model_name_or_path": model, "output_dir": str(output_dir), "use_peft": True, "lora_r": 8,
-        "lora_alpha": 16, "lora_dropout": 0.0, "max_length": None, "max_steps": 2, "beta": 0.1, **settings,
-    }
+    return lora_config(model, output_dir, **{"lora_dropout": 0.0, "max_length": None, "beta": 0.1, **settings})
 
 
 def check_output(output_dir, steps: int) -> dict:
-    assert (output_dir / "adapter_model.safetensors").is_file() and (output_dir / "processor_config.json").is_file()
-    assert list(output_dir.glob("runs/*/events.out.tfevents.*")), "no TensorBoard event file"
-    _, training_args, _ = load_recipe("dpo").make_parser().parse_args_and_config(["--config", str(output_dir / "config.yaml")])
-    assert training_args.output_dir == str(output_dir)
-    metrics = read_json(output_dir / "metrics.json")
-    assert metrics["global_step"] == steps and all(math.isfinite(loss) for _, loss in metrics["loss"]["history"])
+    metrics, _ = check_run_output("dpo", output_dir, steps)
+    assert (output_dir / "adapter_model.safetensors").is_file()
+    assert all(math.isfinite(loss) for _, loss in metrics["loss"]["history"])
     assert isinstance(load_trained(output_dir), VLMForConditionalGeneration)
     return metrics
 

@@ -13,8 +13,9 @@ from model import VLMForConditionalGeneration, VLMProcessor
 from model.reward_model import VLMForRewardModeling
 from tests.align.training_helpers import (
     REPO,
-    TINY_TRAINING,
+    check_run_output,
     load_recipe,
+    lora_config,
     read_json,
     run_recipe,
     tiny_vlm,
@@ -41,20 +42,15 @@ def setup(tiny_parts, tmp_path_factory):
 
 
 def grpo_config(model: str, output_dir, world: str, **settings) -> dict:
-    return {
-        **TINY_TRAINING, "model_name_or_path": model, "output_dir": str(output_dir), "world_path": world,
-        "num_prompts": 16, "use_peft": True, "lora_r": 8, "lora_alpha": 16, "num_generations": 4,
-        "per_device_train_batch_size": 8, "max_completion_length": 6, "beta": 0.04, "max_steps": 2, **settings,
-    }
+    return lora_config(model, output_dir, **{
+        "world_path": world, "num_prompts": 16, "num_generations": 4, "per_device_train_batch_size": 8,
+        "max_completion_length": 6, "beta": 0.04, **settings,
+    })
 
 
 def check_output(output_dir, steps: int) -> dict:
-    assert (output_dir / "adapter_model.safetensors").is_file() and (output_dir / "processor_config.json").is_file()
-    assert list(output_dir.glob("runs/*/events.out.tfevents.*")), "no TensorBoard event file"
-    _, training_args, _ = load_recipe("grpo").make_parser().parse_args_and_config(["--config", str(output_dir / "config.yaml")])
-    assert training_args.output_dir == str(output_dir)
-    metrics = read_json(output_dir / "metrics.json")
-    assert metrics["global_step"] == steps and metrics["rows"]["train"] == 16
+    metrics, _ = check_run_output("grpo", output_dir, steps)
+    assert (output_dir / "adapter_model.safetensors").is_file() and metrics["rows"]["train"] == 16
     assert [step for step, _ in metrics["reward"]["history"]] == list(range(1, steps + 1))
     assert all(math.isfinite(kl) and kl >= 0 for _, kl in metrics["kl"]["history"])
     assert isinstance(load_trained(output_dir), VLMForConditionalGeneration)

@@ -12,8 +12,8 @@ from align.world import WorldConfig, build_world
 from tests.align.training_helpers import (
     IMAGE_SIZE,
     REPO,
-    TINY_TRAINING,
     load_recipe,
+    lora_config,
     preference_rows_with_bad_ones,
     read_json,
     run_recipe,
@@ -31,10 +31,8 @@ def setup(tiny_parts, tmp_path_factory):
 
 
 def reward_config(model: str, output_dir, **settings) -> dict:
-    return {
-        **TINY_TRAINING, "model_name_or_path": model, "output_dir": str(output_dir), "use_peft": True, "lora_r": 8,
-        "lora_alpha": 16, "lora_dropout": 0.0, "max_length": None, "max_steps": 3, "score_learning_rate": 1.0e-2, **settings,
-    }
+    return lora_config(model, output_dir, **{"lora_dropout": 0.0, "max_length": None, "max_steps": 3,
+                                             "score_learning_rate": 1.0e-2, **settings})
 
 
 def test_lora_on_world_pairs_reports_held_out_accuracy(setup, tmp_path):

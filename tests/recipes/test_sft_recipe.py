@@ -13,8 +13,9 @@ from transformers import AutoProcessor
 from align.training import load_trained
 from tests.align.training_helpers import (
     REPO,
-    TINY_TRAINING,
+    check_run_output,
     load_recipe,
+    lora_config,
     read_json,
     run_recipe,
     sft_rows_with_bad_ones,
@@ -37,23 +38,15 @@ def setup(tiny_parts, tiny_tokenizer, tmp_path_factory):
 
 
 def sft_config(model: str, output_dir: Path, **settings) -> dict:
-    return {
-        **TINY_TRAINING, "model_name_or_path": model, "output_dir": str(output_dir), "use_peft": True, "lora_r": 8,
-        "lora_alpha": 16, "assistant_only_loss": True, "max_length": None, "max_steps": 2, **settings,
-    }
+    return lora_config(model, output_dir, **{"assistant_only_loss": True, "max_length": None, **settings})
 
 
 def check_output(output_dir: Path, steps: int) -> dict:
     """The run's files are there, its config re-parses, its metrics are sane and the model loads and runs."""
-    assert (output_dir / "adapter_model.safetensors").is_file() or (output_dir / "model.safetensors").is_file()
-    assert (output_dir / "processor_config.json").is_file() and (output_dir / "rejects.jsonl").is_file()
-    assert list(output_dir.glob("runs/*/events.out.tfevents.*")), "no TensorBoard event file"
-    script_args, training_args, model_args = load_recipe("sft").make_parser().parse_args_and_config(
-        ["--config", str(output_dir / "config.yaml")]
-    )
-    assert training_args.output_dir == str(output_dir) and model_args.use_peft == (output_dir / "adapter_config.json").is_file()
-    metrics = read_json(output_dir / "metrics.json")
-    assert metrics["global_step"] == steps and math.isfinite(metrics["loss"]["last"])
+    metrics, (_, _, model_args) = check_run_output("sft", output_dir, steps)
+    assert (output_dir / "rejects.jsonl").is_file()
+    assert model_args.use_peft == (output_dir / "adapter_config.json").is_file()
+    assert math.isfinite(metrics["loss"]["last"])
     assert metrics["rows"]["train"] > 0 and metrics["parameters"]["trainable"] > 0
 
     model, processor = load_trained(output_dir), AutoProcessor.from_pretrained(output_dir)
