@@ -32,6 +32,7 @@ import torch
 from datasets import Dataset, Features, Value
 
 from align.data.world import open_world, with_images
+from align.evaluation import stop_token_ids
 from align.runs import RunArguments, atomic_file
 from align.world import WorldConfig, question_category, record_for_question, verify
 from align.world.dataset import MESSAGES_FEATURE
@@ -170,14 +171,6 @@ def qa_prompts(captions: Iterable[str], template: str = PROMPT_TEMPLATE) -> list
     return [template.format(caption=" ".join(str(caption).split())) for caption in captions]
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
 def _left_padded(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -226,7 +219,7 @@ def generate_qa(
     encoded = [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     jobs = [(i, s) for i in range(len(prompts)) for s in range(samples_per_caption)]
     jobs.sort(key=lambda job: len(encoded[job[0]]))
-    stop = _stop_ids(model, tokenizer)
+    stop = set(stop_token_ids(model, tokenizer))  # the eos and end-of-turn tokens, as evaluation stops at
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     device = next(model.parameters()).device
     was_training = model.training

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from align.families import family_of
+from align.families import known_family
 from align.loading import is_adapter_dir
 from align.metrics import load_metric
 from align.sampling import generate_groups
@@ -118,13 +118,15 @@ def _tokenizer(processor):
 
 def stop_token_ids(model, processor) -> list[int]:
     """Token ids that end an answer: the generation config's eos ids, the tokenizer's eos and end-of-turn tokens,
-    and the model family's own (`align.families`: `<end_of_turn>`, `<end_of_utterance>`, `<|im_end|>`, ...)."""
+    and the model family's own (`align.families`: `<end_of_turn>`, `<end_of_utterance>`, `<|im_end|>`, ...). Also
+    for a text-only LM (`align.augment`'s Q&A generator), whose family the registry does not know."""
     tokenizer = _tokenizer(processor)
     config = getattr(model, "generation_config", None)
     ids = getattr(config, "eos_token_id", None) if config is not None else None
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     vocabulary = tokenizer.get_vocab()
-    for token in (tokenizer.eos_token, end_of_turn_token(tokenizer), *family_of(model).stop_tokens):
+    family = known_family(model)
+    for token in (tokenizer.eos_token, end_of_turn_token(tokenizer), *(family.stop_tokens if family else ())):
         token_id = vocabulary.get(token) if token is not None else None
         if token_id is not None and token_id not in ids:
             ids.append(token_id)
