@@ -209,6 +209,10 @@ def probe_model(model, processor, rows: list[dict], attribute: str, holdout: flo
 
 
 OBJECT_ATTRIBUTES = ("color", "shape", "size")
+# Where the object is: the column and row of its patch in the tower's grid. A spatial question ("Is the circle left
+# of the square?") needs both objects' places from their patches; what a patch's feature says of its own place is
+# what the VLM can read of it beyond the order of its visual tokens.
+POSITION_ATTRIBUTES = ("column", "row")
 
 
 def object_patch(obj, scene_size: int, image_size: int, patch_size: int) -> int:
@@ -222,13 +226,14 @@ def object_patch(obj, scene_size: int, image_size: int, patch_size: int) -> int:
 def object_patch_features(encoder, image_processor, world: datasets.Dataset, images: int, batch_size: int = 64):
     """For every object of the first `images` images, the tower's output feature (`last_hidden_state`, what a VLM
     takes by default) at the patch holding a pixel inside the object's shape, with the object's attributes and the
-    index of its image. Patch tokens are the last grid*grid positions (a CLIP tower's class token comes first)."""
+    index of its image, and the column and row of that patch (`POSITION_ATTRIBUTES`). Patch tokens are the last
+    grid*grid positions (a CLIP tower's class token comes first)."""
     from align.world.scene import Scene
 
     encoder.eval()
     size, patch = encoder.config.image_size, encoder.config.patch_size
     grid = size // patch
-    features, attributes, image_ids = [], {a: [] for a in OBJECT_ATTRIBUTES}, []
+    features, attributes, image_ids = [], {a: [] for a in OBJECT_ATTRIBUTES + POSITION_ATTRIBUTES}, []
     rows = world.select(range(min(images, len(world))))
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -238,9 +243,12 @@ def object_patch_features(encoder, image_processor, world: datasets.Dataset, ima
         for b, scene_json in enumerate(chunk["scene"]):
             scene = Scene.from_json(scene_json)
             for obj in scene.objects:
-                features.append(hidden[b, object_patch(obj, scene.image_size, size, patch)])
+                index = object_patch(obj, scene.image_size, size, patch)
+                features.append(hidden[b, index])
                 for a in OBJECT_ATTRIBUTES:
                     attributes[a].append(getattr(obj, a))
+                attributes["row"].append(index // grid)
+                attributes["column"].append(index % grid)
                 image_ids.append(start + b)
     if not features:
         raise ValueError("the world split has no objects to probe")
@@ -289,7 +297,7 @@ def format_object_probe(result: dict) -> str:
         "| attribute, from the object's patch | majority | trained tower | random-init twin |",
         "|---|---:|---:|---:|",
     ]
-    for name in OBJECT_ATTRIBUTES:
+    for name in OBJECT_ATTRIBUTES + POSITION_ATTRIBUTES:
         lines.append(f"| {name} | {trained[name]['majority']:.1%} | {trained[name]['probe']:.1%} "
                      f"| {random_init[name]['probe']:.1%} |")
     return "\n".join(lines)

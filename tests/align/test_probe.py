@@ -297,9 +297,10 @@ def test_object_features_come_from_the_patch_inside_each_object(setup, tiny_part
     features, attributes, image_ids = object_patch_features(_PatchEncoder(class_token=class_token), processor, world, 10)
     expected = [(i, o) for i in range(10) for o in Scene.from_json(world[i]["scene"]).objects]
     assert image_ids.tolist() == [i for i, _ in expected] and attributes["shape"] == [o.shape for _, o in expected]
-    for row, (_, obj) in zip(features, expected):
+    for k, (row, (_, obj)) in enumerate(zip(features, expected)):
         x, y = obj.center_pixel  # the tiny world is rendered at the tiny tower's 32 px
         assert row[3:].argmax().item() == (y // 8) * 4 + x // 8
+        assert (attributes["column"][k], attributes["row"][k]) == (x // 8, y // 8)
 
 
 def test_object_probe_reads_what_the_patch_holds_and_nothing_else(setup, tiny_parts):
@@ -310,6 +311,9 @@ def test_object_probe_reads_what_the_patch_holds_and_nothing_else(setup, tiny_pa
     processor = AutoImageProcessor.from_pretrained(tiny_parts["siglip"])
     result = object_probe(_PatchEncoder(), processor, world, images=80)
     assert result["color"]["probe"] > 0.8 > result["color"]["majority"]  # the patch's mean color names the object's
+    # The one-hot of the patch's index says where it is; the mean color does not.
+    assert result["column"]["probe"] > 0.9 > result["column"]["majority"]
+    assert result["row"]["probe"] > 0.9 > result["row"]["majority"]
     assert result["objects"] > result["scored"] > 0
     for name in ("color", "shape", "size"):
         assert 0.0 < result[name]["majority"] <= 1.0 and 0.0 <= result[name]["probe"] <= 1.0
