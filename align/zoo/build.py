@@ -227,13 +227,14 @@ def _build_siglip(cfg: ZooConfig, part: Part, world: datasets.DatasetDict, token
     image_processor.save_pretrained(out)
     dual.save_pretrained(out / "dual")
     # What the patch grid says about each object (align.probe --encoder), against a random-init twin.
-    from align.probe import OBJECT_ATTRIBUTES, encoder_object_probe
+    from align.probe import OBJECT_ATTRIBUTES, POSITION_ATTRIBUTES, encoder_object_probe
 
     objects = encoder_object_probe(str(out), train, images=min(600, len(train)))
+    attributes = OBJECT_ATTRIBUTES + POSITION_ATTRIBUTES
     for key in ("trained", "random_init"):
         suffix = "" if key == "trained" else "_random_init"
-        quality[f"object_probe{suffix}"] = {a: objects[key][a]["probe"] for a in OBJECT_ATTRIBUTES}
-    quality["object_probe_majority"] = {a: objects["trained"][a]["majority"] for a in OBJECT_ATTRIBUTES}
+        quality[f"object_probe{suffix}"] = {a: objects[key][a]["probe"] for a in attributes}
+    quality["object_probe_majority"] = {a: objects["trained"][a]["majority"] for a in attributes}
     part.finish(quality)
 
 
@@ -360,15 +361,17 @@ def _last_loss(history: list[dict]) -> float | None:
 
 
 def _object_probe_row(quality: dict) -> list[str]:
-    """The object probe's row, for zoos built since it was measured."""
+    """The object probe's row, for zoos built since it was measured (the patch's column and row since they were)."""
     if "object_probe" not in quality:
         return []
-    def triple(figures):
-        return " / ".join(f"{figures[a]:.1%}" for a in ("color", "shape", "size"))
+    names = [a for a in ("color", "shape", "size", "column", "row") if a in quality["object_probe"]]
+
+    def figures(values):
+        return " / ".join(f"{values[a]:.1%}" for a in names)
     return [
-        f"| SigLIP encoder | object color / shape / size from its patch, linear probe (majority "
-        f"{triple(quality['object_probe_majority'])}) | {triple(quality['object_probe'])} "
-        f"| {triple(quality['object_probe_random_init'])} | |"
+        f"| SigLIP encoder | object {' / '.join(names)} from its patch, linear probe (majority "
+        f"{figures(quality['object_probe_majority'])}) | {figures(quality['object_probe'])} "
+        f"| {figures(quality['object_probe_random_init'])} | |"
     ]
 
 

@@ -50,8 +50,9 @@ def test_parts_load_by_path_and_run(zoo):
     assert "perplexity" in format_quality(report)
     probe = saved["siglip"]["quality"]
     for key in ("object_probe", "object_probe_random_init", "object_probe_majority"):
-        assert set(probe[key]) == {"color", "shape", "size"} and all(0.0 <= v <= 1.0 for v in probe[key].values())
-    assert "object color / shape / size from its patch" in format_quality(report)
+        assert set(probe[key]) == {"color", "shape", "size", "column", "row"}
+        assert all(0.0 <= v <= 1.0 for v in probe[key].values())
+    assert "object color / shape / size / column / row from its patch" in format_quality(report)
 
 
 def test_rebuild_skips_valid_parts_and_redoes_changed_ones(zoo):
