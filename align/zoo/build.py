@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, HfArgumentParser, LlamaForCausalLM, Sigl
 from align.paths import SHIPPED_PARTS, default_cache_dir
 from align.pipeline import RECIPES, Step, run_step
 from align.world import WorldConfig, build_world
-from align.zoo.documents import lm_documents, object_patch_labels, tokenizer_documents
+from align.zoo.documents import lm_documents, object_patch_labels, patch_position_labels, tokenizer_documents
 from align.zoo.manifest import Part, code_fingerprint, settings_fingerprint, ship
 from align.zoo.parts import (
     LlamaPartConfig,
@@ -39,6 +39,7 @@ PARTS = ("world", "tokenizer", "siglip", "llama", "base")
 WORLD_CODE = ("align.world.scene", "align.world.render", "align.world.language", "align.world.dataset")
 TOKENIZER_CODE = ("align.zoo.tokenizer", "align.zoo.documents:tokenizer_documents")
 SIGLIP_CODE = ("align.zoo.parts", "align.zoo.documents:object_patch_labels", "align.probe:object_patch")
+POSITION_CODE = "align.zoo.documents:patch_position_labels"  # with --siglip_patch_positions
 LLAMA_CODE = ("align.zoo.parts", "align.zoo.documents:lm_documents")
 BASE_CODE = (
     "model.build", "model.chat_template", "model.configuration_vlm", "model.cross_attention", "model.feature_cache",
@@ -90,6 +91,12 @@ class ZooConfig:
         metadata={"help": "Weight of the patch-attribute loss next to SigLIP's (each object's patch names its color, "
                   "shape and size, from the scene graph); 0 trains on the captions alone."},
     )
+    siglip_patch_positions: bool = field(
+        default=False,
+        metadata={"help": "The patch-attribute loss also asks every patch its own column and row in the grid, so the "
+                  "tower's output keeps where each patch is (trained on the other targets alone, it loses it): "
+                  "`align.zoo.documents.patch_position_labels`. Off in the shipped parts (README: spatial)."},
+    )
     llama_steps: int = field(default=LlamaPartConfig.steps, metadata={"help": "Llama training steps."})
     llama_layers: int = field(default=LlamaPartConfig.num_layers, metadata={"help": "Llama decoder layers."})
     llama_hidden_size: int = field(default=LlamaPartConfig.hidden_size, metadata={"help": "Llama hidden size."})
@@ -125,6 +132,9 @@ class ZooConfig:
                              f"got {self.base_steps}")
         if not self.siglip_patch_loss >= 0:
             raise ValueError(f"siglip_patch_loss must be >= 0, got {self.siglip_patch_loss}")
+        if self.siglip_patch_positions and self.siglip_patch_loss == 0:
+            raise ValueError("siglip_patch_positions needs the patch-attribute loss (siglip_patch_loss > 0), got "
+                             "siglip_patch_loss 0")
         if self.test_images < 100:
             raise ValueError(f"test_images must be at least 100 (retrieval ranks among 100 captions), got {self.test_images}")
 
@@ -167,7 +177,9 @@ class ZooConfig:
 
 
 def _siglip_part(cfg: ZooConfig, tokenizer_fingerprint: str) -> Part:
-    fingerprint = settings_fingerprint(tokenizer_fingerprint, asdict(cfg.siglip()), code_fingerprint(*SIGLIP_CODE))
+    # The option's code counts only where it is used, so the shipped parts (built without it) keep their fingerprint.
+    extra = ("patch-positions", code_fingerprint(POSITION_CODE)) if cfg.siglip_patch_positions else ()
+    fingerprint = settings_fingerprint(tokenizer_fingerprint, asdict(cfg.siglip()), code_fingerprint(*SIGLIP_CODE), *extra)
     return Part(cfg.root, "siglip", fingerprint, cfg.force)
 
 
@@ -207,6 +219,9 @@ def _build_siglip(cfg: ZooConfig, part: Part, world: datasets.DatasetDict, token
     patch_labels, patch_classes = None, None
     if siglip_cfg.patch_loss_weight > 0:
         patch_labels, patch_classes = object_patch_labels(train["scene"], WorldConfig(image_size=cfg.image_size), siglip_cfg)
+        if cfg.siglip_patch_positions:
+            positions, position_classes = patch_position_labels(len(train), siglip_cfg)
+            patch_labels, patch_classes = torch.cat([patch_labels, positions], dim=1), patch_classes + position_classes
     dual, image_processor, history = pretrain_siglip(
         images, list(train["caption_detailed"]), tokenizer, siglip_cfg, str(out / "trainer"),
         patch_labels=patch_labels, patch_classes=patch_classes,

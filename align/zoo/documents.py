@@ -61,3 +61,17 @@ def object_patch_labels(scenes: list[str], world: WorldConfig, cfg: SiglipPartCo
             for k, (name, names) in enumerate(values.items()):
                 labels[i, k, patch] = names.index(getattr(obj, name))
     return labels, [len(names) for names in values.values()]
+
+
+def patch_position_labels(images: int, cfg: SiglipPartConfig) -> tuple[torch.Tensor, list[int]]:
+    """Patch labels of where each patch is, for the patch-attribute loss: every patch's column and row in the grid
+    (images x 2 x patches), the same for every image, and the class count of each (the grid's side).
+
+    SigLIP's loss and the object targets never ask where a patch is, and training washes its position embeddings out
+    of the output (`align.probe --encoder`: the column of an object's patch at 23% against the random-init twin's
+    41%); a VLM then finds two named objects among its visual tokens but cannot compare their places. Asking each
+    patch its own place keeps it, as detection and segmentation data keep it in real towers."""
+    grid = cfg.image_size // cfg.patch_size
+    index = torch.arange(grid * grid)
+    labels = torch.stack([index % grid, index // grid]).expand(images, -1, -1).clone()
+    return labels, [grid, grid]

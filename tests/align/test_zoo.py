@@ -100,6 +100,8 @@ def test_bad_sizes_name_the_parameter():
         ZooConfig(llama_steps=0)
     with pytest.raises(ValueError, match="base_steps must give"):
         ZooConfig(base_steps=[10])
+    with pytest.raises(ValueError, match="siglip_patch_positions needs the patch-attribute loss"):
+        ZooConfig(siglip_patch_loss=0.0, siglip_patch_positions=True)
 
 
 @pytest.mark.parametrize("fusion", ["prepend", "cross_attention"])
@@ -312,3 +314,42 @@ def test_a_build_killed_mid_part_is_finished_by_the_same_command(zoo, tmp_path):
     assert not (root / "siglip.partial").exists()
     for part in ("tokenizer", "siglip", "llama"):
         assert file_checksums(root / part) == file_checksums(cfg.root / part), part
+
+
+def test_patch_position_labels_name_each_patch_its_column_and_row():
+    from align.zoo.documents import patch_position_labels
+    from align.zoo.parts import SiglipPartConfig
+
+    labels, classes = patch_position_labels(3, SiglipPartConfig(image_size=32, patch_size=8))
+    assert labels.shape == (3, 2, 16) and classes == [4, 4]
+    for patch in range(16):
+        assert labels[:, :, patch].tolist() == [[patch % 4, patch // 4]] * 3  # row-major, as `object_patch`
+
+
+def test_the_position_targets_train_into_the_tower_and_its_fingerprint(zoo, tmp_path, monkeypatch):
+    """With `siglip_patch_positions` the SigLIP part is another part (its own fingerprint, trained here, not the
+    default's), built with the two position heads next to the attribute heads."""
+    import align.zoo.build as build_module
+    from align.zoo.build import _siglip_part
+
+    trained_with = []
+
+    def recording(*args, **kwargs):
+        trained_with.append((kwargs["patch_labels"], kwargs["patch_classes"]))
+        return pretrain_siglip(*args, **kwargs)
+
+    pretrain_siglip = build_module.pretrain_siglip
+    monkeypatch.setattr(build_module, "pretrain_siglip", recording)
+    cfg, report = zoo
+    on = replace(cfg, siglip_patch_positions=True)
+    assert _siglip_part(on, report["tokenizer"]["fingerprint"]).fingerprint != report["siglip"]["fingerprint"]
+    other = tmp_path / "zoo"
+    shutil.copytree(cfg.root / "world", other / "world")
+    shutil.copytree(cfg.root / "tokenizer", other / "tokenizer")
+    built = build_zoo(replace(on, cache_dir=str(other)))
+    assert built["siglip"]["fingerprint"] == _siglip_part(on, report["tokenizer"]["fingerprint"]).fingerprint
+    assert built["siglip"]["fingerprint"] != report["siglip"]["fingerprint"]
+    assert built["tokenizer"]["fingerprint"] == report["tokenizer"]["fingerprint"]  # reused, not retrained
+    (labels, classes), = trained_with
+    assert classes[3:] == [8, 8] and labels.shape[1] == 5  # color, shape, size, then column and row of the 8x8 grid
+    assert labels[:, 3:, 10].tolist() == [[2, 1]] * labels.shape[0]  # patch 10: column 2, row 1, in every image
