@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from align.loading import load_run
+from align.world.geometry import object_patch  # the zoo's SigLIP build imports it from here, too
 from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
 
 logger = logging.getLogger(__name__)
@@ -213,13 +214,6 @@ OBJECT_ATTRIBUTES = ("color", "shape", "size")
 # of the square?") needs both objects' places from their patches; what a patch's feature says of its own place is
 # what the VLM can read of it beyond the order of its visual tokens.
 POSITION_ATTRIBUTES = ("column", "row")
-
-
-def object_patch(obj, scene_size: int, image_size: int, patch_size: int) -> int:
-    """Index in a tower's patch grid (row-major) of the patch holding a pixel inside `obj`'s shape, for a scene
-    rendered at `scene_size` px and a tower that sees `image_size` px in `patch_size` px patches."""
-    x, y = (min(int(v * image_size / scene_size), image_size - 1) for v in obj.center_pixel)
-    return (y // patch_size) * (image_size // patch_size) + x // patch_size
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from .dataset import (
     question_rows,
     text_corpus,
 )
+from .geometry import object_patch
 from .language import (
     ANSWER_TYPES,
     CATEGORIES,
@@ -65,6 +66,7 @@ __all__ = [
     "make_questions",
     "normalize",
     "object_documents",
+    "object_patch",
     "prompt_rows",
     "question_category",
     "question_rows",

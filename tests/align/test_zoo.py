@@ -206,8 +206,8 @@ def test_llm_captioned_chats_put_the_detailed_caption_where_the_image_was(zoo):
 def test_object_patch_labels_name_each_object_at_its_patch(zoo):
     import datasets
 
-    from align.probe import object_patch
     from align.world import SIZES, Scene, WorldConfig
+    from align.world.geometry import object_patch
     from align.zoo import object_patch_labels
     from align.zoo.parts import SiglipPartConfig
 
