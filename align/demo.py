@@ -6,10 +6,10 @@
 Builds the shapes world and the tiny pretrained parts (reusing what is built), then runs the real recipes
 in order, each in its own process exactly as a user launches them:
 
-    stage 1 (prepend and cross-attention) -> SFT (LoRA) -> DPO (LoRA)
-    -> GRPO from the SFT policy (recipes/grpo.py), about the rounds' wall-clock
+    stage 1 (prepend and cross-attention) -> SFT (LoRA) -> DPO (LoRA), and beside it the reward model
+    -> GRPO from the SFT policy (recipes/grpo.py), about the rounds' CPU time
     -> rounds of rejection sampling -> SFT -> DPO (recipes/rounds.py) -> evaluate after each stage
-    -> students of the final policy: pruned to 1/8 and 3/8 of its LLM and ternary, each distilled and trained on
+    -> students of the final policy: pruned to 3/8 of its LLM (width) and ternary, each distilled and trained on
        the labels only (recipes/students.py)
 
 and prints the quality figures of the parts, the stage-1 caption figures, a scoreboard (accuracy per question
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,14 +46,19 @@ from align.world import build_world
 from align.zoo import ZooConfig, build_zoo, format_quality
 
 CONFIGS = RECIPES / "configs" / "tiny"
+# A step, or steps that run one after the other in one CPU slot (each needing the one before, or just sharing it).
+Lane = Step | list[Step]
 
 
-def pipeline(run_dir: Path, eval_questions: int, force: bool = False, launcher: str = "forkserver") -> list[list[Step]]:
-    """The default pipeline as groups of independent steps; a group starts when the groups before it are done, and
-    its steps run side by side (two at a time, one CPU thread each: `align.pipeline.run_parallel`).
+def pipeline(run_dir: Path, eval_questions: int, force: bool = False, launcher: str = "forkserver") -> list[list[Lane]]:
+    """The default pipeline as groups of lanes; a group starts when the groups before it are done, and its lanes run
+    side by side (two at a time, one CPU thread each: `align.pipeline.run_parallel`), the steps of a lane in order.
 
     Post-training starts from the zoo's base VLM (`base`: stage 1, then grounded pretraining, shipped with the
-    package); the two short stage-1 runs show adapter pretraining on both fusions (their caption figures)."""
+    package); the two short stage-1 runs show adapter pretraining on both fusions (their caption figures). The
+    reward model, the longest step, has a core to itself while the other lane runs DPO, GRPO and the evaluations
+    that need only SFT's and DPO's outputs; the rounds then need all of them (the DPO policy, its evaluation and the
+    reward model)."""
     evaluate = {"num_questions": eval_questions}
     base = default_cache_dir() / "base"
     return [
@@ -63,21 +69,21 @@ def pipeline(run_dir: Path, eval_questions: int, force: bool = False, launcher: 
             Step("stage1-cross_attention", "pretrain.py", CONFIGS / "pretrain_cross_attention.yaml", {"max_steps": 200}),
         ],
         [
-            Step("dpo", "dpo.py", CONFIGS / "dpo.yaml", {"model_name_or_path": run_dir / "sft", "max_steps": 100, "world_images": 100}),
             Step("reward", "reward.py", CONFIGS / "reward.yaml", {"model_name_or_path": run_dir / "sft"}),
-            Step("eval-base", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": base, **evaluate}),
-            Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", **evaluate}),
+            [
+                Step("dpo", "dpo.py", CONFIGS / "dpo.yaml", {"model_name_or_path": run_dir / "sft", "max_steps": 100, "world_images": 100}),
+                Step("eval-base", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": base, **evaluate}),
+                Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", **evaluate}),
+                Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", **evaluate}),
+                # The same SFT policy on a world generated with another seed: the figures must not be the seed's.
+                Step(f"eval-sft-seed{OTHER_SEED}", "evaluate.py", CONFIGS / "evaluate.yaml", {
+                    "model_name_or_path": run_dir / "sft", "world_path": other_world(run_dir), **evaluate}),
+                # Online RL from the same SFT policy, its compute about the rounds' (GRPO_STEPS).
+                Step("grpo", "grpo.py", CONFIGS / "grpo.yaml", {
+                    "model_name_or_path": run_dir / "sft", "max_steps": GRPO_STEPS, "categories": list(GRPO_CATEGORIES)}),
+                Step("eval-grpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "grpo", **evaluate}),
+            ],
         ],
-        [
-            Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", **evaluate}),
-            # The same SFT policy on a world generated with another seed: the figures must not be the seed's.
-            Step(f"eval-sft-seed{OTHER_SEED}", "evaluate.py", CONFIGS / "evaluate.yaml", {
-                "model_name_or_path": run_dir / "sft", "world_path": other_world(run_dir), **evaluate}),
-        ],
-        # Online RL from the same SFT policy, on its own so that its time compares with the rounds' (GRPO_STEPS).
-        [Step("grpo", "grpo.py", CONFIGS / "grpo.yaml", {
-            "model_name_or_path": run_dir / "sft", "max_steps": GRPO_STEPS, "categories": list(GRPO_CATEGORIES)})],
-        [Step("eval-grpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "grpo", **evaluate})],
         [Step("rounds", "rounds.py", CONFIGS / "rounds.yaml", {
             "policy": run_dir / "dpo", "initial_eval": run_dir / "eval-dpo" / "metrics.json",
             "num_questions": eval_questions, "force": force, "launcher": launcher,
@@ -90,7 +96,7 @@ def pipeline(run_dir: Path, eval_questions: int, force: bool = False, launcher: 
 
 
 OTHER_SEED = 1
-# GRPO in the demo: about the rounds' wall-clock on a 2-core CPU (README: ~95 s each), on the categories the SFT
+# GRPO in the demo: about the rounds' CPU time on a 2-core CPU (each ~100 s of both cores' worth), on the categories the SFT
 # policy reads worst, as the rounds' sampling may be aimed (Llama 3 aims each round at the lagging capabilities).
 GRPO_STEPS = 250
 GRPO_CATEGORIES = ("count", "spatial")
@@ -106,14 +112,25 @@ def other_world(run_dir: Path) -> Path:
     return path
 
 
-def run_group(steps: list[Step], run_dir: Path, force: bool, launcher: str = "forkserver") -> dict:
-    """Run a group of independent steps, two at a time with one CPU thread each (one step: all threads)."""
-    parallel = min(2, len(steps))
-    for step in steps:
+def lane_steps(lane: Lane) -> list[Step]:
+    return lane if isinstance(lane, list) else [lane]
+
+
+def run_group(lanes: list[Lane], run_dir: Path, force: bool, launcher: str = "forkserver") -> dict:
+    """Run a group's lanes two at a time with one CPU thread each (one lane: all threads), each lane's steps in
+    order; returns every step's metrics by name."""
+    parallel = min(2, len(lanes))
+    for step in (step for lane in lanes for step in lane_steps(lane)):
         step.threads = threads_per_job(parallel)
         step.launcher = launcher
-    jobs = [lambda step=step: run_step(step, run_dir, force, tag="demo") for step in steps]
-    return dict(zip((step.name for step in steps), run_parallel(jobs, parallel)))
+
+    def run_lane(lane: Lane) -> dict:
+        return {step.name: run_step(step, run_dir, force, tag="demo") for step in lane_steps(lane)}
+
+    results = {}
+    for lane_results in run_parallel([lambda lane=lane: run_lane(lane) for lane in lanes], parallel):
+        results.update(lane_results)
+    return results
 
 
 def students_step(run_dir: Path, rounds: dict, eval_questions: int, force: bool = False, launcher: str = "forkserver") -> Step:
@@ -121,7 +138,9 @@ def students_step(run_dir: Path, rounds: dict, eval_questions: int, force: bool 
     last = rounds["rounds"][-1]["round"]
     overrides = {
         "teacher": rounds["final_policy"], "teacher_eval": run_dir / "rounds" / f"round{last}" / "eval" / "metrics.json",
-        "num_questions": eval_questions, "force": force, "parallel": 2, "launcher": launcher, "max_steps": 50,
+        "num_questions": eval_questions, "force": force, "parallel": 2, "launcher": launcher,
+        # The 3/8 student (the Llama 3.2 3B-from-8B ratio) and the ternary one; the 1/8 student runs in make recipes.
+        "targets": [0.375],
     }
     return Step("students", "students.py", CONFIGS / "students.yaml", overrides, launcher=launcher)
 
@@ -256,25 +275,29 @@ def paired_against_sft(run_dir: Path, rounds: dict) -> str:
     return "Accuracy minus SFT's, in points (± the paired standard error):\n\n" + table
 
 
-def grpo_against_rounds(run_dir: Path, results: dict) -> str:
-    """GRPO (from the SFT policy) and the rounds (from the DPO policy): the wall-clock each took on this machine, and
-    GRPO minus the last round on the same questions."""
+def grpo_against_rounds(run_dir: Path, results: dict, threads: dict[str, int | None]) -> str:
+    """GRPO (from the SFT policy) and the rounds (from the DPO policy): the wall-clock each took on this machine with
+    the CPU threads it had (`threads` by step name, None: all), and GRPO minus the last round on the same questions."""
     from align.evaluation import PREDICTIONS, paired_difference, paired_table, read_predictions
 
     rounds, grpo = results["rounds"], results["grpo"]
     last = rounds["rounds"][-1]["round"]
     lines = [
-        "| run | wall-clock | what it did |",
-        "|---|---:|---|",
-        f"| GRPO | {_seconds(grpo)} | {grpo['global_step']} steps, {grpo['images_encoded']} images encoded; mean reward "
+        "| run | wall-clock | CPU threads | what it did |",
+        "|---|---:|---:|---|",
+        f"| GRPO | {_seconds(grpo)} | {_threads(threads.get('grpo'))} | {grpo['global_step']} steps, {grpo['images_encoded']} images encoded; mean reward "
         f"{grpo['reward']['history'][0][1]:.2f} -> {grpo['reward']['history'][-1][1]:.2f}, KL {grpo['kl']['history'][-1][1]:.4f} |",
-        f"| rounds | {_seconds(rounds)} | {last} rounds of rejection sampling -> SFT -> DPO, each evaluated |",
+        f"| rounds | {_seconds(rounds)} | {_threads(threads.get('rounds'))} | {last} rounds of rejection sampling -> SFT -> DPO, each evaluated |",
     ]
     paired = paired_difference(
         read_predictions(run_dir / "eval-grpo" / PREDICTIONS),
         read_predictions(run_dir / "rounds" / f"round{last}" / "eval" / PREDICTIONS),
     )
     return "\n".join(lines) + "\n\n" + paired_table({f"GRPO − round {last}": paired})
+
+
+def _threads(threads: int | None) -> str:
+    return str(threads or os.cpu_count() or 1)
 
 
 def _seconds(metrics: dict) -> str:
@@ -303,9 +326,10 @@ def main(argv=None):
     print("\n## Tiny pretrained parts\n")
     print(format_quality(report))
 
-    results = {}
+    results, threads = {}, {}
     for group in pipeline(run_dir, args.eval_questions, args.force, args.launcher):
         results.update(run_group(group, run_dir, args.force, args.launcher))
+        threads.update({step.name: step.threads for lane in group for step in lane_steps(lane)})
     students = students_step(run_dir, results["rounds"], args.eval_questions, args.force, args.launcher)
     results["students"] = run_step(students, run_dir, args.force, tag="demo")
 
@@ -332,7 +356,7 @@ def main(argv=None):
     print(f"\n## {REWARD_MODEL}\n\n{reward}")
     against_sft = paired_against_sft(run_dir, results["rounds"])
     print(f"\n## {AGAINST_SFT}\n\n{against_sft}")
-    versus = grpo_against_rounds(run_dir, results)
+    versus = grpo_against_rounds(run_dir, results, threads)
     print(f"\n## {GRPO_VS_ROUNDS}\n\n{versus}")
     heading = "Students of the final policy: distilled vs labels only, same steps (seed 0)"
     students = (run_dir / "students" / "students.md").read_text().rstrip()

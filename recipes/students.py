@@ -68,6 +68,14 @@ class StudentsArguments:
         default_factory=lambda: [0.125, 0.375],
         metadata={"help": "Pruned students: fractions of the teacher LLM's non-embedding parameters to keep."},
     )
+    depth_share: float | None = field(
+        default=0.0,
+        metadata={
+            "help": "Pruning's depth share (model.prune --depth_share): 0 keeps every layer and prunes width, as "
+            "Minitron recommends for students that are distilled afterwards; None tries every depth and keeps the "
+            "lowest calibration perplexity before training."
+        },
+    )
     ternary: bool = field(default=True, metadata={"help": "Also make a ternary (BitNet b1.58) student of the teacher's size."})
     distill_config: str = field(default=str(TINY / "distill.yaml"), metadata={"help": "YAML of recipes/distill.py."})
     evaluate_config: str = field(default=str(TINY / "evaluate.yaml"), metadata={"help": "YAML of recipes/evaluate.py."})
@@ -106,6 +114,8 @@ class StudentsArguments:
             raise ValueError("nothing to make: give targets and/or ternary: true")
         if self.parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {self.parallel}")
+        if self.depth_share is not None and not 0 <= self.depth_share <= 1:
+            raise ValueError(f"depth_share must be in [0, 1], got {self.depth_share}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.alpha is not None and not 0 < self.alpha <= 1:
@@ -146,7 +156,10 @@ def prune(args: StudentsArguments, teacher: str, calibration: Path, target: floa
         return json.loads(plan.read_text())
     logger.info("pruning %s to %.3f of its LLM's non-embedding parameters: %s", teacher, target, output)
     return prune_main(
-        PruneArguments(teacher=teacher, output=str(output), calibration_file=str(calibration), target_params=target)
+        PruneArguments(
+            teacher=teacher, output=str(output), calibration_file=str(calibration), target_params=target,
+            depth_share=args.depth_share,
+        )
     )
 
 

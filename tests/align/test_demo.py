@@ -1,8 +1,10 @@
 """The demo's gates table: each target next to what a run measured, and whether it is met."""
 
 import json
+from pathlib import Path
 
-from align.demo import gates_table
+import align.demo
+from align.demo import gates_table, lane_steps, pipeline
 from align.evaluation import PREDICTIONS, standard_error
 
 CATEGORIES = ["color", "shape", "count", "existence", "spatial", "unanswerable"]
@@ -62,3 +64,28 @@ def test_gates_table_reports_each_target_against_the_run(tmp_path):
     assert "distilled 60.0%, labels only 55.0%" in rows["ternary student"]
     assert rows["reward model, held-out pairs"].endswith("| yes |")
     assert "80.0% of candidate pairs" in rows["reward model agrees with the verifier"]
+
+
+def test_pipeline_runs_each_step_after_the_runs_it_reads(tmp_path, monkeypatch):
+    """Every run folder a step reads (its model, policy, reward model, initial evaluation) is written by a step of
+    an earlier group or earlier in the same lane: the lanes of a group run side by side."""
+    monkeypatch.setattr(align.demo, "other_world", lambda run_dir: run_dir / "world-seed1")
+    run_dir = tmp_path / "demo"
+    done, names = set(), []
+    for group in pipeline(run_dir, eval_questions=10):
+        finished_in_group = set()
+        for lane in group:
+            ready = set(done)
+            for step in lane_steps(lane):
+                reads = {
+                    Path(value).relative_to(run_dir).parts[0]
+                    for value in step.overrides.values()
+                    if isinstance(value, Path) and Path(value).is_relative_to(run_dir)
+                } - {"world-seed1"}
+                assert reads <= ready, (step.name, reads - ready)
+                ready.add(step.name)
+                finished_in_group.add(step.name)
+                names.append(step.name)
+        done |= finished_in_group
+    assert len(names) == len(set(names))
+    assert {"sft", "dpo", "reward", "grpo", "rounds", "eval-dpo", "eval-grpo"} <= done

@@ -68,6 +68,9 @@ def test_pruned_and_ternary_students_distilled_and_labels_only(setup, students_r
     assert ternary["parameters"] == teacher_params and ternary["init"] == setup["teacher"]
     plan = read_json(out / "pruned-0.5" / "pruned" / "prune_plan.json")
     assert plan["teacher"] == setup["teacher"] and plan["params_after"] == pruned["parameters"]
+    # Width pruning by default (depth_share 0): every layer kept, the MLP narrower.
+    assert plan["sizes"]["num_layers"] == plan["teacher_sizes"]["num_layers"]
+    assert plan["sizes"]["intermediate_size"] < plan["teacher_sizes"]["intermediate_size"]
     calibration = (out / "calibration.jsonl").read_text().splitlines()
     assert calibration and all("text" in json.loads(line) for line in calibration)
 
@@ -131,6 +134,7 @@ def test_bad_settings_are_named(setup, tmp_path):
         ({"distill_config": "missing.yaml"}, "distill_config"),
         ({"alpha": 0.0}, "alpha must be in"),
         ({"parallel": 0}, "parallel must be >= 1"),
+        ({"depth_share": 1.5}, "depth_share must be in"),
     ):
         path.write_text(yaml.safe_dump({"teacher": setup["teacher"], "output_dir": str(tmp_path), **override}))
         with pytest.raises(ValueError, match=message):
