@@ -52,6 +52,7 @@ from model import (
     freeze_for_stage,
     pack_image_features,
 )
+from model.reward_model import last_token_indices
 
 logger = logging.getLogger(__name__)
 
@@ -419,8 +420,9 @@ def _is_score(parameter_name: str) -> bool:
     return "score" in parameter_name.split(".")
 
 
-def pair_image_inputs(model, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The visual inputs of a `2 * pairs` batch from the pairs' images, which both halves share.
+def pair_image_inputs(model, pixel_values: torch.Tensor, repeat: bool = True) -> dict[str, torch.Tensor]:
+    """The visual inputs of a `2 * pairs` batch from the pairs' images, which both halves share (`repeat=False`:
+    of a batch of packed pairs, one row per pair).
 
     With frozen vision towers (LoRA, and every stage but `prealign`/`full`), the towers run once per image (no
     gradient needed) and their features are repeated for the two halves: the projectors and the LLM still run
@@ -429,11 +431,62 @@ def pair_image_inputs(model, pixel_values: torch.Tensor) -> dict[str, torch.Tens
     """
     reward_model = _reward_model_of(model)
     towers = reward_model.model.vision_towers
+    copies = 2 if repeat else 1
     if any(p.requires_grad for p in towers.parameters()):
-        return {"pixel_values": torch.cat([pixel_values, pixel_values])}
+        return {"pixel_values": torch.cat([pixel_values] * copies)}
     with torch.no_grad():
         features = pack_image_features(reward_model.model.get_vision_features(pixel_values))
-    return {"image_features": torch.cat([features, features])}
+    return {"image_features": torch.cat([features] * copies)}
+
+
+def pack_reward_pairs(batch: dict, dtype: torch.dtype = torch.float32, image_token_id: int | None = None) -> dict | None:
+    """One sequence per preference pair from `RewardCollator`'s batch (`[chosen rows; rejected rows]`, right-padded,
+    a pair's rows starting with the same image and prompt): with P the leading columns every pair shares (real
+    tokens, equal in both rows), `[the P shared columns | chosen's columns P.. | rejected's columns P..]`.
+
+    The rejected tokens see the shared prompt and each other, never the chosen ones; each token keeps the position
+    it has unpacked, so every hidden state, and the score at each answer's last real token, is the unpacked one. The
+    image and the prompt (most of a row: the visual tokens) go through the LLM once per pair instead of twice.
+
+    Returns:
+        `input_ids`, `attention_mask` (4-D, additive, in `dtype`), `position_ids`, `score_positions` (`[pairs, 2]`:
+        where the chosen and the rejected answer end) and the pairs' `pixel_values` (once per pair, as collated);
+        None when the batch cannot be packed (no shared prompt, an image placeholder after it, or inputs this packing
+        does not know, such as a stock processor's `image_grid_thw` or a cross-attention mask).
+    """
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    rows, width = ids.shape
+    if rows % 2 or attention.dim() != 2 or set(batch) - {"input_ids", "attention_mask", "pixel_values"}:
+        return None
+    pairs = rows // 2
+    shared = (ids[:pairs] == ids[pairs:]) & (attention[:pairs] == 1) & (attention[pairs:] == 1)
+    prompt = int(shared.all(dim=0).long().cumprod(0).sum())
+    if prompt < 1 or prompt == width or (image_token_id is not None and (ids[pairs:, prompt:] == image_token_id).any()):
+        return None
+    device, answer = ids.device, width - prompt
+    packed = torch.cat([ids[:pairs], ids[pairs:, prompt:]], dim=1)  # [pairs, 2W - P]
+    keys = torch.cat([attention[:pairs], attention[pairs:, prompt:]], dim=1).bool()
+    segment = torch.cat([
+        torch.zeros(prompt, dtype=torch.long), torch.ones(answer, dtype=torch.long), torch.full((answer,), 2, dtype=torch.long),
+    ]).to(device)
+    position = torch.arange(packed.shape[1], device=device)
+    allowed = position[None, :] <= position[:, None]  # causal in packed order
+    allowed &= ~((segment[:, None] == 2) & (segment[None, :] == 1))  # the rejected answer does not see the chosen one
+    allowed = allowed[None] & keys[:, None, :]
+    allowed |= torch.eye(packed.shape[1], dtype=torch.bool, device=device)[None]  # padding attends to itself
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    counted = (attention.long().cumsum(-1) - 1).clamp(min=0)  # each row's positions, as the model counts them
+    positions = torch.cat([counted[:pairs], counted[pairs:, prompt:]], dim=1)
+    last = last_token_indices(attention)
+    rejected_last = torch.where(last[pairs:] >= prompt, last[pairs:] + answer, last[pairs:])
+    packed_batch = {
+        "input_ids": packed, "attention_mask": additive[:, None], "position_ids": positions,
+        "score_positions": torch.stack([last[:pairs], rejected_last], dim=1),
+    }
+    if batch.get("pixel_values") is not None:
+        packed_batch["pixel_values"] = batch["pixel_values"]
+    return packed_batch
 
 
 def pairwise_metrics(prediction: EvalPrediction) -> dict[str, float]:
@@ -481,10 +534,20 @@ class VisionRewardTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         margin = inputs.pop("margin", None)
-        if isinstance(_reward_model_of(model), VLMForRewardModeling) and inputs.get("pixel_values") is not None:
-            inputs.update(pair_image_inputs(model, inputs.pop("pixel_values")))
-        rewards = model(**inputs, use_cache=False).logits.squeeze(-1).float()
-        chosen, rejected = rewards.chunk(2)
+        reward_model = _reward_model_of(model)
+        # One forward per pair, the image and prompt shared by both answers (`pack_reward_pairs`); transformers'
+        # Trainer and TRL's RewardTrainer run the two rows apart, so the prompt (mostly visual tokens) costs twice.
+        packed = pack_reward_pairs(inputs, reward_model.dtype, reward_model.config.image_token_id) if isinstance(reward_model, VLMForRewardModeling) else None
+        if packed is not None:
+            pixel_values = packed.pop("pixel_values", None)
+            if pixel_values is not None:
+                packed.update(pair_image_inputs(model, pixel_values, repeat=False))
+            chosen, rejected = model(**packed, use_cache=False).logits.float().unbind(-1)
+        else:
+            if isinstance(reward_model, VLMForRewardModeling) and inputs.get("pixel_values") is not None:
+                inputs.update(pair_image_inputs(model, inputs.pop("pixel_values")))
+            rewards = model(**inputs, use_cache=False).logits.squeeze(-1).float()
+            chosen, rejected = rewards.chunk(2)
         loss = bradley_terry_loss(chosen, rejected, margin)
         if self.args.center_rewards_coefficient is not None:
             # Mean-zero rewards, arXiv:2312.09244 eq. 2 (TRL's `center_rewards_coefficient`).

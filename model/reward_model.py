@@ -148,6 +148,7 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
         use_cache: bool | None = None,
         cross_attention_mask: torch.Tensor | None = None,
         cross_attention_states: torch.Tensor | None = None,
+        score_positions: torch.LongTensor | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         r"""
@@ -157,6 +158,8 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
         `attention_mask`; without a mask, the last position). With a mask and no `position_ids`, positions count
         real tokens only, so a left-padded row scores exactly as the same row right-padded. `labels` (`[batch]`
         floats) give transformers' regression loss (MSE), as `*ForSequenceClassification` with `num_labels=1`.
+        `score_positions` (`[batch, k]`) scores those positions instead (`logits` `[batch, k]`): several answers
+        packed into one row (`align.reward.pack_reward_pairs`, whose 4-D mask has no last real token to find).
         """
         if position_ids is None and attention_mask is not None and past_key_values is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -173,7 +176,12 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
             cross_attention_states=cross_attention_states,
             **kwargs,
         )
-        logits = self.score_last_token(outputs.last_hidden_state, attention_mask)
+        if score_positions is not None:
+            hidden = outputs.last_hidden_state
+            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+            logits = self.score(hidden[rows, score_positions.to(hidden.device)].to(self.score.weight.dtype)).squeeze(-1)
+        else:
+            logits = self.score_last_token(outputs.last_hidden_state, attention_mask)
 
         loss = None
         if labels is not None:

@@ -261,11 +261,13 @@ def main(args: StudentsArguments) -> dict:
         teacher_params = llm_parameter_counts(load_teacher(teacher)[0])
     if args.ternary:
         students["ternary (b1.58)"] = {"dir": output_dir / "ternary", "init": teacher, "ternary": True, "parameters": teacher_params}
-    jobs = [evaluate_teacher] + [job for entry in students.values() for job in both_ways(args, entry["dir"], entry, teacher)]
+    # The largest students first (the ternary one has the teacher's size), so that N side by side end together.
+    order = sorted(students, key=lambda name: -students[name]["parameters"]["llm"])
+    jobs = [evaluate_teacher] + [job for name in order for job in both_ways(args, students[name]["dir"], students[name], teacher)]
     results = iter(run_parallel(jobs, args.parallel))
     teacher_eval = next(results)
-    for entry in students.values():
-        entry.update({way: next(results) for way in WAYS})
+    for name in order:
+        students[name].update({way: next(results) for way in WAYS})
 
     # ----- save -------------------------------------------------------------------------------------------------
     summary = {

@@ -21,6 +21,8 @@ from align.reward import (
     held_out_pairs,
     load_reward_model,
     load_reward_model_for_training,
+    pack_reward_pairs,
+    pair_image_inputs,
     pairwise_accuracy,
     prepare_reward_model,
     reward_scores,
@@ -323,6 +325,49 @@ def test_reward_scores_match_the_training_forward(setup, trained):
     rejected = reward_scores(trainer.model, processor, score_rows(pairs, "rejected"))
     assert chosen == pytest.approx(outputs["chosen"].tolist(), abs=1e-5)
     assert rejected == pytest.approx(outputs["rejected"].tolist(), abs=1e-5)
+
+
+def test_one_packed_forward_per_pair_scores_and_trains_as_two_rows(setup, trained):
+    """The trainer scores each pair in one sequence, image and prompt shared (`pack_reward_pairs`): the rewards, the
+    loss and its gradients equal those of the chosen and rejected rows run apart."""
+    trainer, processor, _ = trained
+    model = trainer.model
+    model.train()
+    pairs = [setup["pairs"][i] for i in range(4)]
+    batch = RewardCollator(processor)(pairs)
+    packed = pack_reward_pairs(batch, image_token_id=model.config.image_token_id)
+    assert packed is not None and packed["input_ids"].shape[0] == 4
+    assert packed["input_ids"].shape[1] < 2 * batch["input_ids"].shape[1] - 20  # the prompt goes in once
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    packed_grads = gradients(loss)
+    rows = dict(batch)
+    rows.update(pair_image_inputs(model, rows.pop("pixel_values")))
+    chosen, rejected = model(**rows, use_cache=False).logits.squeeze(-1).chunk(2)
+    apart = bradley_terry_loss(chosen, rejected)
+    apart_grads = gradients(apart)
+    assert outputs["chosen"].tolist() == pytest.approx(chosen.tolist(), abs=1e-5)
+    assert outputs["rejected"].tolist() == pytest.approx(rejected.tolist(), abs=1e-5)
+    assert loss.item() == pytest.approx(apart.item(), abs=1e-6)
+    assert packed_grads.keys() == apart_grads.keys() and packed_grads
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, apart_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad()
+
+    # The packed sequences themselves score as the rows apart (the trainer did not fall back to them).
+    with torch.no_grad():
+        packed.update(pair_image_inputs(model, packed.pop("pixel_values"), repeat=False))
+        scores = model(**packed, use_cache=False).logits
+    assert scores.shape == (4, 2)
+    torch.testing.assert_close(scores, torch.stack([chosen, rejected], dim=1).detach(), atol=1e-5, rtol=1e-5)
+    # Batches it does not know how to halve are run as rows.
+    assert pack_reward_pairs({**batch, "cross_attention_mask": batch["attention_mask"]}) is None
+    assert pack_reward_pairs({k: v[:7] if k != "pixel_values" else v for k, v in batch.items()}) is None
 
 
 def test_evaluate_pairs_and_the_trainer_evaluation_agree(setup, trained):
