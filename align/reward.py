@@ -153,7 +153,7 @@ class RewardScriptArguments(WorldDataArguments, RunArguments):
 
 @dataclass
 class VLMRewardConfig(RewardConfig):
-    """TRL's `RewardConfig` plus the score head's own learning rate."""
+    """TRL's `RewardConfig` plus the score head's own learning rate and the one-forward-per-pair switch."""
 
     score_learning_rate: float | None = field(
         default=None,
@@ -161,6 +161,14 @@ class VLMRewardConfig(RewardConfig):
             "help": "Learning rate of the score head (new and zero-initialised); default: --learning_rate. A higher "
             "one lets the head fit the backbone's features before the backbone's adaptation moves them, the idea "
             "of LP-FT (linear probing, then fine-tuning; arXiv:2202.10054) in a single run."
+        },
+    )
+
+    pack_pairs: bool = field(
+        default=True,
+        metadata={
+            "help": "One forward per preference pair, the image and prompt shared by both answers (exact; "
+            "`pack_reward_pairs`); false runs the chosen and rejected rows apart, as transformers' Trainer would."
         },
     )
 
@@ -537,7 +545,8 @@ class VisionRewardTrainer(Trainer):
         reward_model = _reward_model_of(model)
         # One forward per pair, the image and prompt shared by both answers (`pack_reward_pairs`); transformers'
         # Trainer and TRL's RewardTrainer run the two rows apart, so the prompt (mostly visual tokens) costs twice.
-        packed = pack_reward_pairs(inputs, reward_model.dtype, reward_model.config.image_token_id) if isinstance(reward_model, VLMForRewardModeling) else None
+        packable = isinstance(reward_model, VLMForRewardModeling) and getattr(self.args, "pack_pairs", True)
+        packed = pack_reward_pairs(inputs, reward_model.dtype, reward_model.config.image_token_id) if packable else None
         if packed is not None:
             pixel_values = packed.pop("pixel_values", None)
             if pixel_values is not None:

@@ -354,6 +354,11 @@ def test_one_packed_forward_per_pair_scores_and_trains_as_two_rows(setup, traine
     assert outputs["chosen"].tolist() == pytest.approx(chosen.tolist(), abs=1e-5)
     assert outputs["rejected"].tolist() == pytest.approx(rejected.tolist(), abs=1e-5)
     assert loss.item() == pytest.approx(apart.item(), abs=1e-6)
+    trainer.args.pack_pairs = False  # the switch runs the rows apart
+    try:
+        assert trainer.compute_loss(model, batch).item() == pytest.approx(apart.item(), abs=1e-6)
+    finally:
+        trainer.args.pack_pairs = True
     assert packed_grads.keys() == apart_grads.keys() and packed_grads
     for name, grad in packed_grads.items():
         torch.testing.assert_close(grad, apart_grads[name], atol=1e-5, rtol=1e-4, msg=name)
