@@ -25,6 +25,38 @@ def bench_parser(description: str, repeats: int = 2) -> argparse.ArgumentParser:
     return parser
 
 
+def training_bench_args(description: str, argv=None) -> argparse.Namespace:
+    """The flags of a training benchmark (`--shape`, `--repeats`, `--steps`, `--batch_size`), parsed; libraries quiet."""
+    parser = bench_parser(description)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=8)
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    return args
+
+
+def shape_paths(args: argparse.Namespace, root: Path, tmp: str | Path):
+    """`(shape, VLM folder)` for each shape `--shape` asks for: the zoo's base VLM (tiny), or the realistic one with
+    random weights built under `tmp` (`bench/grpo.py`'s `realistic_vlm`)."""
+    from grpo import realistic_vlm
+
+    for shape in ["tiny", "realistic"] if args.shape == "both" else [args.shape]:
+        yield shape, str(root / "base") if shape == "tiny" else realistic_vlm(Path(tmp) / "realistic", root / "tokenizer")
+
+
+def alternating_runs(ways, repeats: int, run, label: str, describe) -> dict[str, list]:
+    """`run(way, repeat)` for every way, `repeats` times, the order reversed every other repeat (so that neither way
+    always runs first, on a warmer or a more crowded machine), each result printed as `describe(result)`; the results
+    by way."""
+    results = {way: [] for way in ways}
+    for repeat in range(repeats):
+        for way in list(ways) if repeat % 2 == 0 else list(reversed(list(ways))):
+            result = run(way, repeat)
+            print(f"  {label} repeat {repeat + 1} {way:>6}: {describe(result)}", flush=True)
+            results[way].append(result)
+    return results
+
+
 def quiet_libraries() -> None:
     """Warnings and library logs off: the benchmark prints its own table."""
     warnings.filterwarnings("ignore")

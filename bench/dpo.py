@@ -30,8 +30,15 @@ from trl import DPOConfig, DPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_parser, quiet_libraries, write_report, zoo_root, zoo_world_split  # noqa: E402
-from grpo import realistic_vlm  # noqa: E402
+from common import (  # noqa: E402
+    alternating_runs,
+    quiet_libraries,
+    shape_paths,
+    training_bench_args,
+    write_report,
+    zoo_root,
+    zoo_world_split,
+)
 from pretrain_cache import EncoderCounter  # noqa: E402
 
 from align.data import world_preference_rows  # noqa: E402
@@ -107,12 +114,8 @@ def run_once(way: str, path: str, pairs, args, output_dir: str) -> dict:
 
 
 def main(argv=None):
-    parser = bench_parser(__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=8)
-    args = parser.parse_args(argv)
+    args = training_bench_args(__doc__.splitlines()[0], argv)
     args.threads = torch.get_num_threads()
-    quiet_libraries()
 
     root = zoo_root()
     world = zoo_world_split(root, args.steps * args.batch_size)
@@ -123,18 +126,15 @@ def main(argv=None):
         "cached": "dpo_trainer on the feature cache (filled in the timed run)",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        shapes = ["tiny", "realistic"] if args.shape == "both" else [args.shape]
-        for shape in shapes:
-            path = str(root / "base") if shape == "tiny" else realistic_vlm(Path(tmp) / "realistic", root / "tokenizer")
-            results = {way: [] for way in names}
+        for shape, path in shape_paths(args, root, tmp):
             # Peak memory, each way in a fresh process.
             peaks = {way: peak_memory_in_child(way, path, pairs, args, str(Path(tmp) / f"mem-{shape}-{way}")) for way in names}
-            for repeat in range(args.repeats):
-                for way in (list(names) if repeat % 2 == 0 else list(reversed(names))):
-                    result = run_once(way, path, pairs, args, str(Path(tmp) / f"run-{shape}-{way}-{repeat}"))
-                    results[way].append(result)
-                    print(f"  {shape} repeat {repeat + 1} {way:>5}: {result['pairs'] / result['seconds']:6.2f} pairs/s "
-                          f"({result['seconds']:.1f} s, {result['images']} images encoded)", flush=True)
+
+            results = alternating_runs(
+                names, args.repeats,
+                lambda way, repeat, shape=shape, path=path: run_once(way, path, pairs, args, str(Path(tmp) / f"run-{shape}-{way}-{repeat}")),
+                shape, lambda r: f"{r['pairs'] / r['seconds']:6.2f} pairs/s ({r['seconds']:.1f} s, {r['images']} images encoded)",
+            )
             speed = {way: statistics.median(r["pairs"] / r["seconds"] for r in runs) for way, runs in results.items()}
             report[shape] = {
                 "ratio": speed["ours"] / speed["stock"], "baseline": speed["stock"], "ours": speed["ours"],

@@ -24,8 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_parser, quiet_libraries, write_report, zoo_root, zoo_world_split  # noqa: E402
-from grpo import realistic_vlm  # noqa: E402
+from common import alternating_runs, shape_paths, training_bench_args, write_report, zoo_root, zoo_world_split  # noqa: E402
 
 from align.data import world_preference_rows  # noqa: E402
 from align.reward import VLMRewardConfig, prepare_reward_model, reward_trainer  # noqa: E402
@@ -53,25 +52,18 @@ def run_once(way: str, path: str, pairs, args, output_dir: str) -> dict:
 
 
 def main(argv=None):
-    parser = bench_parser(__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=8)
-    args = parser.parse_args(argv)
-    quiet_libraries()
-
+    args = training_bench_args(__doc__.splitlines()[0], argv)
     root = zoo_root()
     pairs = world_preference_rows(zoo_world_split(root, args.steps * args.batch_size), per_image=1)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for shape in ["tiny", "realistic"] if args.shape == "both" else [args.shape]:
-            path = str(root / "base") if shape == "tiny" else realistic_vlm(Path(tmp) / "realistic", root / "tokenizer")
-            results = {way: [] for way in WAYS}
-            for repeat in range(args.repeats):
-                for way in (list(WAYS) if repeat % 2 == 0 else list(reversed(WAYS))):
-                    result = run_once(way, path, pairs, args, str(Path(tmp) / f"run-{shape}-{way}-{repeat}"))
-                    results[way].append(result)
-                    print(f"  {shape} repeat {repeat + 1} {way:>6}: {result['pairs'] / result['seconds']:6.2f} pairs/s "
-                          f"({result['seconds']:.1f} s)", flush=True)
+        for shape, path in shape_paths(args, root, tmp):
+
+            results = alternating_runs(
+                WAYS, args.repeats,
+                lambda way, repeat, shape=shape, path=path: run_once(way, path, pairs, args, str(Path(tmp) / f"run-{shape}-{way}-{repeat}")),
+                shape, lambda r: f"{r['pairs'] / r['seconds']:6.2f} pairs/s ({r['seconds']:.1f} s)",
+            )
             speed = {way: statistics.median(r["pairs"] / r["seconds"] for r in runs) for way, runs in results.items()}
             report[shape] = {
                 "ratio": speed["packed"] / speed["rows"], "baseline": speed["rows"], "ours": speed["packed"],

@@ -25,8 +25,7 @@ from trl import SFTConfig, SFTTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_parser, quiet_libraries, write_report, zoo_root, zoo_world_split  # noqa: E402
-from grpo import realistic_vlm  # noqa: E402
+from common import alternating_runs, shape_paths, training_bench_args, write_report, zoo_root, zoo_world_split  # noqa: E402
 from pretrain_cache import EncoderCounter  # noqa: E402
 
 from align.data import world_sft_rows  # noqa: E402
@@ -74,29 +73,20 @@ def run_once(way: str, path: str, rows, args, tmp: str) -> dict:
 
 
 def main(argv=None):
-    parser = bench_parser(__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=8)
-    args = parser.parse_args(argv)
-    quiet_libraries()
-
+    args = training_bench_args(__doc__.splitlines()[0], argv)
     root = zoo_root()
     world = zoo_world_split(root, args.steps * args.batch_size)
     rows = world_sft_rows(world)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
-        shapes = ["tiny", "realistic"] if args.shape == "both" else [args.shape]
-        for shape in shapes:
-            path = str(root / "base") if shape == "tiny" else realistic_vlm(Path(tmp) / "realistic", root / "tokenizer")
-            ways = ["pixels", "cached", "padding-free"]
-            results = {way: [] for way in ways}
-            for repeat in range(args.repeats):
-                for way in (ways if repeat % 2 == 0 else list(reversed(ways))):
-                    result = run_once(way, path, rows, args, str(Path(tmp) / f"{shape}-{way}-{repeat}"))
-                    results[way].append(result)
-                    print(f"  {shape} repeat {repeat + 1} {way:>6}: {result['samples'] / result['seconds']:6.2f} samples/s "
-                          f"({result['seconds']:.1f} s, {result['images']} images encoded in training; "
-                          f"cache build {result['build_seconds']:.1f} s)", flush=True)
+        for shape, path in shape_paths(args, root, tmp):
+
+            results = alternating_runs(
+                ["pixels", "cached", "padding-free"], args.repeats,
+                lambda way, repeat, shape=shape, path=path: run_once(way, path, rows, args, str(Path(tmp) / f"{shape}-{way}-{repeat}")),
+                shape, lambda r: f"{r['samples'] / r['seconds']:6.2f} samples/s ({r['seconds']:.1f} s, {r['images']} "
+                f"images encoded in training; cache build {r['build_seconds']:.1f} s)",
+            )
             speed = {way: statistics.median(r["samples"] / r["seconds"] for r in runs) for way, runs in results.items()}
             report[shape] = {
                 "ratio": speed["cached"] / speed["pixels"], "baseline": speed["pixels"], "ours": speed["cached"],
