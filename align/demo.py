@@ -96,8 +96,9 @@ def pipeline(run_dir: Path, eval_questions: int, force: bool = False, launcher: 
 
 
 OTHER_SEED = 1
-# GRPO in the demo: about the rounds' CPU time on a 2-core CPU (each ~100 s of both cores' worth), on the categories the SFT
-# policy reads worst, as the rounds' sampling may be aimed (Llama 3 aims each round at the lagging capabilities).
+# GRPO in the demo: about the rounds' CPU time on a 2-core CPU (~150 s on one thread, the rounds ~110 s on two), on
+# the categories the SFT policy reads worst, as the rounds' sampling may be aimed (Llama 3 aims each round at the
+# lagging capabilities).
 GRPO_STEPS = 250
 GRPO_CATEGORIES = ("count", "spatial")
 
