@@ -29,7 +29,12 @@ on one LLM or LLMs under one projector. `--llm_lr` trains the LLM too, in full a
 the whole VLM learns to read the image once the LLM can adapt to visual tokens. `--scenes multi` asks the same
 question of scenes with two or more objects, about an object whose other attribute is unique in its scene ("What
 color is the circle?" with one circle among several objects): whether the VLM learns to find an object as well
-as to read it.
+as to read it. `--scenes spatial` asks the world's own spatial questions instead ("Is the red circle left of the
+blue square?", "Which is further left, the red circle or the blue square?"; closed sets yes/no and the two named
+objects): two objects to find and their places to compare. `--token_positions sincos` adds a fixed 2-D sine-cosine
+code of each visual token's row and column in the patch grid to the projected tokens (MAE's 2-D embedding, at the
+scale of a unit-variance token), so the visual tokens say where they are whatever the tower's features keep of it:
+whether what a spatial question lacks is the place in the tokens or the comparison in the LLM.
 
     python -m align.probe --encoder .cache/zoo/siglip
 
@@ -97,6 +102,71 @@ def multi_object_rows(world: datasets.Dataset, limit: int | None, attribute: str
         if limit is not None and len(rows) >= limit:
             break
     return rows
+
+
+SPATIAL_VALUES = ("yes", "no")
+
+
+def spatial_rows(world: datasets.Dataset, limit: int | None) -> list[dict]:
+    """The world's spatial questions of a split, one row per question (at most `limit`): `image`, `question`,
+    `answer` and `values`, the closed answer set (yes/no, or the two objects a choice question names)."""
+    rows = []
+    for row in world:
+        for record in json.loads(row["questions"]):
+            if record["category"] != "spatial":
+                continue
+            values = tuple(record["choices"]) if record["answer_type"] == "choice" else SPATIAL_VALUES
+            rows.append({"image": row["images"][0], "question": record["question"], "answer": record["answer"],
+                         "values": values})
+            if limit is not None and len(rows) >= limit:
+                return rows
+    return rows
+
+
+def _as_questions(rows: list[dict], attribute: str) -> list[dict]:
+    """Attribute rows (`single_object_rows`, `multi_object_rows`) as question rows: `question`, `answer`, `values`
+    added; rows that already carry them (`spatial_rows`) pass as they are."""
+    other = "shape" if attribute == "color" else "color"
+    return [
+        row if "question" in row else {
+            **row, "question": QUESTIONS[attribute].format(**{other: row["object"][other]}),
+            "answer": row["object"][attribute], "values": VALUES[attribute],
+        }
+        for row in rows
+    ]
+
+
+def sincos_grid_positions(grid: int, width: int) -> torch.Tensor:
+    """`[grid * grid, width]` fixed 2-D sine-cosine codes (MAE, arXiv:2111.06377): half the channels code the row,
+    half the column, each as sines and cosines of `width / 4` frequencies; row-major, as the patch tokens."""
+    if width % 4:
+        raise ValueError(f"2-D sine-cosine positions need a width divisible by 4, got {width}")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    angles = torch.arange(grid, dtype=torch.float64)[:, None] * omega[None]
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # [grid, width / 2]
+    rows = axis[:, None, :].expand(grid, grid, -1)
+    columns = axis[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, columns], dim=-1).reshape(grid * grid, width).float()
+
+
+def add_token_positions(vlm) -> torch.utils.hooks.RemovableHandle:
+    """Add `sincos_grid_positions` of each tower's pooled patch grid to the projected visual tokens (a forward hook
+    on the projectors; scaled by sqrt(2), so each channel has unit variance over the grid). Returns the hook's handle."""
+    config = vlm.config
+    if config.projector == "resampler":
+        raise ValueError("--token_positions needs one visual token per patch; the resampler's queries have no grid place")
+    width = config.text_config.hidden_size
+    codes = []
+    for index in range(len(config.vision_configs)):
+        patches = config.vision_patches_after_pool(index)
+        grid = int(round(patches**0.5))
+        codes.append(sincos_grid_positions(grid, width) * 2**0.5)
+    positions = torch.cat(codes).to(vlm.device)
+
+    def hook(module, inputs, output):
+        return output + positions.to(output.dtype)
+
+    return vlm.model.projectors.register_forward_hook(hook)
 
 
 def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -415,11 +485,13 @@ def reset_adapters(vlm) -> None:
 def readout_curve(
     vlm, processor, rows: list[dict], attribute: str, steps: int = 300, eval_every: int = 100, lr: float = 1e-3,
     batch_size: int = 16, holdout: float = 0.3, seed: int = 0, reset: bool = False, llm_lr: float | None = None,
-    scenes: str = "single", question_first: bool = False,
+    scenes: str = "single", question_first: bool = False, token_positions: str = "none",
 ) -> dict:
     """Train only the adapters of `vlm` to answer the `attribute` question of the first `1 - holdout` share of
-    `rows` (`single_object_rows`, or `multi_object_rows` with `scenes="multi"`: named in the result), and measure
-    the closed-set accuracy on the rest every `eval_every` steps.
+    `rows` (`single_object_rows`, or `multi_object_rows` with `scenes="multi"`: named in the result; or rows that
+    carry their own `question`, `answer` and closed set `values`, `spatial_rows` with `scenes="spatial"`), and
+    measure the closed-set accuracy on the rest every `eval_every` steps. `token_positions="sincos"` adds
+    `add_token_positions` to the visual tokens for the whole run (the hook is removed at the end).
     With `llm_lr`, the LLM (decoder and head) trains too, in full at that learning rate: whether the whole VLM
     learns to read the image when the LLM can adapt to the visual tokens.
 
@@ -434,16 +506,13 @@ def readout_curve(
 
     if steps < 1 or eval_every < 1 or batch_size < 1:
         raise ValueError(f"steps, eval_every and batch_size must be positive, got {steps}, {eval_every}, {batch_size}")
-    values = VALUES[attribute]
-    other = "shape" if attribute == "color" else "color"
+    if token_positions not in ("none", "sincos"):
+        raise ValueError(f"token_positions must be 'none' or 'sincos', got {token_positions!r}")
+    rows = _as_questions(rows, attribute)
     cut = int(len(rows) * (1 - holdout))
     if cut < 2 or cut >= len(rows):
         raise ValueError(f"need {scenes}-object images on both sides of the holdout split, got {len(rows)} images")
     train, test = rows[:cut], rows[cut:]
-
-    def question(row: dict) -> str:
-        return QUESTIONS[attribute].format(**{other: row["object"][other]})
-
     torch.manual_seed(seed)
     if reset:
         reset_adapters(vlm)
@@ -469,21 +538,22 @@ def readout_curve(
     def accuracy(rows: list[dict]) -> float:
         vlm.eval()
         right = sum(
-            values[closed_set_answer(vlm, processor, question(row), row["image"], values, question_first)]
-            == row["object"][attribute]
+            row["values"][closed_set_answer(vlm, processor, row["question"], row["image"], row["values"], question_first)]
+            == row["answer"]
             for row in rows
         )
         return right / len(rows)
 
-    majority = Counter(row["object"][attribute] for row in train).most_common(1)[0][0]
+    handle = add_token_positions(vlm) if token_positions == "sincos" else None
+    majority = Counter(row["answer"] for row in train).most_common(1)[0][0]
     curve, losses = [{"step": 0, "accuracy": accuracy(test), "train_accuracy": accuracy(seen), "loss": None}], []
     for step in range(1, steps + 1):
         vlm.train()
         picks = torch.randint(len(train), (batch_size,), generator=order).tolist()
         examples = [
             {"images": [train[i]["image"]], "messages": [
-                _user_turn(question(train[i]), question_first),
-                {"role": "assistant", "content": [{"type": "text", "text": train[i]["object"][attribute]}]},
+                _user_turn(train[i]["question"], question_first),
+                {"role": "assistant", "content": [{"type": "text", "text": train[i]["answer"]}]},
             ]}
             for i in picks
         ]
@@ -500,16 +570,23 @@ def readout_curve(
                         curve[-1]["accuracy"], curve[-1]["train_accuracy"], curve[-1]["loss"])
             losses = []
     vlm.eval()
-    return {
+    if handle is not None:
+        handle.remove()
+    result = {
         "attribute": attribute, "train_images": len(train), "test_images": len(test),
-        "majority": sum(row["object"][attribute] == majority for row in test) / len(test),
+        "majority": sum(row["answer"] == majority for row in test) / len(test),
+        # A uniform guess among each question's closed set (50% for the two-way spatial questions).
+        "chance": sum(1 / len(row["values"]) for row in test) / len(test),
+        "trainable_parameters": sum(p.numel() for group in groups for p in group["params"]), "reset": reset,
+        "llm_lr": llm_lr, "standardized": bool(vlm.model.projectors.standardized), "scenes": scenes,
+        "question_first": question_first, "token_positions": token_positions, "curve": curve,
+    }
+    if all("objects" in row for row in test):
         # A guess made uniformly among the attribute's values present in the scene: what seeing the image without
         # finding the named object gets (100% for single-object scenes).
-        "present_guess": sum(1 / len({obj[attribute] for obj in row["objects"]}) for row in test) / len(test),
-        "trainable_parameters": sum(p.numel() for group in groups for p in group["params"]), "reset": reset,
-        "llm_lr": llm_lr, "standardized": bool(vlm.model.projectors.standardized), "scenes": scenes, "question_first": question_first,
-        "curve": curve,
-    }
+        result["present_guess"] = sum(1 / len({obj[attribute] for obj in row["objects"]}) for row in test) / len(test)
+    return result
+
 
 
 def format_readout(result: dict) -> str:
@@ -517,8 +594,12 @@ def format_readout(result: dict) -> str:
     standardized = {True: "standardised features", False: "raw features"}.get(result.get("standardized"), "")
     lines = [
         f"Read-out probe: {result['attribute']}, {what} ({result['trainable_parameters']:,} parameters"
-        f"{', freshly initialised' if result['reset'] else ''}; {standardized}), {result['train_images']} training / "
-        f"{result['test_images']} held-out {result.get('scenes', 'single')}-object images; majority {result['majority']:.1%}"
+        f"{', freshly initialised' if result['reset'] else ''}; {standardized}"
+        f"{'; 2-D sine-cosine positions on the visual tokens' if result.get('token_positions') == 'sincos' else ''}), "
+        f"{result['train_images']} training / {result['test_images']} held-out "
+        + ("questions" if result.get("scenes") == "spatial" else f"{result.get('scenes', 'single')}-object images")
+        + f"; majority {result['majority']:.1%}"
+        + (f"; chance {result['chance']:.1%}" if "chance" in result else "")
         + (f"; a guess among the values present in the scene {result['present_guess']:.1%}" if "present_guess" in result else ""),
         "",
         "| step | held-out accuracy | training accuracy | training loss |",
@@ -557,9 +638,13 @@ def main(argv=None) -> dict:
     readout.add_argument("--llm_lr", type=float, default=None,
                          help="Train the LLM too (in full) at this learning rate; by default it stays frozen.")
     readout.add_argument("--seed", type=int, default=0, help="Seed of the initialisation and the batches.")
-    readout.add_argument("--scenes", choices=("single", "multi"), default="single",
-                         help="Ask about the object of single-object images, or about an object named by a unique "
-                         "attribute in scenes of two or more (multi_object_rows).")
+    readout.add_argument("--scenes", choices=("single", "multi", "spatial"), default="single",
+                         help="Ask about the object of single-object images, about an object named by a unique "
+                         "attribute in scenes of two or more (multi_object_rows), or the world's spatial questions "
+                         "(spatial_rows; --attribute is then unused and --images counts questions).")
+    readout.add_argument("--token_positions", choices=("none", "sincos"), default="none",
+                         help="Add fixed 2-D sine-cosine codes of each visual token's row and column to the projected "
+                         "tokens (add_token_positions).")
     readout.add_argument("--question_first", action="store_true",
                          help="Put the question before the image in the user turn, so the visual tokens can attend "
                          "to it (the LLM is causal), instead of after it.")
@@ -573,8 +658,8 @@ def main(argv=None) -> dict:
         parser.error(f"--llm_lr needs --readout and a positive value, got {args.llm_lr}")
     if args.readout and (args.llm or args.encoder or args.load_in_4bit):
         parser.error("--readout trains a full VLM's adapters: give --model a VLM folder (not --llm or --encoder, no --load_in_4bit)")
-    if args.scenes == "multi" and not args.readout:
-        parser.error("--scenes multi is a read-out probe setting (with --readout): the linear probes pool whole images")
+    if (args.scenes != "single" or args.token_positions != "none") and not args.readout:
+        parser.error("--scenes multi/spatial and --token_positions are read-out probe settings (with --readout)")
     for name in ("steps", "eval_every", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
@@ -603,7 +688,10 @@ def main(argv=None) -> dict:
 
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     model, processor = load_run(args.model, quantization_config=quantization)
-    if args.scenes == "multi":
+    attribute = "spatial" if args.scenes == "spatial" else args.attribute
+    if args.scenes == "spatial":
+        rows = spatial_rows(world[split], args.images or 1000)
+    elif args.scenes == "multi":
         rows = multi_object_rows(world[split], args.images or 1000, args.attribute)
     else:
         rows = single_object_rows(world[split], args.images or 1000)
@@ -612,9 +700,10 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--readout: {args.model} is an adapter; give a full VLM folder (a stage-1 output or a "
                              "merged export), whose projectors train")
         result = {"model": args.model, **readout_curve(
-            model, processor, rows, args.attribute, steps=args.steps, eval_every=args.eval_every, lr=args.lr,
+            model, processor, rows, attribute, steps=args.steps, eval_every=args.eval_every, lr=args.lr,
             batch_size=args.batch_size, holdout=args.holdout, seed=args.seed, reset=args.reset_projector,
             llm_lr=args.llm_lr, scenes=args.scenes, question_first=args.question_first,
+            token_positions=args.token_positions,
         )}
         print(format_readout(result))
     else:

@@ -21,7 +21,9 @@ from align.probe import (
     object_probe,
     readout_curve,
     reset_adapters,
+    sincos_grid_positions,
     single_object_rows,
+    spatial_rows,
 )
 from tests.align.training_helpers import tiny_vlm, tiny_world
 
@@ -410,3 +412,54 @@ def test_the_vlm_path_equals_hand_built_inputs_embeds(setup):
         by_hand = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     assert (batch["labels"] != -100).sum() == (targets != -100).sum()
     assert loss.item() == pytest.approx(by_hand.item(), abs=1e-5)
+
+
+def test_spatial_rows_are_the_worlds_spatial_questions_with_their_closed_sets(setup):
+    import datasets
+
+    world = datasets.load_from_disk(setup["world"])["train"]
+    records = [r for questions in world["questions"] for r in json.loads(questions) if r["category"] == "spatial"]
+    rows = spatial_rows(world, None)
+    assert len(rows) == len(records) > 0
+    for row, record in zip(rows, records):
+        assert row["question"] == record["question"] and row["answer"] == record["answer"]
+        assert row["answer"] in row["values"] and len(row["values"]) == 2
+        assert row["values"] == (("yes", "no") if record["answer_type"] == "yes_no" else tuple(record["choices"]))
+    assert {len(r["values"]) for r in rows} == {2} and len(spatial_rows(world, 3)) == 3
+
+
+def test_sincos_grid_positions_code_row_and_column_apart():
+    codes = sincos_grid_positions(4, 16)
+    assert codes.shape == (16, 16)
+    grid = codes.view(4, 4, 16)
+    # The first half of the channels depends on the row only, the second half on the column only.
+    assert torch.equal(grid[:, 0, :8], grid[:, 3, :8]) and torch.equal(grid[0, :, 8:], grid[3, :, 8:])
+    assert len({tuple(code.tolist()) for code in codes}) == 16  # every place has its own code
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_grid_positions(4, 10)
+
+
+def test_readout_with_token_positions_adds_them_for_the_run_only(setup, capsys):
+    from align import probe
+    from align.loading import load_run
+
+    model, processor = load_run(setup["vlm"])
+    features = [torch.randn(2, model.config.vision_patches_after_pool(0), model.config.vision_configs[0].hidden_size)]
+    with torch.no_grad():
+        before = model.model.project_vision_features(features)
+        handle = probe.add_token_positions(model)
+        shifted = model.model.project_vision_features(features)
+        handle.remove()
+    grid = int(model.config.vision_patches_after_pool(0) ** 0.5)
+    expected = sincos_grid_positions(grid, model.config.text_config.hidden_size) * 2**0.5
+    torch.testing.assert_close(shifted - before, expected.expand_as(before), atol=1e-5, rtol=0)
+
+    result = main(["--readout", "--model", setup["vlm"], "--world", setup["world"], "--images", "20", "--steps", "2",
+                   "--eval_every", "2", "--scenes", "spatial", "--token_positions", "sincos"])
+    assert result["scenes"] == "spatial" and result["token_positions"] == "sincos" and result["attribute"] == "spatial"
+    assert result["train_images"] + result["test_images"] == 20 and "present_guess" not in result
+    assert result["chance"] == 0.5  # every spatial question has two answers
+    out = capsys.readouterr().out
+    assert "held-out questions" in out and "2-D sine-cosine positions" in out
+    with pytest.raises(SystemExit):  # a read-out setting
+        main(["--model", setup["vlm"], "--world", setup["world"], "--token_positions", "sincos"])
