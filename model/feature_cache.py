@@ -7,8 +7,11 @@ RAM works; rows are keyed by the image's content hash, and each cache folder by 
 encoders' weights and preprocessing, so a changed encoder or image never reuses stale features.
 
 Layout: `<root>/<fingerprint>/shard-00000.npy` (float array [rows, *feature_shape]) and
-`shard-00000.json` (the image hashes of its rows, written after the array: a shard without its
-index is an interrupted write and is ignored).
+`shard-00000.json` (the image hashes of its rows). A shard is written under temporary names of its writer's own,
+then claimed: its array linked to the first free shard number (a link fails where the name exists, so two runs
+filling one cache at once never write into the same file) and its index renamed into place last. A shard without
+its index is an interrupted write and is ignored; a killed writer's temporary files are removed by the next
+cache opened on the same machine.
 
 Fill the cache of a built VLM's encoders ahead of training (`model.pretrain.build_feature_cache`):
 
@@ -19,6 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -48,6 +54,21 @@ def encoder_fingerprint(encoders: Sequence[torch.nn.Module], preprocessing: Sequ
     return h.hexdigest()[:24]
 
 
+def _host() -> str:
+    """This machine's name without hyphens: the parts of a writer's temporary file names are split on them."""
+    return socket.gethostname().replace("-", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 class FeatureCache:
     """Memory-mapped features for one encoder fingerprint under `root`."""
 
@@ -55,6 +76,7 @@ class FeatureCache:
         self.dir = Path(root) / fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = np.dtype(dtype)
+        self._remove_dead_writers_files()
         self._arrays: list[np.ndarray] = []
         self._index: dict[str, tuple[int, int]] = {}
         for index_file in sorted(self.dir.glob("shard-*.json")):
@@ -67,6 +89,28 @@ class FeatureCache:
             self._arrays.append(array)
             for row, key in enumerate(hashes):
                 self._index.setdefault(key, (shard, row))
+
+    def _remove_dead_writers_files(self) -> None:
+        """Delete the temporary files of writers on this machine that died before claiming their shard."""
+        host = _host()
+        for path in self.dir.glob(".writing-*"):
+            _, writer_host, pid, _ = path.name.split("-", 3)
+            if writer_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
+
+    def _claim(self, array_file: Path, index_file: Path) -> int:
+        """Move a written shard into place under the first free shard number; returns that number."""
+        shard = len(list(self.dir.glob("shard-*.npy")))
+        while True:
+            target = self.dir / f"shard-{shard:05d}.npy"
+            try:
+                os.link(array_file, target)
+                break
+            except FileExistsError:
+                shard += 1
+        os.replace(index_file, target.with_suffix(".json"))
+        array_file.unlink()
+        return shard
 
     def __len__(self) -> int:
         return len(self._index)
@@ -96,8 +140,8 @@ class FeatureCache:
         todo = self.missing(keyed)
         if not todo:
             return 0
-        shard = len(sorted(self.dir.glob("shard-*.npy")))
-        array_file = self.dir / f"shard-{shard:05d}.npy"
+        writer = f".writing-{_host()}-{os.getpid()}-{uuid.uuid4().hex}"
+        array_file, index_file = self.dir / f"{writer}.npy", self.dir / f"{writer}.json"
         array = None
         batches = range(0, len(todo), batch_size)
         for start in progress(batches) if progress else batches:
@@ -109,8 +153,9 @@ class FeatureCache:
             array[start : start + len(keys)] = feats
         array.flush()
         del array
-        (self.dir / f"shard-{shard:05d}.json").write_text(json.dumps(todo))
-        mapped = np.load(array_file, mmap_mode="r")
+        index_file.write_text(json.dumps(todo))
+        shard = self._claim(array_file, index_file)
+        mapped = np.load(self.dir / f"shard-{shard:05d}.npy", mmap_mode="r")
         self._arrays.append(mapped)
         for row, key in enumerate(todo):
             self._index[key] = (len(self._arrays) - 1, row)

@@ -18,7 +18,8 @@ training reads the features (`use_feature_cache`). Rows with a missing or corrup
 `rejects.jsonl`. Writes the VLM and processor, `config.yaml` (the resolved config) and `metrics.json` (with the
 caption figures before and after training when `eval_captions` is set) to `output_dir`. Rerunning a stopped run's
 command continues it from the newest complete checkpoint in `output_dir` (`--resume_from_checkpoint false` starts
-over, a checkpoint folder picks one).
+over, a checkpoint folder picks one); a rerun with other settings into the same `output_dir` is refused, naming
+them, unless `--force` (start over).
 """
 
 import logging
@@ -29,7 +30,8 @@ from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from align.captioning import CAPTION_STYLES, evaluate_captions, load_training_pairs, load_world
-from align.training import resolve_checkpoint, run_metrics, setup_logging, write_outputs
+from align.runs import RunArguments
+from align.training import run_metrics, setup_logging, start_run, write_outputs
 from align.world import CATEGORIES
 from model import FUSIONS, PROJECTORS, STAGES, freeze_for_stage
 from model.pretrain import (
@@ -45,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PretrainScriptArguments:
+class PretrainScriptArguments(RunArguments):
     """Model building, data and feature-cache knobs of adapter pretraining (training knobs are `SFTConfig`'s)."""
 
     vision: list[str] | None = field(
@@ -160,7 +162,7 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
     if model_args.use_peft:
         raise ValueError("adapter pretraining trains whole modules per stage; use recipes/sft.py for LoRA (use_peft)")
     output_dir = training_args.output_dir
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, output_dir)
+    checkpoint = start_run(training_args, script_args, training_args, model_args, force=script_args.force)
     main_process = training_args.process_index == 0
 
     # ---------------------------------------------------------------- model and processor

@@ -23,7 +23,8 @@ random-init twin; the base VLM's held-out accuracy per question category) are pr
 
 The package: `build` (the settings, each part's build, `build_zoo`, the command line), `parts` (the tiny SigLIP's
 and Llama's pretraining on transformers' `Trainer`), `tokenizer` (the byte-level BPE tokenizer), `documents` (their
-training text and patch labels, from the world), `manifest` (fingerprints, manifests, checksums, shipping).
+training text and patch labels, from the world), `manifest` (fingerprints, manifests, checksums, shipping), `carry`
+(`python -m align.zoo.carry`: the shipped fingerprints carried across a change of code that builds the same parts).
 """
 
 from align.zoo.build import (

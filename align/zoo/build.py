@@ -367,6 +367,7 @@ def build_zoo(cfg: ZooConfig) -> dict:
     (root / "quality.json").write_text(json.dumps(report, indent=2))
     if cfg.ship:
         logger.info("shipped %s to %s", ", ".join(ship(cfg.root)), SHIPPED_PARTS)
+        logger.info("record the check build that lets later refactors keep these parts: python -m align.zoo.carry --record")
     return report
 
 

@@ -285,8 +285,10 @@ def test_shipped_parts_are_installed_instead_of_trained(based, tmp_path, monkeyp
 
 def test_shipped_parts_match_this_code_and_settings():
     """The parts shipped in align/default_parts were built by this code with these settings. When this fails, a part's
-    code or settings changed: rebuild and ship them (`python -m align.zoo --force --ship`, about an hour on 2 CPU
-    cores) and re-measure README's figures."""
+    code or settings changed: if the change keeps what the code builds, `python -m align.zoo.carry` shows it and
+    carries the fingerprints (a minute); otherwise rebuild and ship them (`python -m align.zoo --force --ship`, about
+    two hours on 2 CPU cores), record the check build (`python -m align.zoo.carry --record`) and re-measure README's
+    figures."""
     from align.paths import SHIPPED_PARTS
     from align.zoo import SHIPPED, part_fingerprints, read_manifest
 
@@ -353,3 +355,72 @@ def test_the_position_targets_train_into_the_tower_and_its_fingerprint(zoo, tmp_
     (labels, classes), = trained_with
     assert classes[3:] == [8, 8] and labels.shape[1] == 5  # color, shape, size, then column and row of the 8x8 grid
     assert labels[:, 3:, 10].tolist() == [[2, 1]] * labels.shape[0]  # patch 10: column 2, row 1, in every image
+
+
+def test_the_carry_check_record_belongs_to_the_shipped_parts():
+    """`align.zoo.carry` compares a change of code with the check build recorded for the shipped parts: the record
+    names the shipped parts' fingerprints, today's settings and the check setting."""
+    from align.paths import SHIPPED_PARTS
+    from align.zoo import SHIPPED, read_manifest
+    from align.zoo.carry import CHECK, CHECK_FILE, settings_fingerprints
+
+    check = json.loads((SHIPPED_PARTS / CHECK_FILE).read_text())
+    assert {part: check["fingerprints"][part] for part in SHIPPED} == {
+        part: read_manifest(SHIPPED_PARTS / part)["fingerprint"] for part in SHIPPED}
+    assert check["settings"] == settings_fingerprints() and check["setting"] == CHECK
+    assert any(path.startswith("base/") and path.endswith(".safetensors") for path in check["files"])
+
+
+@pytest.fixture
+def carried(tmp_path):
+    """Shipped parts as if built by older code ("old-<part>"), with the check build recorded for them."""
+    from align.zoo import SHIPPED
+    from align.zoo.carry import CHECK, CHECK_FILE, settings_fingerprints
+    from align.zoo.manifest import build_environment
+
+    shipped = tmp_path / "default_parts"
+    for part in SHIPPED:
+        (shipped / part).mkdir(parents=True)
+        (shipped / part / "zoo_manifest.json").write_text(json.dumps({"fingerprint": f"old-{part}", "files": {}}))
+    check = {"environment": build_environment(), "settings": settings_fingerprints(),
+             "fingerprints": {part: f"old-{part}" for part in SHIPPED}, "setting": CHECK, "files": {"base/model.safetensors": "a"}}
+    (shipped / CHECK_FILE).write_text(json.dumps(check))
+    return shipped
+
+
+def test_carry_moves_the_fingerprints_when_the_check_build_is_identical(carried):
+    from align.zoo import SHIPPED, part_fingerprints, read_manifest
+    from align.zoo.carry import CHECK_FILE, carry
+
+    builds = []
+    moved = carry(carried, build=lambda workdir: builds.append(workdir) or {"base/model.safetensors": "a"})
+    current = part_fingerprints(ZooConfig())
+    assert len(builds) == 1 and moved == {part: (f"old-{part}", current[part]) for part in SHIPPED}
+    for part in SHIPPED:
+        manifest = read_manifest(carried / part)
+        assert manifest["fingerprint"] == current[part] and manifest["carried_from"] == [f"old-{part}"]
+    assert json.loads((carried / CHECK_FILE).read_text())["fingerprints"] == current
+    # Carried once, there is nothing left to carry: no check build.
+    assert carry(carried, build=lambda workdir: builds.append(workdir)) == {} and len(builds) == 1
+
+
+def test_carry_refuses_a_change_of_behaviour_or_of_the_conditions(carried):
+    from align.zoo.carry import CHECK_FILE, CarryRefused, carry
+
+    manifests = {path: path.read_text() for path in carried.rglob("zoo_manifest.json")}
+    with pytest.raises(CarryRefused, match="learned file base/model.safetensors: a -> b"):
+        carry(carried, build=lambda workdir: {"base/model.safetensors": "b"})
+    assert {path: path.read_text() for path in carried.rglob("zoo_manifest.json")} == manifests  # nothing moved
+
+    check = json.loads((carried / CHECK_FILE).read_text())
+    for key, value, message in (
+        ("environment", {**check["environment"], "threads": 99}, "environment threads"),
+        ("settings", {**check["settings"], "base": "other"}, "settings of part base"),
+        ("fingerprints", {**check["fingerprints"], "llama": "another"}, "shipped part llama"),
+    ):
+        (carried / CHECK_FILE).write_text(json.dumps({**check, key: value}))
+        with pytest.raises(CarryRefused, match=message):
+            carry(carried, build=lambda workdir: pytest.fail("no check build when the conditions differ"))
+    (carried / CHECK_FILE).unlink()
+    with pytest.raises(CarryRefused, match="--record"):
+        carry(carried)

@@ -83,3 +83,50 @@ def test_interrupted_shard_is_ignored(tmp_path):
     assert len(reopened) == 2
     assert reopened.add(_images(3), CountingEncoder()) == 1
     assert len(json.loads((tmp_path / "fp" / "shard-00002.json").read_text())) == 1
+
+
+def test_two_writers_filling_one_cache_at_once_keep_their_own_shards(tmp_path):
+    """Two runs adding to the same cache at the same moment (the demo's two stage-1 runs share one): each writes under
+    its own temporary name and claims a free shard number, so neither overwrites the other's array."""
+    import threading
+
+    barrier = threading.Barrier(2)
+
+    class WaitingEncoder(CountingEncoder):
+        def __call__(self, images):
+            barrier.wait(timeout=30)  # both writers have opened their arrays and counted the shards
+            return super().__call__(images)
+
+    caches = [FeatureCache(tmp_path, "fp"), FeatureCache(tmp_path, "fp")]
+    batches = [_images(3), _images(4, offset=3)]
+    threads = [threading.Thread(target=c.add, args=(b, WaitingEncoder())) for c, b in zip(caches, batches)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    directory = tmp_path / "fp"
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "shard-00000.json", "shard-00000.npy", "shard-00001.json", "shard-00001.npy"]
+    reopened = FeatureCache(tmp_path, "fp")
+    images = batches[0] + batches[1]
+    expected = torch.stack([torch.tensor(np.asarray(im), dtype=torch.float32).mean(-1) for im in images])
+    torch.testing.assert_close(reopened.get([image_hash(im) for im in images]), expected)
+
+
+def test_a_dead_writers_temporary_files_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from model.feature_cache import _host
+
+    directory = tmp_path / "fp"
+    directory.mkdir()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(finished.stdout), os.getpid()
+    for pid in (dead, alive):
+        (directory / f".writing-{_host()}-{pid}-0123.npy").write_bytes(b"partial")
+    (directory / f".writing-otherhost-{dead}-0123.npy").write_bytes(b"partial")  # another machine's: not ours to judge
+    FeatureCache(tmp_path, "fp")
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [f".writing-{_host()}-{alive}-0123.npy", f".writing-otherhost-{dead}-0123.npy"])

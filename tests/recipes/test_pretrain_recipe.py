@@ -80,13 +80,17 @@ def load_output(path):
     return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
+PREPEND = ("--dataset_path", "{captions}", "--eval_captions", "2", "--eval_batch_size", "2", "--eval_max_new_tokens", "6")
+
+
+def prepend_args(setup, *extra):
+    return [arg.format(**setup) for arg in PREPEND] + list(extra)
+
+
 @pytest.fixture(scope="module")
 def prepend_run(setup):
     output_dir = setup["root"] / "prepend"
-    metrics, log = run_recipe(
-        setup, "pretrain.yaml", output_dir, "--dataset_path", setup["captions"], "--eval_captions", "2",
-        "--eval_batch_size", "2", "--eval_max_new_tokens", "6",
-    )
+    metrics, log = run_recipe(setup, "pretrain.yaml", output_dir, *prepend_args(setup))
     return output_dir, metrics, log
 
 
@@ -135,9 +139,8 @@ def test_resume_continues_from_the_checkpoint(setup, prepend_run, tmp_path):
         (stopped / name).unlink()
     assert (stopped / "checkpoint-2").is_dir()
 
-    metrics, log = run_recipe(
-        setup, "pretrain.yaml", stopped, "--dataset_path", setup["captions"], "--resume_from_checkpoint", "last",
-    )
+    # The same command again (with an explicit --resume_from_checkpoint, as a user continuing on purpose).
+    metrics, log = run_recipe(setup, "pretrain.yaml", stopped, *prepend_args(setup, "--resume_from_checkpoint", "last"))
     assert metrics["resumed_from_checkpoint"].endswith("checkpoint-2")
     assert metrics["global_step"] == 4
     assert len(re.findall(r"\{'loss': ", log)) == 2  # only steps 3 and 4 ran (the history has 1-2 from the checkpoint)
@@ -149,6 +152,11 @@ def test_resume_continues_from_the_checkpoint(setup, prepend_run, tmp_path):
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=name)
     steps, losses = zip(*metrics["loss"]["history"])
     assert steps == (1, 2, 3, 4) and losses == pytest.approx([loss for _, loss in finished["loss"]["history"]], abs=1e-5)
+
+    # Other settings into the same folder: refused, naming them (the run's settings were recorded when it started).
+    assert json.loads((stopped / "run_settings.json").read_text())["dataset_path"] == setup["captions"]
+    with pytest.raises(AssertionError, match=r"holds a run with other settings \(learning_rate: [0-9.e-]+ -> 0.0123\)"):
+        run_recipe(setup, "pretrain.yaml", stopped, *prepend_args(setup, "--learning_rate", "0.0123"))
 
 
 @pytest.mark.slow
