@@ -1,6 +1,6 @@
 """Captioning on the shapes world: the image-caption pairs of adapter pretraining, and the caption evaluation.
 
-    world = load_world()                                     # the zoo's world (.cache/zoo/world)
+    world = open_world()                                     # the zoo's world (.cache/zoo/world), align.data.world
     train = caption_training_rows(world["train"])            # images + messages, for SFTTrainer
     figures = evaluate_captions(model, processor, world["test"], n=100)
 
@@ -18,20 +18,12 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from align.data import load_dataset_local
+from align.data.world import open_world
 from align.metrics import load_metric
-from align.paths import default_cache_dir
 from align.world import caption_rows, question_rows
 
 CAPTION_PROMPT = "Describe the image."
 CAPTION_STYLES = ("short", "detailed")
-
-
-def load_world(world_path: str | os.PathLike | None = None) -> DatasetDict:
-    """The shapes world saved by `build_world` (default: the zoo's, `<cache>/world`)."""
-    path = world_path or default_cache_dir() / "world"
-    if not os.path.isdir(path):
-        raise ValueError(f"no shapes world at {str(path)!r}: build it with `python -m align.zoo` or give world_path")
-    return datasets.load_from_disk(str(path))
 
 
 def _caption_column(style: str) -> str:
@@ -77,13 +69,11 @@ def load_training_pairs(
     shuffled with `seed`: grounded pretraining, where the LLM trains too and learns to answer from the visual tokens
     (a second stage after adapter pretraining, as Llama 3.2's annealing on grounded data)."""
     if dataset_path is None:
-        world = load_world(world_path)
-        if split not in world:
-            raise ValueError(f"the world has no split {split!r}; it has {list(world)}")
-        captions = caption_training_rows(world[split], style=style, limit=limit)
+        world = open_world(world_path, split, hint="give world_path")
+        captions = caption_training_rows(world, style=style, limit=limit)
         if not questions:
             return captions
-        images = world[split] if limit is None else world[split].select(range(min(limit, len(world[split]))))
+        images = world if limit is None else world.select(range(min(limit, len(world))))
         answered = question_rows(images, categories=questions, max_turns=question_turns)
         return datasets.concatenate_datasets([captions, answered.select_columns(["images", "messages"])]).shuffle(seed=seed)
     if questions:
@@ -190,5 +180,4 @@ __all__ = [
     "evaluate_captions",
     "generate_captions",
     "load_training_pairs",
-    "load_world",
 ]

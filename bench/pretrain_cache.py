@@ -27,7 +27,8 @@ from trl import SFTConfig, SFTTrainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import quiet_libraries  # noqa: E402
 
-from align.captioning import caption_training_rows, load_world  # noqa: E402
+from align.captioning import caption_training_rows  # noqa: E402
+from align.data.world import open_world  # noqa: E402
 from align.paths import default_cache_dir  # noqa: E402
 from align.zoo import ZooConfig, build_zoo, read_manifest  # noqa: E402
 from model import freeze_for_stage  # noqa: E402
@@ -83,7 +84,7 @@ def main(argv=None):
         freeze_for_stage(model, "align")
         start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         samples = args.steps * args.batch_size
-        rows = caption_training_rows(load_world(root / "world")["train"], limit=samples)
+        rows = caption_training_rows(open_world(root / "world", "train"), limit=samples)
         counter = EncoderCounter(model.model.vision_towers)
 
         t0 = time.perf_counter()

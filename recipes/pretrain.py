@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
-from align.captioning import CAPTION_STYLES, evaluate_captions, load_training_pairs, load_world
+from align.captioning import CAPTION_STYLES, evaluate_captions, load_training_pairs
+from align.data.world import open_world
 from align.runs import RunArguments
 from align.training import run_metrics, setup_logging, start_run, write_outputs
 from align.world import CATEGORIES
@@ -228,7 +229,7 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
         extra["feature_standardization"] = standardization
     if script_args.eval_captions:
         caption_eval = dict(
-            world_split=load_world(script_args.world_path)[script_args.eval_split], n=script_args.eval_captions,
+            world_split=open_world(script_args.world_path, script_args.eval_split, hint="set --world_path"), n=script_args.eval_captions,
             style=script_args.caption_style, batch_size=script_args.eval_batch_size,
             max_new_tokens=script_args.eval_max_new_tokens,
         )

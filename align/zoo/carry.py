@@ -8,9 +8,10 @@ A change that keeps behaviour needs no rebuild, and this command shows that it k
     python -m align.zoo.carry --record   # after `python -m align.zoo --force --ship`: record the check build
 
 The check build is every part, base VLM included, at a tiny setting (`CHECK`: 64 images, 2 steps per stage, about a
-minute), built with this code into a temporary folder. What the parts learned (`LEARNED`: weights, tokenizer, the
-world's data) is compared file by file with the same build recorded when the shipped parts were last built or
-carried (`CHECK_FILE`). Only when every file is bit-identical, the settings unchanged (`settings_only`) and the
+minute), built with this code into a temporary folder. What the parts are (every file but the run records in
+`RECORDS`: weights, configs, tokenizer, chat template, the world's data; JSON without the `_name_or_path` a build
+writes) is compared file by file with the same build recorded when the shipped parts were last built or carried
+(`CHECK_FILE`). Only when every file is bit-identical, the settings unchanged (`settings_only`) and the
 library versions and thread count those of the record (torch's CPU kernels reduce in a thread-dependent order) are
 the shipped manifests moved to this code's fingerprints, each keeping the fingerprints it was carried from
 (`carried_from`). Anything else is refused with what differs: rebuild and ship, then `--record`.
@@ -42,27 +43,45 @@ CHECK = dict(
     train_images=64, validation_images=8, test_images=100, vocab_size=400, siglip_steps=2, llama_steps=2,
     llama_layers=4, llama_hidden_size=32, base=True, base_steps=[2, 2, 2], base_eval_questions=8,
 )
-# What a part learned, as opposed to its run records (paths, timings, resolved configs).
-LEARNED = ("*.safetensors", "tokenizer.json", "*.arrow")
+# A build's records of how it ran (timings, its folders, resolved configs, manifests) and the datasets library's
+# map caches (named by a hash of the mapping function's code): not what the parts are.
+RECORDS = (
+    "zoo_manifest.json", "quality.json", "config.yaml", "metrics.json", "training_args.bin", "wall_seconds.json",
+    "run_settings.json", "rejects*.jsonl", "cache-*.arrow",
+)
 
 
 class CarryRefused(RuntimeError):
     """The fingerprints cannot be carried: the message says what differs."""
 
 
-def learned_checksums(root: Path) -> dict[str, str]:
-    """sha256 of every learned file (`LEARNED`) of every part under a zoo folder, by path relative to it."""
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for pattern in LEARNED for path in sorted(root.rglob(pattern)) if path.is_file()
-    }
+def _without_build_paths(value):
+    if isinstance(value, dict):
+        return {key: _without_build_paths(item) for key, item in value.items() if key != "_name_or_path"}
+    if isinstance(value, list):
+        return [_without_build_paths(item) for item in value]
+    return value
+
+
+def part_checksums(root: Path) -> dict[str, str]:
+    """sha256 of every file of every part under a zoo folder but the run records (`RECORDS`), by path relative to it;
+    JSON files are hashed without the `_name_or_path` keys, which name the folder the build ran in."""
+    checksums = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or any(path.match(pattern) for pattern in RECORDS):
+            continue
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            data = json.dumps(_without_build_paths(json.loads(data)), sort_keys=True).encode()
+        checksums[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
+    return checksums
 
 
 def check_build(workdir: Path) -> dict[str, str]:
-    """Build the zoo at the `CHECK` setting under `workdir` with this code; the learned files' checksums."""
+    """Build the zoo at the `CHECK` setting under `workdir` with this code; its parts' checksums (`part_checksums`)."""
     root = workdir / "zoo"
     build_zoo(ZooConfig(cache_dir=str(root), force=True, **CHECK))
-    return learned_checksums(root)
+    return part_checksums(root)
 
 
 def settings_fingerprints() -> dict[str, str]:
@@ -128,7 +147,7 @@ def carry(shipped: Path = SHIPPED_PARTS, build=check_build) -> dict[str, tuple[s
         return {}
     with tempfile.TemporaryDirectory() as tmp:
         files = build(Path(tmp))
-    changed = _differences("learned file", check["files"], files)
+    changed = _differences("file", check["files"], files)
     if changed:
         raise CarryRefused("this code builds other parts than the recorded check build (a change of behaviour): rebuild "
                            "and ship them (python -m align.zoo --force --ship), then --record:\n  " + "\n  ".join(changed))
@@ -151,7 +170,7 @@ def main(argv=None) -> dict:
     try:
         if args.record:
             check = record()
-            print(f"recorded the check build in {SHIPPED_PARTS / CHECK_FILE}: {len(check['files'])} learned files")
+            print(f"recorded the check build in {SHIPPED_PARTS / CHECK_FILE}: {len(check['files'])} files")
             return check
         moved = carry()
     except CarryRefused as error:

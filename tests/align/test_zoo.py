@@ -408,7 +408,7 @@ def test_carry_refuses_a_change_of_behaviour_or_of_the_conditions(carried):
     from align.zoo.carry import CHECK_FILE, CarryRefused, carry
 
     manifests = {path: path.read_text() for path in carried.rglob("zoo_manifest.json")}
-    with pytest.raises(CarryRefused, match="learned file base/model.safetensors: a -> b"):
+    with pytest.raises(CarryRefused, match="file base/model.safetensors: a -> b"):
         carry(carried, build=lambda workdir: {"base/model.safetensors": "b"})
     assert {path: path.read_text() for path in carried.rglob("zoo_manifest.json")} == manifests  # nothing moved
 
@@ -424,3 +424,21 @@ def test_carry_refuses_a_change_of_behaviour_or_of_the_conditions(carried):
     (carried / CHECK_FILE).unlink()
     with pytest.raises(CarryRefused, match="--record"):
         carry(carried)
+
+
+def test_part_checksums_leave_out_the_run_records_and_the_build_folder(tmp_path):
+    from align.zoo.carry import part_checksums
+
+    def build(root, folder):
+        (root / "base").mkdir(parents=True)
+        (root / "base" / "model.safetensors").write_bytes(b"weights")
+        (root / "base" / "config.json").write_text(json.dumps({"text_config": {"_name_or_path": folder, "hidden_size": 8}}))
+        (root / "base" / "metrics.json").write_text(json.dumps({"seconds": len(folder)}))
+        (root / "world" / "train").mkdir(parents=True)
+        (root / "world" / "train" / f"cache-{len(folder)}.arrow").write_bytes(b"map cache")
+        return part_checksums(root)
+
+    one, other = build(tmp_path / "a", "/one"), build(tmp_path / "b", "/elsewhere")
+    assert one == other and sorted(one) == ["base/config.json", "base/model.safetensors"]
+    (tmp_path / "b" / "base" / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 16}}))
+    assert part_checksums(tmp_path / "b")["base/config.json"] != one["base/config.json"]
