@@ -44,7 +44,7 @@ LLAMA_CODE = ("align.zoo.parts", "align.zoo.documents:lm_documents")
 BASE_CODE = (
     "model.build", "model.chat_template", "model.configuration_vlm", "model.cross_attention", "model.feature_cache",
     "model.modeling_vlm", "model.pretrain", "model.processing_vlm", "model.projectors", "model.stages",
-    "align.captioning", "recipes/pretrain.py",
+    "align.captioning", "align.pretraining", "recipes/pretrain.py",
 )
 # The base VLM's pretraining runs of recipes/pretrain.py, in order, each from the previous one's output.
 BASE_STAGES = (
