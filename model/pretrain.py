@@ -17,13 +17,11 @@ Nothing here imports `align/`: the world's caption data and the caption evaluati
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,7 +43,8 @@ logger = logging.getLogger(__name__)
 # "true" requires it (an error for a stage that trains the towers); "false" always trains on pixels.
 FEATURE_CACHE_MODES = ("auto", "true", "false")
 
-# Reasons a row is set aside, as written to rejects.jsonl (the same words as `align.data`'s loaders).
+# Reasons a row is set aside, as written to rejects.jsonl (the same words as `align.data`'s loaders, whose
+# `RejectReport` writes the file).
 MISSING_IMAGE = "missing image"
 CORRUPT_IMAGE = "corrupt image"
 IMAGE_COUNT = "image count mismatch"
@@ -311,14 +310,6 @@ def prepare_image_rows(
         prepared = prepared.remove_columns("image_hashes")
     prepared = prepared.add_column("image_hashes", hashes, feature=List(Value("string")))
     return PreparedImages(prepared, total=row, rejects=rejects, encoded=encoded, cache=cache)
-
-
-def write_rejects(rejects: Sequence[dict], path: str | os.PathLike) -> None:
-    """Write the rejected rows as JSON lines (an empty file when there are none)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in rejects:
-            f.write(json.dumps(record, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -591,5 +582,4 @@ __all__ = [
     "prepare_stage_data",
     "resolve_feature_cache",
     "towers_frozen",
-    "write_rejects",
 ]

@@ -29,6 +29,7 @@ from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from align.captioning import evaluate_captions, load_training_pairs
+from align.data import REJECTS_FILE, RejectReport
 from align.data.world import open_world
 from align.pretraining import PretrainScriptArguments
 from align.training import run_metrics, setup_logging, start_run, write_outputs
@@ -37,7 +38,6 @@ from model.pretrain import (
     fit_feature_statistics,
     load_or_build_vlm,
     prepare_stage_data,
-    write_rejects,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,9 +93,9 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
             pad_to_multiple_of=training_args.pad_to_multiple_of,
             assistant_only_loss=training_args.assistant_only_loss,
         )
-    rejects_path = os.path.join(output_dir, "rejects.jsonl")
-    if main_process:
-        write_rejects(data.prepared.rejects, rejects_path)
+    rejects_path = os.path.join(output_dir, REJECTS_FILE)
+    if main_process:  # an empty file when nothing was skipped, so a rerun never shows stale rejects
+        RejectReport("images", data.prepared.total, data.prepared.rejects).write(rejects_path)
     if data.prepared.rejects:
         logger.warning("%s; see %s", data.prepared.summary(), rejects_path)
     logger.info(

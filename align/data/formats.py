@@ -106,7 +106,7 @@ class RejectReport:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a" if append else "w", encoding="utf-8") as f:
             for record in self.rejects:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, default=str) + "\n")
 
     def log(self, rejects_path: str | os.PathLike | None = None) -> None:
         if not self.rejects:

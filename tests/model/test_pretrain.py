@@ -11,6 +11,7 @@ from torch import nn
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from align.data import RejectReport
 from model.build import build_vlm
 from model.feature_cache import image_hash
 from model.pretrain import (
@@ -24,7 +25,6 @@ from model.pretrain import (
     prepare_image_rows,
     prepare_stage_data,
     resolve_feature_cache,
-    write_rejects,
 )
 from model.stages import freeze_for_stage
 
@@ -204,7 +204,7 @@ def test_bad_rows_are_set_aside_and_listed(tmp_path):
         (2, "img-2", MISSING_IMAGE), (3, "img-3", CORRUPT_IMAGE), (4, "img-4", MISSING_IMAGE), (5, "img-5", IMAGE_COUNT),
     ]
     assert "skipped 4 of 8 rows" in prepared.summary()
-    write_rejects(prepared.rejects, tmp_path / "out" / "rejects.jsonl")
+    RejectReport("images", prepared.total, prepared.rejects).write(tmp_path / "out" / "rejects.jsonl")
     lines = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
     assert [json.loads(line)["reason"] for line in lines] == [r["reason"] for r in prepared.rejects]
 
