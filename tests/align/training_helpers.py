@@ -269,3 +269,24 @@ def write_yaml(path: Path, config: dict) -> str:
     """Write a recipe config; returns its path as a string (what a pipeline's `*_config` field takes)."""
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+# What every real-scale config's test changes to run it on tiny stand-ins, in-process: CPU, float32, one step.
+ONE_CPU_STEP = dict(
+    dtype="float32", bf16=False, use_cpu=True, attn_implementation=None, max_steps=1, gradient_accumulation_steps=1,
+    dataloader_num_workers=0, activation_checkpointing=False,
+)
+
+
+def real_config(recipe: str) -> dict:
+    """`recipes/configs/real/<recipe>.yaml`, as a dict to point at tiny stand-ins."""
+    return yaml.safe_load((REPO / "recipes" / "configs" / "real" / f"{recipe}.yaml").read_text())
+
+
+def run_real_config(recipe: str, config: dict, folder: Path) -> dict:
+    """Run `recipes/<recipe>.py`'s `main` in-process on `config` (written to `folder/real.yaml`) with
+    `ONE_CPU_STEP` over it; returns the run's `metrics.json`."""
+    path = write_yaml(folder / "real.yaml", {**config, **ONE_CPU_STEP})
+    module = load_recipe(recipe)
+    module.main(*module.make_parser().parse_args_and_config(["--config", path]))
+    return read_json(Path(config["output_dir"]) / "metrics.json")

@@ -10,10 +10,11 @@ from transformers import AutoModelForImageTextToText
 
 from model import BitLinear
 from tests.align.training_helpers import (
-    REPO,
     TINY_TRAINING,
     load_recipe,
     read_json,
+    real_config,
+    run_real_config,
     run_recipe,
     sft_rows_with_bad_ones,
     tiny_vlm,
@@ -95,18 +96,15 @@ def test_baseline_and_real_config_in_process(setup, tmp_path):
     assert metrics["loss"]["history"][0][1] == pytest.approx(metrics["distillation"]["ce_loss"]["history"][0][1], rel=1e-3)
 
     # The real-scale config, its paths replaced by tiny stand-ins: a LoRA-free student of another size, cached top-k.
-    config = yaml.safe_load((REPO / "recipes/configs/real/distill.yaml").read_text())
+    config = real_config("distill")
     data, _ = sft_rows_with_bad_ones(tmp_path / "data")
     assert config["model_name_or_path"].startswith("/path/to/") and config["teacher_model_name_or_path"].startswith("/path/to/")
-    config.update(
-        model_name_or_path=setup["student"], teacher_model_name_or_path=setup["teacher"], output_dir=str(tmp_path / "real"),
-        dtype="float32", bf16=False, use_cpu=True, attn_implementation=None, max_steps=1, per_device_train_batch_size=2,
-        per_device_eval_batch_size=2, gradient_accumulation_steps=1, dataloader_num_workers=0,
-        activation_checkpointing=False, report_to="none", logging_steps=1,
-        datasets=[{**source, "path": data, "format": "trl", "image_root": None} for source in config["datasets"]],
-    )
-    run_main(config, tmp_path / "real.yaml")
-    metrics = read_json(tmp_path / "real" / "metrics.json")
+    metrics = run_real_config("distill", {
+        **config, "model_name_or_path": setup["student"], "teacher_model_name_or_path": setup["teacher"],
+        "output_dir": str(tmp_path / "real"), "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
+        "report_to": "none", "logging_steps": 1,
+        "datasets": [{**source, "path": data, "format": "trl", "image_root": None} for source in config["datasets"]],
+    }, tmp_path)
     assert metrics["global_step"] == 1 and metrics["rows"]["rejected"] == 8  # 4 bad rows in each of 2 sources
     assert math.isfinite(metrics["distillation"]["distill_loss"]["last"])
 

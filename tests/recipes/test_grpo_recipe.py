@@ -6,17 +6,15 @@ import math
 
 import pytest
 import torch
-import yaml
 
 from align.training import load_trained
 from model import VLMForConditionalGeneration, VLMProcessor
 from model.reward_model import VLMForRewardModeling
 from tests.align.training_helpers import (
-    REPO,
     check_run_output,
-    load_recipe,
     lora_config,
-    read_json,
+    real_config,
+    run_real_config,
     run_recipe,
     tiny_vlm,
     tiny_world,
@@ -98,16 +96,11 @@ def test_qlora_cross_attention_with_a_reward_model(setup, tmp_path):
 
 def test_real_config_on_tiny_stand_ins(setup, tmp_path):
     """The real-scale config, its paths replaced by tiny stand-ins, runs one step (in-process)."""
-    config = yaml.safe_load((REPO / "recipes/configs/real/grpo.yaml").read_text())
+    config = real_config("grpo")
     assert config["dataset_path"].startswith("/path/to/")
-    config.update(
-        model_name_or_path=setup["prepend"], output_dir=str(tmp_path / "run"), dataset_path=setup["world"],
-        dtype="float32", bf16=False, use_cpu=True, attn_implementation=None, max_steps=1, num_prompts=8,
-        per_device_train_batch_size=4, num_generations=4, gradient_accumulation_steps=1, max_completion_length=6,
-        dataloader_num_workers=0, activation_checkpointing=False, load_in_4bit=False, report_to=[],
-    )
-    (tmp_path / "real.yaml").write_text(yaml.safe_dump(config))
-    recipe = load_recipe("grpo")
-    recipe.main(*recipe.make_parser().parse_args_and_config(["--config", str(tmp_path / "real.yaml")]))
-    metrics = read_json(tmp_path / "run" / "metrics.json")
+    metrics = run_real_config("grpo", {
+        **config, "model_name_or_path": setup["prepend"], "output_dir": str(tmp_path / "run"),
+        "dataset_path": setup["world"], "num_prompts": 8, "per_device_train_batch_size": 4, "num_generations": 4,
+        "max_completion_length": 6, "load_in_4bit": False, "report_to": [],
+    }, tmp_path)
     assert metrics["global_step"] == 1 and metrics["rows"]["train"] == 8

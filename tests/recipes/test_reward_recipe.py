@@ -11,11 +11,12 @@ from align.reward import load_reward_model, reward_scores
 from align.world import WorldConfig, build_world
 from tests.align.training_helpers import (
     IMAGE_SIZE,
-    REPO,
     load_recipe,
     lora_config,
     preference_rows_with_bad_ones,
     read_json,
+    real_config,
+    run_real_config,
     run_recipe,
     tiny_vlm,
 )
@@ -91,21 +92,15 @@ def test_bad_parameters_are_refused_clearly(override, message, tmp_path):
 
 def test_real_config_on_tiny_stand_ins(setup, tmp_path):
     """The real-scale config, its paths replaced by tiny stand-ins (bad rows included), runs one step in-process."""
-    config = yaml.safe_load((REPO / "recipes/configs/real/reward.yaml").read_text())
+    config = real_config("reward")
     data, expected = preference_rows_with_bad_ones(tmp_path / "data")
     assert all(source["path"].startswith("/path/to/") for source in config["datasets"])
     assert config["eval_path"].startswith("/path/to/")
-    config.update(
-        model_name_or_path=setup["vlm"], output_dir=str(tmp_path / "run"), dtype="float32", bf16=False,
-        use_cpu=True, attn_implementation=None, max_steps=1, per_device_train_batch_size=2,
-        per_device_eval_batch_size=4, gradient_accumulation_steps=1, dataloader_num_workers=0,
-        activation_checkpointing=False, report_to="none",
-        datasets=[{**source, "path": data, "image_root": None} for source in config["datasets"]],
-        eval_path=data, eval_image_root=None,
-    )
-    (tmp_path / "real.yaml").write_text(yaml.safe_dump(config))
-    recipe = load_recipe("reward")
-    recipe.main(*recipe.make_parser().parse_args_and_config(["--config", str(tmp_path / "real.yaml")]))
-    metrics = read_json(tmp_path / "run" / "metrics.json")
+    metrics = run_real_config("reward", {
+        **config, "model_name_or_path": setup["vlm"], "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 2, "per_device_eval_batch_size": 4, "report_to": "none",
+        "datasets": [{**source, "path": data, "image_root": None} for source in config["datasets"]],
+        "eval_path": data, "eval_image_root": None,
+    }, tmp_path)
     assert metrics["global_step"] == 1 and metrics["rows"] == {"train": 8, "rejected": 2, "rejected_by_reason": expected}
     assert metrics["eval_accuracy_before"] == 0.5 and metrics["eval"]["pairs"] == 8

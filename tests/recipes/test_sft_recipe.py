@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoProcessor
 
 from align.training import load_trained
 from tests.align.training_helpers import (
-    REPO,
     check_run_output,
-    load_recipe,
     lora_config,
-    read_json,
+    real_config,
+    run_real_config,
     run_recipe,
     sft_rows_with_bad_ones,
     tiny_vlm,
@@ -105,19 +103,14 @@ def test_lora_prepend_on_the_world_with_two_processes(setup, tmp_path):
 
 def test_real_config_on_tiny_stand_ins(setup, tmp_path):
     """The real-scale config, its paths replaced by tiny stand-ins, runs one step (in-process)."""
-    config = yaml.safe_load((REPO / "recipes/configs/real/sft.yaml").read_text())
+    config = real_config("sft")
     data, _ = sft_rows_with_bad_ones(tmp_path / "data")
     assert all(source["path"].startswith("/path/to/") for source in config["datasets"])
-    config.update(
-        model_name_or_path=setup["prepend"], output_dir=str(tmp_path / "run"), dtype="float32", bf16=False,
-        use_cpu=True, attn_implementation=None, max_steps=1, per_device_train_batch_size=2,
-        gradient_accumulation_steps=1, dataloader_num_workers=0, activation_checkpointing=False,
-        datasets=[{**source, "path": data, "format": "trl", "image_root": None} for source in config["datasets"]],
-    )
-    (tmp_path / "real.yaml").write_text(yaml.safe_dump(config))
-    recipe = load_recipe("sft")
-    recipe.main(*recipe.make_parser().parse_args_and_config(["--config", str(tmp_path / "real.yaml")]))
-    metrics = read_json(tmp_path / "run" / "metrics.json")
+    metrics = run_real_config("sft", {
+        **config, "model_name_or_path": setup["prepend"], "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 2,
+        "datasets": [{**source, "path": data, "format": "trl", "image_root": None} for source in config["datasets"]],
+    }, tmp_path)
     assert metrics["global_step"] == 1 and metrics["rows"]["rejected"] == 12  # 4 bad rows in each of 3 sources
 
 
