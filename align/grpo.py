@@ -288,9 +288,24 @@ class GRPOScriptArguments(PromptArguments, RunArguments):
         default=None, metadata={"help": "The reward model (recipes/reward.py output) of the reward_model reward."}
     )
     format_max_words: int = field(default=12, metadata={"help": "`format` reward: the longest well-formed answer."})
+    filter_samples: int = field(
+        default=0,
+        metadata={"help": "Before training, sample this many answers to each prompt with the starting policy and keep "
+                  "the prompts whose verifier pass rate lies strictly inside filter_pass_rate (`filter_by_pass_rate`; "
+                  "0: keep every prompt). A group whose answers are all right or all wrong has no advantage to learn from."},
+    )
+    filter_pass_rate: list[float] = field(
+        default_factory=lambda: [0.0, 1.0],
+        metadata={"help": "The open interval of pass rates a prompt is kept in by filter_samples.", "nargs": 2},
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.filter_samples < 0 or self.filter_samples == 1:
+            raise ValueError(f"filter_samples must be 0 (off) or >= 2, got {self.filter_samples}")
+        low, high = self.filter_pass_rate
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"filter_pass_rate must be two rates 0 <= low < high <= 1, got {self.filter_pass_rate}")
         unknown = [n for n in self.reward_funcs if n not in REWARDS]
         if unknown or not self.reward_funcs:
             raise ValueError(f"reward_funcs must name one or more of {list(REWARDS)}, got {self.reward_funcs}")
@@ -304,12 +319,51 @@ class GRPOScriptArguments(PromptArguments, RunArguments):
         return self.load_prompts(needs_records="verifier" in self.reward_funcs, rejects_path=rejects_path)
 
 
+def filter_by_pass_rate(
+    model, processor, prompts: Dataset, samples: int, low: float = 0.0, high: float = 1.0, batch_size: int = 16,
+    max_new_tokens: int = 16, temperature: float = 1.0, seed: int = 0,
+) -> tuple[Dataset, dict]:
+    """The prompts on which `model` is neither always right nor always wrong: `samples` answers to each (shared-prefill
+    sampling, `align.evaluation.sample_batch`), scored by the world's verifier; a prompt is kept when its pass rate is
+    strictly between `low` and `high`.
+
+    GRPO learns from the spread of rewards within a group; a group whose answers all score the same has zero
+    advantage and spends its generation and backward passes on nothing (DAPO's dynamic sampling drops such groups
+    online, arXiv:2503.14476; this is the offline form, measured once with the starting policy, as difficulty
+    filtering of RL prompt sets is commonly done). TRL's `GRPOTrainer` has neither.
+
+    Returns:
+        `(kept prompts, report)`: `report` has `candidates`, `kept`, `samples`, the bounds, and the number of prompts
+        at each pass rate (`pass_rates`, keyed by the rate's numerator over `samples`).
+    """
+    from align.evaluation import sample_batch
+    from align.scoring import VerifierScorer
+
+    if "record" not in prompts.column_names:
+        raise ValueError("filtering prompts by pass rate needs question records (world prompts) for the verifier")
+    verifier, rates = VerifierScorer(), []
+    for start in range(0, len(prompts), batch_size):
+        rows = [prompts[i] for i in range(start, min(start + batch_size, len(prompts)))]
+        answers = sample_batch(model, processor, rows, samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                               seed=seed + start)
+        rates += [sum(scores) / samples for scores in verifier(rows, answers)]
+    kept = [i for i, rate in enumerate(rates) if low < rate < high]
+    counts = {}
+    for rate in rates:
+        key = f"{round(rate * samples)}/{samples}"
+        counts[key] = counts.get(key, 0) + 1
+    report = {"candidates": len(prompts), "kept": len(kept), "samples": samples, "pass_rate_bounds": [low, high],
+              "pass_rates": dict(sorted(counts.items()))}
+    return prompts.select(kept), report
+
+
 __all__ = [
     "REWARDS",
     "GRPOScriptArguments",
     "RewardModelReward",
     "VisionGRPOTrainer",
     "completion_text",
+    "filter_by_pass_rate",
     "format_reward",
     "reward_functions",
     "verifier_reward",

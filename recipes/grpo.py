@@ -6,13 +6,16 @@ its LoRA adapters disabled, or a frozen copy). Rewards (`reward_funcs`, weighted
 (the world's answer checker), `format` (a short answer committing to one value), `reward_model` (a VLM reward model
 from recipes/reward.py). Prompts: the world's questions or a local prompt set. Each image is encoded once per group
 (`align.grpo.VisionGRPOTrainer`). LoRA (`--use_peft`), QLoRA (`--load_in_4bit` on top) or full fine-tuning.
+`--filter_samples N` first samples N answers per prompt with the starting policy and trains only on the prompts it
+answers right sometimes but not always (`filter_pass_rate`): groups all right or all wrong teach GRPO nothing.
 
     accelerate launch --config_file recipes/accelerate/single.yaml recipes/grpo.py --config recipes/configs/tiny/grpo.yaml
     accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/grpo.py --config recipes/configs/real/grpo.yaml
 
 Rerunning a killed command continues it from its newest complete checkpoint; a rerun with other settings
 into the same `output_dir` is refused unless `--force` (start over). Writes the model (or LoRA
-adapter), the processor, `config.yaml`, `metrics.json` (loss, reward and KL per logged step, images encoded) and
+adapter), the processor, `config.yaml`, `metrics.json` (loss, reward and KL per logged step, images encoded, the
+prompt filter's pass rates) and
 TensorBoard logs (`runs/`) to `output_dir`.
 """
 
@@ -22,7 +25,7 @@ from transformers import set_seed
 from trl import GRPOConfig, TrlParser
 
 from align.data import REJECTS_FILE, log_rejects
-from align.grpo import GRPOScriptArguments, VisionGRPOTrainer, reward_functions
+from align.grpo import GRPOScriptArguments, VisionGRPOTrainer, filter_by_pass_rate, reward_functions
 from align.training import (
     VLMModelConfig,
     check_launch,
@@ -60,6 +63,20 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
     # ------------------------------------------------------------------ data
     main_process = training_args.process_index == 0
     train_dataset = script_args.prompts(f"{training_args.output_dir}/{REJECTS_FILE}" if main_process else None)
+    prompt_filter = None
+    if script_args.filter_samples:
+        # The starting policy (LoRA adapters start at zero); every process filters alike (same seed, same draws).
+        train_dataset, prompt_filter = filter_by_pass_rate(
+            model, processor, train_dataset, script_args.filter_samples, *script_args.filter_pass_rate,
+            max_new_tokens=training_args.max_completion_length, temperature=training_args.temperature,
+            seed=training_args.seed,
+        )
+        logger.info("kept %d of %d prompts with a pass rate in %s over %d answers (%s)", prompt_filter["kept"],
+                    prompt_filter["candidates"], tuple(script_args.filter_pass_rate), script_args.filter_samples,
+                    prompt_filter["pass_rates"])
+        if not prompt_filter["kept"]:
+            raise ValueError(f"no prompt has a pass rate in {tuple(script_args.filter_pass_rate)}: widen filter_pass_rate "
+                             "or give more prompts")
     logger.info("training on %d prompts, %d answers each", len(train_dataset), training_args.num_generations)
 
     # ------------------------------------------------------------------ trainer
@@ -94,6 +111,7 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
             },
             "kl": {"history": [(log["step"], log["kl"]) for log in history if "kl" in log]},
             "images_encoded": trainer.images_encoded,
+            "prompt_filter": prompt_filter,
         },
     )
     # GRPOConfig derives generation_batch_size from steps_per_generation and refuses both set: config.yaml keeps one.

@@ -184,3 +184,55 @@ def test_shared_prefill_generation_matches_trls(vlms, tmp_path, monkeypatch):
     assert len({tuple(c) for step in runs["shared"]["completions"] for c in step}) > 1  # sampled, not all alike
     for shared, trl in zip(runs["shared"]["losses"], runs["trl"]["losses"], strict=True):
         assert shared == pytest.approx(trl, rel=1e-4, abs=1e-6)
+
+
+def test_filter_by_pass_rate_keeps_the_prompts_answered_right_only_sometimes(vlms, monkeypatch):
+    from align import evaluation
+    from align.grpo import filter_by_pass_rate
+    from align.prompts import load_prompts
+
+    prompts = load_prompts(vlms["world"], num_prompts=6)
+    records = [json.loads(r) if isinstance(r, str) else r for r in prompts["record"]]
+    right = [next(a for a in (r["answer"], *r.get("choices", [])) if verify(r, a)) for r in records]
+    wrong = [next(a for a in ("It is red.", "It is blue.", "7", "yes", "no", *r.get("choices", [])) if not verify(r, a))
+             for r in records]
+    # Prompt i gets i % 4 right answers of 3 (3 of 3 counts as "all right" for i % 4 == 3).
+    wanted = [min(i % 4, 3) for i in range(len(prompts))]
+
+    seen = []  # the filter samples the prompts in order, a batch at a time
+
+    def fake_sample_batch(model, processor, rows, samples, **kwargs):
+        start = len(seen) % len(prompts)
+        seen.extend(rows)
+        return [[right[start + j]] * wanted[start + j] + [wrong[start + j]] * (samples - wanted[start + j])
+                for j in range(len(rows))]
+
+    monkeypatch.setattr(evaluation, "sample_batch", fake_sample_batch)
+    kept, report = filter_by_pass_rate(None, None, prompts, samples=3, batch_size=4)
+    expected = [i for i, n in enumerate(wanted) if 0 < n < 3]
+    assert list(kept["prompt"]) == [prompts["prompt"][i] for i in expected]
+    assert report["candidates"] == 6 and report["kept"] == len(expected) and report["samples"] == 3
+    assert sum(report["pass_rates"].values()) == 6 and report["pass_rates"]["0/3"] == wanted.count(0)
+    # Bounds: everything up to one right answer in three.
+    kept, report = filter_by_pass_rate(None, None, prompts, samples=3, low=0.0, high=0.5)
+    assert report["kept"] == wanted.count(1)
+    with pytest.raises(ValueError, match="needs question records"):
+        filter_by_pass_rate(None, None, prompts.remove_columns("record"), samples=3)
+    for bad in ({"filter_samples": 1}, {"filter_pass_rate": [0.5, 0.5]}, {"filter_pass_rate": [-0.1, 1.0]}):
+        with pytest.raises(ValueError, match="filter_"):
+            GRPOScriptArguments(**bad)
+
+
+def test_filter_by_pass_rate_with_the_policy_sampling(vlms):
+    """On a real (tiny) policy: every prompt gets a pass rate, and the kept ones are those strictly inside."""
+    from align.grpo import filter_by_pass_rate
+    from align.loading import load_run
+    from align.prompts import load_prompts
+
+    model, processor = load_run(vlms["prepend"])
+    prompts = load_prompts(vlms["world"], num_prompts=8)
+    kept, report = filter_by_pass_rate(model, processor, prompts, samples=2, max_new_tokens=4)
+    assert sum(report["pass_rates"].values()) == 8 and set(report["pass_rates"]) <= {"0/2", "1/2", "2/2"}
+    assert report["kept"] == len(kept) == report["pass_rates"].get("1/2", 0)
+    again, _ = filter_by_pass_rate(model, processor, prompts, samples=2, max_new_tokens=4)
+    assert list(again["prompt"]) == list(kept["prompt"])  # the same draws under the same seed
