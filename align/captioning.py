@@ -19,6 +19,7 @@ from datasets import Dataset, DatasetDict
 
 from align.data import load_dataset_local
 from align.data.world import open_world
+from align.evaluation import generate_answers
 from align.metrics import load_metric
 from align.world import caption_rows, question_rows
 
@@ -110,25 +111,12 @@ def generate_captions(
     batch_size: int = 16,
     max_new_tokens: int = 64,
 ) -> list[str]:
-    """One greedy caption per image, generated in batches with left padding."""
+    """One greedy caption per image (`align.evaluation.generate_answers`: batched, left-padded, the KV cache, stopping
+    at the end of the turn)."""
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    was_training = model.training
-    model.eval()
-    captions = []
-    try:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            batch = processor(
-                images=[[image] for image in chunk], text=[text] * len(chunk), padding=True, padding_side="left",
-                return_tensors="pt",
-            ).to(model.device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            captions.extend(c.strip() for c in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return captions
+    rows = [{"images": [image], "prompt": conversation} for image in images]
+    answers = generate_answers(model, processor, rows, batch_size=batch_size, max_new_tokens=max_new_tokens, log_every=0)
+    return [answer.strip() for answer in answers]
 
 
 def evaluate_captions(

@@ -21,12 +21,9 @@ class CopyingCaptioner(torch.nn.Module):
     def __init__(self, tokenizer, captions):
         super().__init__()
         self.tokenizer, self.captions, self.seen = tokenizer, list(captions), 0
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # where the model lives (`next(model.parameters())`)
 
-    @property
-    def device(self):
-        return torch.device("cpu")
-
-    def generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, do_sample):
+    def generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, do_sample, **kwargs):
         assert not do_sample and pixel_values.shape[0] == input_ids.shape[0]
         assert (attention_mask[:, -1] == 1).all()  # left padding: every prompt ends at the last position
         rows = []
