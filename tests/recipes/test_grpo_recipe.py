@@ -104,3 +104,29 @@ def test_real_config_on_tiny_stand_ins(setup, tmp_path):
         "max_completion_length": 6, "load_in_4bit": False, "report_to": [],
     }, tmp_path)
     assert metrics["global_step"] == 1 and metrics["rows"]["train"] == 8
+
+
+def test_the_prompt_filter_decides_what_grpo_trains_on(setup, tmp_path, monkeypatch):
+    """`--filter_samples`: the recipe hands the starting policy and the prompts to `filter_by_pass_rate` with its
+    bounds, trains on what it keeps, records its report, and stops with a clear error when it keeps nothing."""
+    import align.grpo
+
+    calls = []
+
+    def keep_first(model, processor, prompts, samples, low, high, **kwargs):
+        calls.append((samples, low, high, len(prompts), isinstance(model, VLMForConditionalGeneration)))
+        keep = int(kwargs.get("seed", 0) == 0) * 4  # seed 0 keeps four prompts, any other seed none
+        return prompts.select(range(keep)), {"candidates": len(prompts), "kept": keep, "pass_rates": {}}
+
+    monkeypatch.setattr(align.grpo, "filter_by_pass_rate", keep_first)
+    config = {
+        **real_config("grpo"), "model_name_or_path": setup["prepend"], "output_dir": str(tmp_path / "run"),
+        "dataset_path": setup["world"], "num_prompts": 8, "per_device_train_batch_size": 4, "num_generations": 4,
+        "max_completion_length": 6, "load_in_4bit": False, "report_to": [], "filter_samples": 3,
+        "filter_pass_rate": [0.25, 0.75], "seed": 0,
+    }
+    metrics = run_real_config("grpo", config, tmp_path)
+    assert calls == [(3, 0.25, 0.75, 8, True)]
+    assert metrics["rows"]["train"] == 4 and metrics["prompt_filter"] == {"candidates": 8, "kept": 4, "pass_rates": {}}
+    with pytest.raises(ValueError, match="no prompt has a pass rate in"):
+        run_real_config("grpo", {**config, "output_dir": str(tmp_path / "none"), "seed": 1}, tmp_path)
