@@ -126,7 +126,7 @@ def carry(shipped: Path = SHIPPED_PARTS, build=check_build) -> dict[str, tuple[s
 
     Raises:
         CarryRefused: no record, other library versions or threads, other settings, shipped parts other than the
-            record's, or a check build whose learned files differ; the message lists the differences.
+            record's, or a check build whose files differ; the message lists the differences.
     """
     path = shipped / CHECK_FILE
     if not path.is_file():
