@@ -69,7 +69,7 @@ def test_gates_table_reports_each_target_against_the_run(tmp_path):
 def test_pipeline_runs_each_step_after_the_runs_it_reads(tmp_path, monkeypatch):
     """Every run folder a step reads (its model, policy, reward model, initial evaluation) is written by a step of
     an earlier group or earlier in the same lane: the lanes of a group run side by side."""
-    monkeypatch.setattr(align.demo, "other_world", lambda run_dir: run_dir / "world-seed1")
+    monkeypatch.setattr(align.demo, "other_world", lambda run_dir, images: run_dir / "world-seed1")
     run_dir = tmp_path / "demo"
     done, names = set(), []
     for group in pipeline(run_dir, eval_questions=10):
@@ -89,3 +89,23 @@ def test_pipeline_runs_each_step_after_the_runs_it_reads(tmp_path, monkeypatch):
         done |= finished_in_group
     assert len(names) == len(set(names))
     assert {"sft", "dpo", "reward", "grpo", "rounds", "eval-dpo", "eval-grpo"} <= done
+
+
+def test_smoke_runs_every_step_of_the_demo_shrunk(tmp_path, monkeypatch):
+    """`--smoke` is the demo's pipeline, step for step, each recipe with `SMOKE`'s settings over the demo's, and
+    stage 1's features cached in the run folder, not the shared cache."""
+    from align.demo import SMOKE, students_step
+
+    monkeypatch.setattr(align.demo, "other_world", lambda run_dir, images: run_dir / f"world-seed1-{images}")
+    run_dir = tmp_path / "demo"
+    steps = {smoke: [step for group in pipeline(run_dir, 10, smoke=smoke) for lane in group for step in lane_steps(lane)]
+             for smoke in (False, True)}
+    assert [step.name for step in steps[True]] == [step.name for step in steps[False]]
+    for full, small in zip(steps[False], steps[True]):
+        assert small.overrides == {**full.overrides, **SMOKE.get(full.script, {}),
+                                   **({"feature_cache_dir": run_dir / "features"} if full.script == "pretrain.py" else {}),
+                                   **({"world_path": run_dir / "world-seed1-20"} if "world_path" in full.overrides else {})}
+    assert {step.script for step in steps[True]} - {"evaluate.py"} <= set(SMOKE)
+    rounds = {"rounds": [{"round": 1}], "final_policy": str(run_dir / "rounds" / "round1" / "dpo")}
+    assert students_step(run_dir, rounds, 10, smoke=True).overrides["max_steps"] == SMOKE["students.py"]["max_steps"]
+    assert "max_steps" not in students_step(run_dir, rounds, 10).overrides

@@ -107,6 +107,28 @@ def test_prompt_rows(world):
     assert isinstance(per_split, datasets.DatasetDict) and len(per_split["test"]) == total
 
 
+def test_a_slice_of_prompts_expands_only_the_images_it_needs(tmp_path, monkeypatch):
+    """Rejection sampling's and GRPO's prompts (`align.prompts.load_prompts`): a slice of a world's questions, of
+    some categories or all, is the slice of every question expanded, made from the first images alone."""
+    import align.prompts
+    from align.evaluation import load_eval_questions
+
+    path = tmp_path / "world"
+    build_world(path, sizes={"train": 40}, seed=0)
+    everything = load_eval_questions(path, split="train")
+    expanded = []
+    monkeypatch.setattr(align.prompts, "prompt_rows", lambda ds, categories: expanded.append(len(ds)) or prompt_rows(ds, categories))
+    for offset, number, categories in ((0, 5, None), (7, 20, ["count", "spatial"]), (3, 10, ["spatial"])):
+        expanded.clear()
+        rows = align.prompts.load_prompts(path, offset=offset, num_prompts=number, categories=categories)
+        wanted = everything if categories is None else everything.filter(lambda c, kept=tuple(categories): c in kept, input_columns="category")
+        assert rows.to_list() == wanted.select(range(offset, offset + number)).to_list()
+        assert expanded[-1] < 40
+    assert len(align.prompts.load_prompts(path, offset=2)) == len(everything) - 2
+    with pytest.raises(ValueError, match="no prompts from offset"):
+        align.prompts.load_prompts(path, offset=len(everything))
+
+
 def test_question_rows_hold_every_question_once_as_conversations(world):
     ds = world["train"]
     rows = question_rows(ds, max_turns=3)

@@ -146,7 +146,7 @@ def run_recipe(
         ]
     else:
         command = [sys.executable, *args]
-    env = _environment(processes)
+    env = offline_environment(processes)
     if processes > 1:
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     else:
@@ -164,7 +164,9 @@ def _recipe_args(script: str, config: dict, folder: Path, overrides) -> list[str
     return [str(REPO / "recipes" / script), "--config", str(config_path), *overrides]
 
 
-def _environment(processes: int = 1) -> dict[str, str]:
+def offline_environment(processes: int = 1) -> dict[str, str]:
+    """The environment the suite runs recipes in: offline, no progress bars, one CPU thread per process when
+    `processes` run side by side."""
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -192,19 +194,20 @@ def run_until_killed(
     from align.pipeline import start_forked
 
     output.write_text("")
-    child = start_forked(args[0], args[1:], _environment(), output, output)
+    child = start_forked(args[0], args[1:], offline_environment(), output, output)
     _kill_when_ready(script, ready, child.is_alive, child.kill, output, timeout)
     child.join()
     return output.read_text()
 
 
-def kill_when(command: list[str], ready, output: Path, timeout: float = 300) -> str:
+def kill_when(command: list[str], ready, output: Path, timeout: float = 300, processes: int = 1) -> str:
     """Run `command` in a session of its own, its output to `output`, and SIGKILL all of its processes the moment
-    `ready()` holds; returns what it printed (fails as `run_until_killed` does)."""
+    `ready()` holds; returns what it printed (fails as `run_until_killed` does). `processes`: as many run side by
+    side (`offline_environment`)."""
     import signal
 
     with open(output, "w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, env=_environment(), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command, cwd=REPO, env=offline_environment(processes), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         _kill_when_ready(command[1], ready, lambda: proc.poll() is None, lambda: os.killpg(proc.pid, signal.SIGKILL),

@@ -4,11 +4,15 @@ folder are refused, naming them; `--force` starts over.
 
 Kill points here: a trainer between checkpoints and during a checkpoint's save (SFT), every other trainer after its
 first checkpoint (stage-1 pretraining, reward model, distillation, GRPO), DPO during its reference precompute, an
-evaluation while it generates, synthetic Q&A while it generates, an export while it writes. Rejection sampling
-mid-sampling is in its own recipe test, a pipeline between steps in the rounds recipe test.
+evaluation while it generates, synthetic Q&A while it generates, an export while it writes, and `make demo` itself
+(`--smoke`) in the middle of its rounds. Rejection sampling mid-sampling is in its own recipe test, a pipeline
+between steps in the rounds recipe test.
 """
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,8 @@ from tests.align.training_helpers import (
     IMAGE_SIZE,
     REPO,
     TINY_TRAINING,
+    kill_when,
+    offline_environment,
     read_json,
     run_recipe,
     run_until_killed,
@@ -194,3 +200,58 @@ def test_synthetic_qa_killed_while_generating_then_rerun(setup, tmp_path):
     run_recipe("augment.py", {**config, "output_dir": str(killed)}, tmp_path)
     assert (killed / "generated.jsonl").read_text() == (tmp_path / "clean" / "generated.jsonl").read_text()
     assert read_json(killed / "metrics.json")["kept"] == read_json(tmp_path / "clean" / "metrics.json")["kept"]
+
+
+def _demo_report(run_dir: Path) -> str:
+    """The demo's report without its wall-clock cells (`| 21 s |`), the one thing two identical runs differ in."""
+    return re.sub(r"\| \d+ s \|", "| s |", (run_dir / "report.md").read_text())
+
+
+def _demo(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "align.demo", "--smoke", "--run_dir", str(run_dir)]
+
+
+def _run_demo(run_dir: Path, log: Path) -> subprocess.Popen:
+    # One CPU thread a process: two demos run side by side (more threads than cores slow every step several-fold).
+    with open(log, "w") as out:
+        return subprocess.Popen(_demo(run_dir), cwd=REPO, env=offline_environment(processes=2), stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def _finished(run: subprocess.Popen, log: Path) -> str:
+    assert run.wait(timeout=600) == 0, log.read_text()[-4000:]
+    return log.read_text()
+
+
+@pytest.mark.slow
+def test_make_demo_killed_in_its_rounds_then_rerun(tmp_path):
+    """`make demo` (its `--smoke` size: every step, a few examples, two steps each, on the default's shipped parts)
+    killed with every process of it in the middle of its rounds, a pipeline within the pipeline, then the same
+    command: the finished steps are reused, the cut ones continue, and it ends with the report of a demo never
+    killed (run beside it: the demo fixes each step's CPU threads, so the two compute the same)."""
+    from align.demo import SMOKE_QUESTIONS, lane_steps, pipeline
+    from align.paths import SHIPPED_PARTS
+    from align.zoo import SHIPPED, ZooConfig, build_zoo, part_fingerprints, read_manifest
+
+    # The shipped parts, installed into the zoo's folder as `make demo` does, before the two demos start. Parts that
+    # no longer match the code would be trained there instead, for hours: test_shipped_parts_match_this_code_and_settings.
+    expected = part_fingerprints(ZooConfig())
+    assert all(read_manifest(SHIPPED_PARTS / part)["fingerprint"] == expected[part] for part in SHIPPED)
+    build_zoo(ZooConfig())
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    clean_run = _run_demo(clean, tmp_path / "clean.log")
+    try:
+        cut = killed / "rounds" / "round1" / "sft" / "metrics.json"
+        kill_when(_demo(killed), cut.is_file, tmp_path / "killed.log", timeout=600, processes=2)
+        assert not (killed / "rounds" / "metrics.json").exists() and not (killed / "report.md").exists()
+        rerun = _finished(_run_demo(killed, tmp_path / "rerun.log"), tmp_path / "rerun.log")
+        _finished(clean_run, tmp_path / "clean.log")
+    finally:
+        clean_run.kill()
+    before_rounds = [step.name for group in pipeline(killed, SMOKE_QUESTIONS, smoke=True) for lane in group
+                     for step in lane_steps(lane) if step.name != "rounds"]
+    assert all(f"[demo] {name}: done before, reusing" in rerun for name in before_rounds)
+    rounds = (killed / "rounds.log").read_text()
+    assert "[round 1] rejection_sampling: done before, reusing" in rounds and "[round 1] sft: done before, reusing" in rounds
+    assert "[round 1] dpo: done before" not in rounds
+    assert _demo_report(killed) == _demo_report(clean)
