@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo recipes export lint bench clean
+.PHONY: install test demo demo-smoke recipes export lint bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ test: install
 
 demo: install
 	$(PY) -m align.demo
+
+# Every step of the demo on a few examples for two steps: the whole pipeline checked in about a minute.
+demo-smoke: install
+	$(PY) -m align.demo --smoke
 
 # Every recipe through `accelerate launch` on the tiny configs, in pipeline order (outputs in runs/tiny/).
 ACCELERATE := $(VENV)/bin/accelerate launch --config_file recipes/accelerate/single.yaml

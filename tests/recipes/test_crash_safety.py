@@ -5,8 +5,7 @@ folder are refused, naming them; `--force` starts over.
 Kill points here: a trainer between checkpoints and during a checkpoint's save (SFT), every other trainer after its
 first checkpoint (stage-1 pretraining, reward model, distillation, GRPO), DPO during its reference precompute, an
 evaluation while it generates, synthetic Q&A while it generates, an export while it writes, and `make demo` itself
-(`--smoke`) in the middle of its rounds. Rejection sampling mid-sampling is in its own recipe test, a pipeline
-between steps in the rounds recipe test.
+(`--smoke`) in the middle of its rounds. Rejection sampling mid-sampling is in its own recipe test.
 """
 
 import json
@@ -255,3 +254,5 @@ def test_make_demo_killed_in_its_rounds_then_rerun(tmp_path):
     assert "[round 1] rejection_sampling: done before, reusing" in rounds and "[round 1] sft: done before, reusing" in rounds
     assert "[round 1] dpo: done before" not in rounds
     assert _demo_report(killed) == _demo_report(clean)
+    for name in ("rounds/round1/rejection_sampling/candidates.jsonl", "rounds/round1/eval/predictions.jsonl"):
+        assert (killed / name).read_text() == (clean / name).read_text()
