@@ -666,3 +666,23 @@ __all__ = [
     "text_regression",
     "text_regression_table",
 ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m align.evaluation BASELINE OTHER [OTHER ...]`: each evaluation folder (as `recipes/evaluate.py`
+    writes it) minus the first, paired on the questions both answered, as a Markdown table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("baseline", help="Evaluation folder the others are compared with (its predictions.jsonl).")
+    parser.add_argument("others", nargs="+", help="Evaluation folders to compare with the baseline.")
+    args = parser.parse_args(argv)
+    baseline = read_predictions(Path(args.baseline) / PREDICTIONS)
+    print(paired_table({
+        f"{other} − {args.baseline}": paired_difference(read_predictions(Path(other) / PREDICTIONS), baseline)
+        for other in args.others
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -81,6 +81,11 @@ class RoundsArguments:
         default=None, metadata={"help": "Rows of each round's SFT mixture (default: as the SFT config's data gives)."}
     )
     sft_max_steps: int | None = field(default=None, metadata={"help": "Override the SFT config's max_steps."})
+    sft_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Override the SFT config's learning_rate: a round's SFT continues an already tuned policy, "
+                  "where the first SFT's rate can undo what it learned (README: the rounds, measured)."},
+    )
     dpo_max_steps: int | None = field(default=None, metadata={"help": "Override the DPO config's max_steps."})
     grpo_max_steps: int | None = field(default=None, metadata={"help": "Override the GRPO config's max_steps."})
     reward_model_name_or_path: str | None = field(
@@ -89,6 +94,11 @@ class RoundsArguments:
     )
     scorer: str = field(default="verifier", metadata={"help": "Rejection-sampling scorer: verifier, reward or combined."})
     num_questions: int | None = field(default=None, metadata={"help": "Held-out questions per evaluation (default: the evaluate config's)."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Split every evaluation reads (default: the evaluate config's, test). Choose a round's "
+                  "settings on `validation`, so that the test split measures the choice."},
+    )
     initial_eval: str | None = field(
         default=None,
         metadata={"help": "metrics.json of the round-0 policy's evaluation to show as round 0 (default: evaluate it)."},
@@ -118,6 +128,8 @@ class RoundsArguments:
         unknown = set(self.categories or []) - set(CATEGORIES)
         if unknown:
             raise ValueError(f"categories has unknown names {sorted(unknown)}; supported: {list(CATEGORIES)}")
+        if self.sft_learning_rate is not None and not self.sft_learning_rate > 0:
+            raise ValueError(f"sft_learning_rate must be > 0 or unset, got {self.sft_learning_rate}")
         if self.initial_eval is not None and not Path(self.initial_eval).is_file():
             raise ValueError(f"initial_eval: {self.initial_eval} does not exist")
 
@@ -130,6 +142,8 @@ def evaluation_step(args: RoundsArguments, run_dir: Path, name: str, model: str,
     updates = {"model_name_or_path": model, "load_in_4bit": args.policy_load_in_4bit, "seed": seed}
     if args.num_questions is not None:
         updates["num_questions"] = args.num_questions
+    if args.eval_split is not None:
+        updates["dataset_split"] = args.eval_split
     return _step(args, run_dir, name, "evaluate.py", args.evaluate_config, updates)
 
 
@@ -164,6 +178,8 @@ def sft_step(args: RoundsArguments, number: int, policy: str, sampled_rows: int)
         updates["mixture_size"] = args.sft_mixture_size
     if args.sft_max_steps is not None:
         updates["max_steps"] = args.sft_max_steps
+    if args.sft_learning_rate is not None:
+        updates["learning_rate"] = args.sft_learning_rate
     return _step(args, run_dir, "sft", "sft.py", args.sft_config, updates)
 
 

@@ -219,6 +219,22 @@ def test_paired_difference_by_hand(tmp_path):
         read_predictions(bad)
 
 
+def test_command_line_compares_evaluations_with_a_baseline(tmp_path, capsys):
+    """`python -m align.evaluation BASELINE OTHER...`: each evaluation folder minus the first, paired."""
+    from align.evaluation import main
+
+    categories = ["count", "spatial"] * 3
+    for folder, correct in {"sft": [0, 0, 1, 0, 1, 1], "dpo": [0, 1, 1, 0, 1, 1], "round1": [1, 1, 1, 1, 0, 1]}.items():
+        (tmp_path / folder).mkdir()
+        _prediction_file(tmp_path / folder / "predictions.jsonl", correct, categories)
+    main([str(tmp_path / "sft"), str(tmp_path / "dpo"), str(tmp_path / "round1")])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2].startswith(f"| {tmp_path / 'dpo'} − {tmp_path / 'sft'} | 6 | +16.7 ± 15.2 | 1 | 0 |")
+    assert rows[3].startswith(f"| {tmp_path / 'round1'} − {tmp_path / 'sft'} | 6 | +33.3 ± 30.4 | 3 | 1 |")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "sft")])
+
+
 def test_demo_compares_dpo_and_rounds_with_sft(tmp_path):
     from align.demo import paired_against_sft
 

@@ -145,12 +145,33 @@ def test_rounds_aim_sampling_at_categories(setup, tmp_path):
     assert not set(first) & set(second)
 
 
+def test_round_overrides_reach_the_stage_configs(setup, tmp_path):
+    """`sft_learning_rate` reaches each round's SFT config and `eval_split` every evaluation's (round 0's too), each
+    re-parsed by its own recipe."""
+    rounds = load_recipe("rounds")
+    (args,) = rounds.make_parser().parse_dict({
+        "policy": setup["vlm"], "output_dir": str(tmp_path), "sft_learning_rate": 1.0e-4, "eval_split": "validation",
+        **{k: setup[k] for k in ("rejection_sampling_config", "sft_config", "dpo_config", "evaluate_config")},
+    })
+    sft = rounds.sft_step(args, 1, setup["vlm"], sampled_rows=4)
+    parsed = load_recipe("sft").make_parser().parse_args_and_config(["--config", str(sft.config)])
+    assert [group.learning_rate for group in parsed if hasattr(group, "learning_rate")] == [1.0e-4]
+    for step in (rounds.evaluation_step(args, tmp_path, "round0-eval", setup["vlm"], 0),
+                 rounds.evaluation_step(args, tmp_path / "round1", "eval", setup["vlm"], 1)):
+        parsed = load_recipe("evaluate").make_parser().parse_args_and_config(["--config", str(step.config)])
+        assert [group.dataset_split for group in parsed if hasattr(group, "dataset_split")] == ["validation"]
+    (plain,) = rounds.make_parser().parse_dict({**vars(args), "sft_learning_rate": None, "eval_split": None})
+    configured = yaml.safe_load(open(setup["sft_config"])).get("learning_rate")
+    assert yaml.safe_load(open(rounds.sft_step(plain, 1, setup["vlm"], 4).config)).get("learning_rate") == configured
+
+
 def test_bad_settings_are_named(setup, tmp_path):
     path = tmp_path / "config.yaml"
     for override, message in (
         ({"rounds": 0}, "rounds must be >= 1"), ({"sft_config": "missing.yaml"}, "sft_config"),
         ({"algorithm": "ppo"}, "algorithm must be one of"), ({"algorithm": "grpo", "grpo_config": "no.yaml"}, "grpo_config"),
         ({"categories": ["count", "colour"]}, r"categories has unknown names \['colour'\]"),
+        ({"sft_learning_rate": 0.0}, "sft_learning_rate must be > 0"),
     ):
         path.write_text(yaml.safe_dump({"policy": setup["vlm"], "output_dir": str(tmp_path), **override}))
         with pytest.raises(ValueError, match=message):
