@@ -132,7 +132,7 @@ def shrink(step: Step, run_dir: Path) -> Step:
 
 
 OTHER_SEED = 1
-# GRPO in the demo: about the rounds' CPU time on a 2-core CPU (~150 s on one thread, the rounds ~110 s on two), on
+# GRPO in the demo: about the rounds' CPU time on a 2-core CPU (~150 s on one thread, the rounds ~80 s on two), on
 # the categories the SFT policy reads worst, as the rounds' sampling may be aimed (Llama 3 aims each round at the
 # lagging capabilities).
 GRPO_STEPS = 250
