@@ -32,7 +32,7 @@ test: install
 demo: install
 	$(PY) -m align.demo
 
-# Every step of the demo on a few examples for two steps: the whole pipeline checked in about a minute.
+# Every step of the demo on a few examples for two steps: the whole pipeline checked in about 70 s (2-core CPU).
 demo-smoke: install
 	$(PY) -m align.demo --smoke
 

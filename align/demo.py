@@ -23,7 +23,8 @@ use LoRA on the full-precision LLM, since bitsandbytes' 4-bit layers run about 2
 (the QLoRA configs, `sft_qlora.yaml` and `dpo_qlora.yaml`, run in `make recipes`).
 
 `--smoke` runs the same pipeline, every step of it, on a few examples with two optimiser steps each (`SMOKE`): a
-check, in about two minutes, that the parts, every recipe and the reports work end to end before a long run. Its
+check, in about 70 s on a 2-core CPU once the parts are installed, that the parts, every recipe and the reports
+work end to end before a long run. Its
 figures measure nothing.
 """
 
@@ -362,7 +363,7 @@ def main(argv=None):
     parser.add_argument("--eval_questions", type=int, default=None,
                         help=f"Held-out test questions per evaluation (default: 600; {SMOKE_QUESTIONS} with --smoke).")
     parser.add_argument("--smoke", action="store_true", help="Every step on a few examples for two steps: a check "
-                        "of the whole pipeline in about two minutes, whose figures measure nothing.")
+                        "of the whole pipeline in about 70 s on a 2-core CPU, whose figures measure nothing.")
     parser.add_argument("--force", action="store_true", help="Rerun every step, even those already done.")
     parser.add_argument("--launcher", default="forkserver", choices=["forkserver", "python"], help=LAUNCHERS_HELP)
     args = parser.parse_args(argv)
