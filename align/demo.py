@@ -24,8 +24,7 @@ use LoRA on the full-precision LLM, since bitsandbytes' 4-bit layers run about 2
 
 `--smoke` runs the same pipeline, every step of it, on a few examples with two optimiser steps each (`SMOKE`): a
 check, in about 70 s on a 2-core CPU once the parts are installed, that the parts, every recipe and the reports
-work end to end before a long run. Its
-figures measure nothing.
+work end to end before a long run. Its figures measure nothing.
 """
 
 from __future__ import annotations
