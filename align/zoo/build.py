@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 PARTS = ("world", "tokenizer", "siglip", "llama", "base")
 # The code each part is built by: modules (dotted), repository files (paths) or single functions ("module:name").
 WORLD_CODE = ("align.world.scene", "align.world.render", "align.world.language", "align.world.dataset")
-TOKENIZER_CODE = ("align.zoo.tokenizer", "align.zoo.documents:tokenizer_documents")
+TOKENIZER_CODE = ("align.zoo.tokenizer", "model.chat_template", "align.zoo.documents:tokenizer_documents")
 SIGLIP_CODE = ("align.zoo.parts", "align.zoo.documents:object_patch_labels", "align.world.geometry:object_patch")
 POSITION_CODE = "align.zoo.documents:patch_position_labels"  # with --siglip_patch_positions
 LLAMA_CODE = ("align.zoo.parts", "align.zoo.documents:lm_documents")

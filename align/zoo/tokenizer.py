@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from model.chat_template import vlm_chat_template
+
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "<|end|>"
@@ -20,32 +22,9 @@ IMAGE_TOKEN = "<image>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, IMAGE_TOKEN, *ROLE_TOKENS)
 
-# Renders TRL's conversational format: `content` is a string or a list of {"type": "image"} /
-# {"type": "text", "text": ...} items. Assistant turns sit in {% generation %} blocks so that
-# `return_assistant_tokens_mask=True` (TRL's `assistant_only_loss`) can find them; the end-of-turn
-# token is inside the block because the model must learn to emit it.
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{{- '<|' + message['role'] + '|>\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- eos_token + '\n' -}}"
-    "{%- endgeneration -%}"
-    "{%- else -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{- '<image>' -}}"
-    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- eos_token + '\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
-)
+# The chat template: the generic style of `model.chat_template` (what a VLM built on an LLM without one of its own
+# gets), in TRL's message format with assistant turns in {% generation %} blocks for `assistant_only_loss`.
+CHAT_TEMPLATE = vlm_chat_template("generic", IMAGE_TOKEN)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2) -> PreTrainedTokenizerFast:

@@ -187,7 +187,7 @@ def test_chat_template_assistant_mask_survives_image_expansion(prepend, tiny_tok
     assert (out["input_ids"] == image_id).sum(dim=1).tolist() == [N, N]
     assert out["pixel_values"].shape == (2, 3, 32, 32)
     masked = out["input_ids"][0][out["assistant_masks"][0].bool()]
-    assert tiny_tokenizer.decode(masked) == "two<|end|>\n"
+    assert tiny_tokenizer.decode(masked) == "two<|end|>"
     assert is_chat_template_stop_token_trained(prepend)
 
 
@@ -202,7 +202,7 @@ def test_trl_sft_collator(prepend, tiny_tokenizer):
     assert batch["pixel_values"].shape[0] == 3
     # Only the assistant answers (and their end-of-turn) are trained; image tokens never are.
     trained = [tiny_tokenizer.decode(ids[labels != -100]) for ids, labels in zip(batch["input_ids"], batch["labels"])]
-    assert trained == ["two<|end|>\n", "no<|end|>\n"]
+    assert trained == ["two<|end|>", "no<|end|>"]
 
 
 def test_trl_sft_collator_standard_and_prompt_completion(prepend, tiny_tokenizer):
