@@ -89,7 +89,7 @@ def pipeline(
                     **evaluate}),
                 # Online RL from the same SFT policy, its compute about the rounds' (GRPO_STEPS).
                 Step("grpo", "grpo.py", CONFIGS / "grpo.yaml", {
-                    "model_name_or_path": run_dir / "sft", "max_steps": GRPO_STEPS, "categories": list(GRPO_CATEGORIES)}),
+                    "model_name_or_path": run_dir / "sft", "max_steps": GRPO_STEPS, "categories": list(AIMED_CATEGORIES)}),
                 Step("eval-grpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "grpo", **evaluate}),
             ],
         ],
@@ -98,8 +98,11 @@ def pipeline(
             "num_questions": eval_questions, "force": force, "launcher": launcher,
             # The reward model only ranks the candidates next to the verifier here: its agreement is reported.
             "reward_model_name_or_path": run_dir / "reward",
-            # Fewer prompts, candidates and steps than the tiny rounds config, to keep make demo within 15 minutes.
-            "prompts_per_round": 100, "num_candidates": 6, "sft_max_steps": 40, "dpo_max_steps": 40,
+            # Fewer candidates and steps than the tiny rounds config, to keep make demo within 15 minutes. The
+            # sampling aimed at the categories the SFT policy reads worst, the round's SFT on the sampled answers
+            # alone at a tenth of the SFT recipe's learning rate: chosen on the validation split (README: rounds).
+            "prompts_per_round": 400, "num_candidates": 6, "sft_max_steps": 40, "dpo_max_steps": 40,
+            "categories": list(AIMED_CATEGORIES), "original_weight": 0.0, "sft_learning_rate": 1e-4,
         })],
     ]
     if smoke:
@@ -118,6 +121,10 @@ SMOKE = {
     "rounds.py": {"rounds": 1, "prompts_per_round": 8, "num_candidates": 2, "sft_max_steps": 2, "dpo_max_steps": 2, "sft_mixture_size": 32},
     "students.py": {"max_steps": 2},
 }
+# Held-out test questions per evaluation: the gates compare stages per category on the same questions, and count and
+# spatial are about a quarter and an eighth of them, so their paired standard errors set what a gate can see (1200:
+# some 330 count and 160 spatial questions; twice 600, standard errors 1.4x smaller). About 10 s an evaluation.
+EVAL_QUESTIONS = 1200
 SMOKE_QUESTIONS = 16  # held-out questions per evaluation under --smoke (unless --eval_questions says otherwise)
 SMOKE_WORLD_IMAGES = 20  # the other seed's test split under --smoke
 
@@ -132,11 +139,11 @@ def shrink(step: Step, run_dir: Path) -> Step:
 
 
 OTHER_SEED = 1
-# GRPO in the demo: about the rounds' CPU time on a 2-core CPU (~150 s on one thread, the rounds ~80 s on two), on
-# the categories the SFT policy reads worst, as the rounds' sampling may be aimed (Llama 3 aims each round at the
-# lagging capabilities).
+# GRPO in the demo: about the rounds' CPU time on a 2-core CPU (~150 s on one thread, the rounds ~80 s on two).
 GRPO_STEPS = 250
-GRPO_CATEGORIES = ("count", "spatial")
+# GRPO and the rounds' sampling are aimed at the categories the SFT policy reads worst, as Llama 3 aims each round
+# at the lagging capabilities.
+AIMED_CATEGORIES = ("count", "spatial")
 
 
 def other_world(run_dir: Path, images: int = 500) -> Path:
@@ -360,7 +367,7 @@ def main(argv=None):
     parser.add_argument("--run_dir", default=None, help="Folder for every stage's output (default: runs/demo, "
                         "or runs/demo-smoke with --smoke).")
     parser.add_argument("--eval_questions", type=int, default=None,
-                        help=f"Held-out test questions per evaluation (default: 600; {SMOKE_QUESTIONS} with --smoke).")
+                        help=f"Held-out test questions per evaluation (default: {EVAL_QUESTIONS}; {SMOKE_QUESTIONS} with --smoke).")
     parser.add_argument("--smoke", action="store_true", help="Every step on a few examples for two steps: a check "
                         "of the whole pipeline in about 70 s on a 2-core CPU, whose figures measure nothing.")
     parser.add_argument("--force", action="store_true", help="Rerun every step, even those already done.")
@@ -368,7 +375,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_dir = Path(args.run_dir or REPO_ROOT / "runs" / ("demo-smoke" if args.smoke else "demo"))
-    eval_questions = args.eval_questions or (SMOKE_QUESTIONS if args.smoke else 600)
+    eval_questions = args.eval_questions or (SMOKE_QUESTIONS if args.smoke else EVAL_QUESTIONS)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
