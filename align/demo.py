@@ -8,7 +8,7 @@ Builds the shapes world and the tiny pretrained parts (reusing what is built), t
 in order, each in its own process exactly as a user launches them:
 
     stage 1 (prepend and cross-attention) -> SFT (LoRA) -> DPO (LoRA), and beside it the reward model
-    -> GRPO from the SFT policy (recipes/grpo.py), about the rounds' CPU time
+    -> GRPO from the SFT policy (recipes/grpo.py), about the rounds' wall-clock
     -> rounds of rejection sampling -> SFT -> DPO (recipes/rounds.py) -> evaluate after each stage
     -> students of the final policy: pruned to 3/8 of its LLM (width) and ternary, each distilled and trained on
        the labels only (recipes/students.py)
@@ -87,7 +87,7 @@ def pipeline(
                 Step(f"eval-sft-seed{OTHER_SEED}", "evaluate.py", CONFIGS / "evaluate.yaml", {
                     "model_name_or_path": run_dir / "sft", "world_path": other_world(run_dir, SMOKE_WORLD_IMAGES if smoke else 500),
                     **evaluate}),
-                # Online RL from the same SFT policy, its compute about the rounds' (GRPO_STEPS).
+                # Online RL from the same SFT policy, its wall-clock about the rounds' (GRPO_STEPS).
                 Step("grpo", "grpo.py", CONFIGS / "grpo.yaml", {
                     "model_name_or_path": run_dir / "sft", "max_steps": GRPO_STEPS, "categories": list(AIMED_CATEGORIES)}),
                 Step("eval-grpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "grpo", **evaluate}),
@@ -139,7 +139,7 @@ def shrink(step: Step, run_dir: Path) -> Step:
 
 
 OTHER_SEED = 1
-# GRPO in the demo: about the rounds' CPU time on a 2-core CPU (~150 s on one thread, the rounds ~80 s on two).
+# GRPO in the demo: about the rounds' wall-clock on a 2-core CPU (~140 s on one thread, the rounds ~120 s on two).
 GRPO_STEPS = 250
 # GRPO and the rounds' sampling are aimed at the categories the SFT policy reads worst, as Llama 3 aims each round
 # at the lagging capabilities.
