@@ -401,7 +401,9 @@ def test_the_vlm_path_equals_hand_built_inputs_embeds(setup):
             sequences.append(torch.cat([embed(torch.tensor(ids[:at])), visual, embed(torch.tensor(ids[at + 1 :]))]))
             shift = len(visual) - 1
             label = torch.full((len(ids) + shift,), -100)
-            label[len(prompt) - 1 + shift : len(ids) - 1 + shift] = torch.tensor(ids[len(prompt) :])
+            # Trained: the answer and the end-of-turn token after it (the template's generation block), not the newline.
+            stop = ids.index(tokenizer.eos_token_id, len(prompt)) + 1
+            label[len(prompt) - 1 + shift : stop - 1 + shift] = torch.tensor(ids[len(prompt) : stop])
             labels.append(label)
         width = max(len(s) for s in sequences)
         embeds = torch.zeros(len(sequences), width, sequences[0].shape[-1])

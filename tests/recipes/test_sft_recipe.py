@@ -138,4 +138,7 @@ def test_padding_free_lora_trains_as_padded(setup, tmp_path):
         result = run_recipe("sft.py", config, tmp_path)
         assert ("padding-free:" in result.stdout) == padding_free
         losses[padding_free] = [loss for _, loss in check_output(out, steps=3)["loss"]["history"]]
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    # The first step's loss is the same weights on the same batch; after it, the two ways' float sums differ in their
+    # last bits and Adam's normalised updates carry that forward, so later steps agree to 1e-3.
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
