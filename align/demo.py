@@ -123,7 +123,7 @@ SMOKE = {
 }
 # Held-out test questions per evaluation: the gates compare stages per category on the same questions, and count and
 # spatial are about a quarter and an eighth of them, so their paired standard errors set what a gate can see (1200:
-# some 330 count and 160 spatial questions; twice 600, standard errors 1.4x smaller). About 10 s an evaluation.
+# some 330 count and 160 spatial questions; twice 600, standard errors 1.4x smaller). 13-19 s an evaluation.
 EVAL_QUESTIONS = 1200
 SMOKE_QUESTIONS = 16  # held-out questions per evaluation under --smoke (unless --eval_questions says otherwise)
 SMOKE_WORLD_IMAGES = 20  # the other seed's test split under --smoke
