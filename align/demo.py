@@ -292,6 +292,9 @@ def gates_table(run_dir: Path, results: dict) -> str:
     stderr = standard_error(reward["accuracy"], reward["pairs"])
     row("reward model, held-out pairs", f">= {REWARD_FLOOR:.0%}", f"{reward['accuracy']:.1%} ± {100 * stderr:.1f} ({reward['pairs']} pairs)",
         reward["accuracy"] >= REWARD_FLOOR)
+    likelihood = results["reward"].get("eval_policy_likelihood")
+    if likelihood:
+        row("the SFT policy's own likelihood, same pairs", "reported", f"{likelihood['accuracy']:.1%}", None)
     agreement = results["rounds"]["rounds"][0].get("rejection_sampling", {}).get("reward_verifier_agreement")
     if agreement is not None:
         row("reward model agrees with the verifier", "reported", f"{agreement:.1%} of candidate pairs (round 1)", None)
@@ -411,7 +414,9 @@ def main(argv=None):
     seeds = scoreboard({"SFT, world seed 0": results["eval-sft"],
                         f"SFT, world seed {OTHER_SEED}": results[f"eval-sft-seed{OTHER_SEED}"]})
     print(f"\n## {OTHER_WORLD}\n\n{seeds}")
-    reward = accuracy_table(results["reward"]["eval_before"], results["reward"]["eval"])
+    reward = accuracy_table(
+        results["reward"]["eval_before"], results["reward"]["eval"], results["reward"].get("eval_policy_likelihood")
+    )
     print(f"\n## {REWARD_MODEL}\n\n{reward}")
     against_sft = paired_against_sft(run_dir, results["rounds"])
     print(f"\n## {AGAINST_SFT}\n\n{against_sft}")

@@ -137,6 +137,14 @@ class RewardScriptArguments(WorldDataArguments, RunArguments):
     eval_image_root: str | None = field(
         default=None, metadata={"help": "Folder the image paths of --eval_path are relative to."}
     )
+    likelihood_baseline: bool = field(
+        default=False,
+        metadata={
+            "help": "Also report the held-out pairwise accuracy of the starting policy's own preference (the answer "
+            "it finds likelier; `likelihood_scores`): what the reward model has to beat. Loads the policy once more "
+            "before training, and frees it."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -658,7 +666,33 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
+def _batched_scores(model, processor, rows, batch_size: int, score_batch) -> list[float]:
+    """Score `rows` (`images`, `prompt`, `completion`) in length-sorted, right-padded batches without gradients, in
+    eval mode (the model's mode restored afterwards), and return one float per row in the rows' order.
+    `score_batch(inputs, prompts, images)` gets a batch's processor outputs, its rows' prompts and image lists."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows = list(rows) if not isinstance(rows, Dataset) else rows
+    texts = [render_conversation(processor, row["prompt"], row["completion"]) for row in rows]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    scores: list[float | None] = [None] * len(texts)
+    try:
+        with torch.no_grad():
+            for first in range(0, len(order), batch_size):
+                indices = order[first : first + batch_size]
+                images = [_image_list(rows[i]["images"] if "images" in rows[i] else None) for i in indices]
+                inputs = _encode(processor, [texts[i] for i in indices], images).to(device)
+                prompts = [rows[i]["prompt"] for i in indices]
+                for index, score in zip(indices, score_batch(inputs, prompts, images)):
+                    scores[index] = score
+    finally:
+        model.train(was_training)
+    return scores
+
+
 def reward_scores(model, processor, rows, batch_size: int = 16) -> list[float]:
     """The reward of each row's answer, in the rows' order.
 
@@ -676,30 +710,54 @@ def reward_scores(model, processor, rows, batch_size: int = 16) -> list[float]:
     Returns:
         One float per row.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rows = list(rows) if not isinstance(rows, Dataset) else rows
-    texts = [render_conversation(processor, row["prompt"], row["completion"]) for row in rows]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    device = _device(model)
-    was_training = model.training
-    model.eval()
-    scores: list[float | None] = [None] * len(texts)
-    try:
-        for first in range(0, len(order), batch_size):
-            indices = order[first : first + batch_size]
-            images = [_image_list(rows[i]["images"] if "images" in rows[i] else None) for i in indices]
-            inputs = _encode(processor, [texts[i] for i in indices], images).to(device)
-            logits = model(**inputs, use_cache=False).logits.squeeze(-1).float().cpu().tolist()
-            for index, score in zip(indices, logits):
-                scores[index] = score
-    finally:
-        model.train(was_training)
-    return scores
+
+    def score_batch(inputs, prompts, images):
+        return model(**inputs, use_cache=False).logits.squeeze(-1).float().cpu().tolist()
+
+    return _batched_scores(model, processor, rows, batch_size, score_batch)
 
 
-def evaluate_pairs(model, processor, pairs_dataset, batch_size: int = 16) -> dict:
-    """Pairwise accuracy of a reward model on preference pairs (`images`, `prompt`, `chosen`, `rejected`).
+def likelihood_scores(model, processor, rows, batch_size: int = 16) -> list[float]:
+    """Each row's answer log-likelihood under a VLM (the policy), in the rows' order: the summed log-probabilities of
+    the tokens after the prompt (the answer, its end-of-turn marker and what the chat template writes after a turn).
+
+    Ordering a pair's answers by it is the policy's own preference, no reward model involved: the baseline a reward
+    model trained from that policy has to beat (the policy may already rank answers it would not generate greedily).
+    Rendered and batched as `reward_scores`; the prompt is the conversation up to the assistant's turn
+    (`add_generation_prompt`), and each rendered row must begin with its prompt's tokens.
+
+    Args:
+        model: a VLM with an LM head (`VLMForConditionalGeneration`, a stock `*ForConditionalGeneration`, or a
+            `PeftModel` around one, e.g. from `align.loading.load_run`).
+        processor: its processor.
+        rows: as for `reward_scores`.
+        batch_size: conversations per forward.
+
+    Returns:
+        One float (nats, <= 0) per row.
+    """
+
+    def score_batch(inputs, prompts, images):
+        prompt_texts = [processor.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+        prompt_ids = _encode(processor, prompt_texts, images, return_pixel_values=False)
+        lengths = prompt_ids["attention_mask"].sum(dim=1).tolist()
+        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        for row, length in enumerate(lengths):
+            if not torch.equal(ids[row, :length].cpu(), prompt_ids["input_ids"][row, :length]):
+                raise ValueError(f"the answer of {prompt_texts[row]!r} does not tokenize as a continuation of its prompt")
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+        positions = torch.arange(1, ids.shape[1], device=ids.device)[None]
+        answer = (positions >= torch.tensor(lengths, device=ids.device)[:, None]) & attention[:, 1:].bool()
+        return (token_logps * answer).sum(dim=1).cpu().tolist()
+
+    return _batched_scores(model, processor, rows, batch_size, score_batch)
+
+
+def evaluate_pairs(model, processor, pairs_dataset, batch_size: int = 16, scorer=reward_scores) -> dict:
+    """Pairwise accuracy of a reward model on preference pairs (`images`, `prompt`, `chosen`, `rejected`); with
+    `scorer=likelihood_scores` and a policy for `model`, of the policy's own preference.
 
     Returns:
         `accuracy` (ties count half, see `pairwise_accuracy`), `pairs`, `mean_margin` (mean of r_chosen -
@@ -714,7 +772,7 @@ def evaluate_pairs(model, processor, pairs_dataset, batch_size: int = 16) -> dic
         for side in ("chosen", "rejected")
         for pair in pairs
     ]
-    scores = torch.tensor(reward_scores(model, processor, rows, batch_size=batch_size), dtype=torch.float64)
+    scores = torch.tensor(scorer(model, processor, rows, batch_size=batch_size), dtype=torch.float64)
     chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
     result = {
         "accuracy": pairwise_accuracy(chosen, rejected),
@@ -749,15 +807,34 @@ def held_out_accuracy(trainer, processor, pairs: Dataset | None, when: str) -> d
     return result
 
 
-def accuracy_table(before: dict, after: dict) -> str:
-    """A Markdown table of held-out pairwise accuracy before and after training, overall and per category."""
+def policy_likelihood_accuracy(
+    model_name_or_path: str, pairs: Dataset | None, batch_size: int = 16, dtype: str | None = None
+) -> dict:
+    """`evaluate_pairs` of the policy at `model_name_or_path` (a VLM folder or a LoRA run over one, `load_run`) with
+    `likelihood_scores`: how often the policy itself finds the chosen answer likelier. `{}` without pairs."""
+    if pairs is None:
+        return {}
+    policy, processor = load_run(model_name_or_path, dtype=dtype)
+    result = evaluate_pairs(policy, processor, pairs, batch_size=batch_size, scorer=likelihood_scores)
+    logger.info("held-out pairwise accuracy of the policy's likelihood: %.1f%% of %d pairs", 100 * result["accuracy"], result["pairs"])
+    return result
+
+
+def accuracy_table(before: dict, after: dict, likelihood: dict | None = None) -> str:
+    """A Markdown table of held-out pairwise accuracy before and after training, overall and per category, with a
+    column for the policy's own likelihood (`policy_likelihood_accuracy`) when given."""
     categories = [key.removeprefix("pairs_") for key in after if key.startswith("pairs_")]
     lines = ["| pairs | n | before | after |", "|---|---:|---:|---:|"]
+    if likelihood:
+        lines = ["| pairs | n | before | after | the policy's likelihood |", "|---|---:|---:|---:|---:|"]
     for name, accuracy_key, count_key in [("all", "accuracy", "pairs")] + [
         (c, f"accuracy_{c}", f"pairs_{c}") for c in categories
     ]:
         b, a = before.get(accuracy_key, math.nan), after.get(accuracy_key, math.nan)
-        lines.append(f"| {name} | {after[count_key]} | {100 * b:.1f}% | {100 * a:.1f}% |")
+        line = f"| {name} | {after[count_key]} | {100 * b:.1f}% | {100 * a:.1f}% |"
+        if likelihood:
+            line += f" {100 * likelihood.get(accuracy_key, math.nan):.1f}% |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -773,11 +850,13 @@ __all__ = [
     "evaluate_pairs",
     "held_out_accuracy",
     "held_out_pairs",
+    "likelihood_scores",
     "load_reward_model_for_training",
     "load_reward_model",
     "pair_image_inputs",
     "pairwise_accuracy",
     "pairwise_metrics",
+    "policy_likelihood_accuracy",
     "prepare_reward_model",
     "render_conversation",
     "reward_scores",

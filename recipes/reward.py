@@ -14,7 +14,9 @@ rejected: a plausible wrong answer of the same category); held-out pairs come fr
 Rerunning a killed command continues it from its newest complete checkpoint; a rerun with other settings
 into the same `output_dir` is refused unless `--force` (start over). Writes the model (or LoRA
 adapter with the head), the processor, `config.yaml`, `metrics.json` (held-out `eval_accuracy` after training and
-`eval_accuracy_before`, overall and per category), `rejects.jsonl` and TensorBoard logs (`runs/`) to `output_dir`.
+`eval_accuracy_before`, overall and per category; with `--likelihood_baseline`, `eval_accuracy_policy_likelihood`:
+the starting policy's own preference, the answer it finds likelier), `rejects.jsonl` and TensorBoard logs (`runs/`)
+to `output_dir`.
 Score answers with the result: `align.reward.load_reward_model(output_dir)` and `align.reward.reward_scores`.
 """
 
@@ -32,6 +34,7 @@ from align.reward import (
     held_out_accuracy,
     held_out_pairs,
     load_reward_model_for_training,
+    policy_likelihood_accuracy,
     prepare_reward_model,
     reward_trainer,
 )
@@ -55,15 +58,21 @@ def main(script_args: RewardScriptArguments, training_args: VLMRewardConfig, mod
     set_seed(training_args.seed)
     checkpoint = start_run(training_args, script_args, training_args, model_args, force=script_args.force)
 
-    # ------------------------------------------------------------------ model and processor
-    model, processor = load_reward_model_for_training(model_args.model_name_or_path, model_args)
-    peft_config = prepare_reward_model(model, model_args)
-
     # ------------------------------------------------------------------ data
     main_process = training_args.process_index == 0
     train_dataset = preference_dataset(script_args, training_args.output_dir, training_args.seed, main_process)
     eval_pairs = held_out_pairs(script_args, training_args.seed)
     logger.info("training on %d preference pairs", len(train_dataset))
+    likelihood = {}
+    if script_args.likelihood_baseline and main_process:
+        # The starting policy's own preference, before the reward model is built (one model in memory at a time).
+        likelihood = policy_likelihood_accuracy(
+            model_args.model_name_or_path, eval_pairs, training_args.per_device_eval_batch_size, model_args.dtype
+        )
+
+    # ------------------------------------------------------------------ model and processor
+    model, processor = load_reward_model_for_training(model_args.model_name_or_path, model_args)
+    peft_config = prepare_reward_model(model, model_args)
 
     # ------------------------------------------------------------------ trainer
     trainer = reward_trainer(
@@ -82,7 +91,7 @@ def main(script_args: RewardScriptArguments, training_args: VLMRewardConfig, mod
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     after = held_out_accuracy(trainer, processor, eval_pairs, "after")
     if after:
-        logger.info("held-out pairwise accuracy:\n%s", accuracy_table(before, after))
+        logger.info("held-out pairwise accuracy:\n%s", accuracy_table(before, after, likelihood))
 
     # ------------------------------------------------------------------ save
     rejects = log_rejects(f"{training_args.output_dir}/{REJECTS_FILE}", len(train_dataset)) if main_process else {}
@@ -93,6 +102,8 @@ def main(script_args: RewardScriptArguments, training_args: VLMRewardConfig, mod
             "eval_accuracy": after.get("accuracy"),
             "eval_before": before,
             "eval": after,
+            "eval_accuracy_policy_likelihood": likelihood.get("accuracy"),
+            "eval_policy_likelihood": likelihood,
             "resumed_from": checkpoint,
         },
     )

@@ -43,7 +43,8 @@ def test_gates_table_reports_each_target_against_the_run(tmp_path):
             "ternary": _student({"accuracy": 0.6}, {"accuracy": 0.55}, {"difference": 0.05, "stderr": 0.02}, ternary=True),
         },
     }
-    results = {"eval-sft": sft, "rounds": rounds, "students": students, "reward": {"eval": {"accuracy": 0.95, "pairs": 400}}}
+    results = {"eval-sft": sft, "rounds": rounds, "students": students, "reward": {"eval": {"accuracy": 0.95, "pairs": 400},
+                                                                               "eval_policy_likelihood": {"accuracy": 0.9, "pairs": 400}}}
     rows = {line.split(" | ")[0].lstrip("| "): line for line in gates_table(tmp_path, results).splitlines()[2:]}
     (tmp_path / "eval-grpo" / PREDICTIONS).unlink()
     assert "| GRPO − SFT | count and spatial above +2 paired SE | not run | — |" in gates_table(tmp_path, results)
@@ -63,6 +64,7 @@ def test_gates_table_reports_each_target_against_the_run(tmp_path):
     assert rows["pruned to 0.375: distilled − labels only"].endswith("| +10.0 ± 2.0 | yes |")
     assert "distilled 60.0%, labels only 55.0%" in rows["ternary student"]
     assert rows["reward model, held-out pairs"].endswith("| yes |")
+    assert rows["the SFT policy's own likelihood, same pairs"].endswith("| reported | 90.0% | — |")
     assert "80.0% of candidate pairs" in rows["reward model agrees with the verifier"]
 
 

@@ -11,6 +11,7 @@ from datasets import Dataset
 from transformers import set_seed
 
 from align.data import world_preference_rows
+from align.loading import load_run
 from align.reward import (
     RewardCollator,
     RewardScriptArguments,
@@ -19,12 +20,15 @@ from align.reward import (
     drop_long_pairs,
     evaluate_pairs,
     held_out_pairs,
+    likelihood_scores,
     load_reward_model,
     load_reward_model_for_training,
     pack_reward_pairs,
     pair_image_inputs,
     pairwise_accuracy,
+    policy_likelihood_accuracy,
     prepare_reward_model,
+    render_conversation,
     reward_scores,
     reward_trainer,
 )
@@ -394,6 +398,35 @@ def test_evaluate_pairs_and_the_trainer_evaluation_agree(setup, trained):
     assert metrics["eval_margin"] == pytest.approx(result["mean_margin"], abs=1e-5)
     without_category = Dataset.from_list([{k: v for k, v in pair.items() if k != "category"} for pair in held_out])
     assert not any(key.startswith("accuracy_") for key in evaluate_pairs(trainer.model, processor, without_category))
+
+
+def test_likelihood_scores_sum_the_answer_tokens_log_probs(setup):
+    """The policy's log-likelihood of each answer, by hand: the rendered conversation's tokens after the prompt
+    (`add_generation_prompt`), each scored from the position before it; the same in any batch."""
+    policy, processor = load_run(setup["vlm"])
+    pairs = list(setup["held_out"])
+    rows = score_rows(pairs) + score_rows(pairs, "rejected")
+    scores = likelihood_scores(policy, processor, rows, batch_size=16)
+    assert all(s < 0 for s in scores) and len(set(scores)) > 1
+    for i in (0, len(pairs)):  # one chosen, one rejected answer
+        row = rows[i]
+        images = [row["images"]] if not isinstance(row["images"], list) else row["images"]
+        prompt = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        full = render_conversation(processor, row["prompt"], row["completion"])
+        start = processor(images=[images], text=[prompt], add_special_tokens=False, return_tensors="pt")["input_ids"].shape[1]
+        inputs = processor(images=[images], text=[full], add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            logps = torch.log_softmax(policy(**inputs).logits[0].float(), dim=-1)
+        ids = inputs["input_ids"][0]
+        expected = sum(logps[t - 1, ids[t]].item() for t in range(start, len(ids)))
+        assert start < len(ids) and scores[i] == pytest.approx(expected, abs=1e-4)
+    for batch_size in (1, 3):
+        assert likelihood_scores(policy, processor, rows, batch_size=batch_size) == pytest.approx(scores, abs=1e-4)
+    result = evaluate_pairs(policy, processor, setup["held_out"], batch_size=4, scorer=likelihood_scores)
+    assert result["accuracy"] == pytest.approx(pairwise_accuracy(scores[: len(pairs)], scores[len(pairs) :]))
+    by_path = policy_likelihood_accuracy(setup["vlm"], setup["held_out"], batch_size=4)
+    assert by_path["accuracy"] == pytest.approx(result["accuracy"]) and by_path["pairs"] == len(pairs)
+    assert policy_likelihood_accuracy(setup["vlm"], None) == {}
 
 
 def test_load_reward_model_from_an_adapter_and_a_full_folder(setup, trained, tmp_path):

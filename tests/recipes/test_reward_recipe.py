@@ -38,9 +38,12 @@ def reward_config(model: str, output_dir, **settings) -> dict:
 
 def test_lora_on_world_pairs_reports_held_out_accuracy(setup, tmp_path):
     output_dir = tmp_path / "run"
-    config = reward_config(setup["vlm"], output_dir, world_path=setup["world"], pairs_per_image=1, eval_images=2)
+    config = reward_config(setup["vlm"], output_dir, world_path=setup["world"], pairs_per_image=1, eval_images=2,
+                           likelihood_baseline=True)
     result = run_recipe("reward.py", config, tmp_path)
     assert "held-out pairwise accuracy before training: 50.0% of" in result.stdout
+    assert "held-out pairwise accuracy of the policy's likelihood:" in result.stdout
+    assert "| pairs | n | before | after | the policy's likelihood |" in result.stdout
 
     for name in ("adapter_model.safetensors", "processor_config.json", "config.yaml", "metrics.json", "rejects.jsonl"):
         assert (output_dir / name).is_file(), name
@@ -58,6 +61,8 @@ def test_lora_on_world_pairs_reports_held_out_accuracy(setup, tmp_path):
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval"]["pairs"] == 2  # 2 images, 1 pair each
     assert {"accuracy", "pairs", "mean_margin"} <= metrics["eval"].keys()
     assert any(key.startswith("accuracy_") for key in metrics["eval"])  # per category
+    likelihood = metrics["eval_policy_likelihood"]
+    assert likelihood["pairs"] == 2 and metrics["eval_accuracy_policy_likelihood"] == likelihood["accuracy"]
 
     model, processor = load_reward_model(output_dir)
     rows = [{"images": [], "prompt": [{"role": "user", "content": "Hello?"}], "completion": "Hi."}]
