@@ -811,11 +811,15 @@ def policy_likelihood_accuracy(
     model_name_or_path: str, pairs: Dataset | None, batch_size: int = 16, dtype: str | None = None
 ) -> dict:
     """`evaluate_pairs` of the policy at `model_name_or_path` (a VLM folder or a LoRA run over one, `load_run`) with
-    `likelihood_scores`: how often the policy itself finds the chosen answer likelier. `{}` without pairs."""
+    `likelihood_scores`: how often the policy itself finds the chosen answer likelier. `{}` without pairs.
+
+    The random state is left as it was: loading a LoRA run initialises its layers (PEFT draws from torch's generator
+    before loading the weights), and the reward model trained next must not depend on whether this ran."""
     if pairs is None:
         return {}
-    policy, processor = load_run(model_name_or_path, dtype=dtype)
-    result = evaluate_pairs(policy, processor, pairs, batch_size=batch_size, scorer=likelihood_scores)
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        policy, processor = load_run(model_name_or_path, dtype=dtype)
+        result = evaluate_pairs(policy, processor, pairs, batch_size=batch_size, scorer=likelihood_scores)
     logger.info("held-out pairwise accuracy of the policy's likelihood: %.1f%% of %d pairs", 100 * result["accuracy"], result["pairs"])
     return result
 

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from datasets import Dataset
+from peft import LoraConfig, get_peft_model
 from transformers import set_seed
 
 from align.data import world_preference_rows
@@ -34,7 +35,7 @@ from align.reward import (
 )
 from align.training import VLMModelConfig
 from align.world import WorldConfig, build_world
-from model import VLMForRewardModeling, VLMProcessor
+from model import VLMForConditionalGeneration, VLMForRewardModeling, VLMProcessor
 from tests.align.training_helpers import IMAGE_SIZE, tiny_vlm
 from tests.conftest import save_tiny_llama
 
@@ -427,6 +428,19 @@ def test_likelihood_scores_sum_the_answer_tokens_log_probs(setup):
     by_path = policy_likelihood_accuracy(setup["vlm"], setup["held_out"], batch_size=4)
     assert by_path["accuracy"] == pytest.approx(result["accuracy"]) and by_path["pairs"] == len(pairs)
     assert policy_likelihood_accuracy(setup["vlm"], None) == {}
+
+
+def test_policy_likelihood_accuracy_of_a_lora_run_leaves_the_random_state(setup, tmp_path):
+    """Loading a LoRA policy initialises its layers from torch's generator; the reward model trained after the
+    baseline must not depend on whether it ran."""
+    policy = get_peft_model(
+        VLMForConditionalGeneration.from_pretrained(setup["vlm"]), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
+    )
+    policy.save_pretrained(tmp_path / "lora")
+    state = torch.random.get_rng_state()
+    result = policy_likelihood_accuracy(str(tmp_path / "lora"), setup["held_out"], batch_size=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert result["pairs"] == len(setup["held_out"]) and 0.0 <= result["accuracy"] <= 1.0
 
 
 def test_load_reward_model_from_an_adapter_and_a_full_folder(setup, trained, tmp_path):
