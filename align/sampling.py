@@ -13,9 +13,7 @@ Row `i * N + j` of the output is candidate `j` of prompt `i`, as with `num_retur
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
 
 import torch
 
@@ -68,7 +66,7 @@ def generate_groups(model, inputs: dict, num_candidates: int, **generate_kwargs)
         input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], image_features=features,
         use_cache=True, logits_to_keep=1, **extra,
     )
-    cache = prefill.past_key_values
+    cache = prefill.cache
     cache.batch_repeat_interleave(num_candidates)
     states = getattr(prefill, "cross_attention_states", None)
     if states is not None:
@@ -87,35 +85,11 @@ def generate_groups(model, inputs: dict, num_candidates: int, **generate_kwargs)
         config.use_cache = True
     else:
         generate_kwargs["use_cache"] = True
-    with _accepting_a_cache(without_peft(model)):
-        return model.generate(
-            input_ids=ids.repeat_interleave(num_candidates, dim=0),
-            attention_mask=mask.repeat_interleave(num_candidates, dim=0),
-            cache=cache, generation_config=config, **extra, **generate_kwargs,
-        )
-
-
-@contextlib.contextmanager
-def _accepting_a_cache(vlm):
-    """Let `generate` take a cache from its caller. transformers 5 renamed `past_key_values` to `cache`, and
-    `generate` checks its keyword arguments against the names of `prepare_inputs_for_generation` and `forward`; the
-    suite's VLM still names it `past_key_values` there, so the check refuses a `cache` that `generate` itself hands
-    over correctly (through `**kwargs`). For the duration of the call the check leaves `cache` out."""
-    names = set(inspect.signature(vlm.prepare_inputs_for_generation).parameters)
-    names |= set(inspect.signature(vlm.forward).parameters)
-    if "cache" in names:
-        yield
-        return
-    check = vlm._validate_model_kwargs
-
-    def validate(model_kwargs):
-        return check({key: value for key, value in model_kwargs.items() if key != "cache"})
-
-    vlm._validate_model_kwargs = validate
-    try:
-        yield
-    finally:
-        del vlm._validate_model_kwargs
+    return model.generate(
+        input_ids=ids.repeat_interleave(num_candidates, dim=0),
+        attention_mask=mask.repeat_interleave(num_candidates, dim=0),
+        cache=cache, generation_config=config, **extra, **generate_kwargs,
+    )
 
 
 __all__ = ["encode_images", "generate_groups", "without_peft"]

@@ -75,7 +75,7 @@ class VLMConfig(PreTrainedConfig):
 
     model_type = "vlm_align"
     # The Trainer gathers every other output field at evaluation; these are per-forward internals, not predictions.
-    keys_to_ignore_at_inference = ["past_key_values", "image_hidden_states", "cross_attention_states", "cross_attention_mask"]
+    keys_to_ignore_at_inference = ["cache", "image_hidden_states", "cross_attention_states", "cross_attention_mask"]
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
     vision_configs: list | None = None

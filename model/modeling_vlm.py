@@ -21,6 +21,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_vlm import VLMConfig, _grid_side
@@ -210,7 +211,7 @@ class VLMCausalLMOutputWithPast(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.Tensor] | None = None
     attentions: tuple[torch.Tensor] | None = None
     image_hidden_states: torch.Tensor | None = None
@@ -228,7 +229,6 @@ class VLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
     _no_split_modules = ["GatedCrossAttentionBlock"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -355,7 +355,7 @@ class VLMModel(VLMPreTrainedModel):
         image_token_mask: torch.Tensor | None,
         cross_attention_mask: torch.Tensor | None,
         cross_attention_states: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         text_len: int,
     ):
         tokens_per_image = self.config.num_vision_tokens
@@ -389,7 +389,7 @@ class VLMModel(VLMPreTrainedModel):
             )
         if cross_attention_mask.shape[1] != text_len:
             # A full-length mask with a cache: keep the rows of the tokens being processed (as mllama does).
-            past = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+            past = int(cache.get_seq_length()) if cache is not None else 0
             cross_attention_mask = cross_attention_mask[:, past : past + text_len]
             if cross_attention_mask.shape[1] != text_len:
                 raise ValueError(f"cross_attention_mask does not cover the {text_len} input tokens")
@@ -403,6 +403,7 @@ class VLMModel(VLMPreTrainedModel):
         )
         return inputs, cross_attention_states, cross_attention_mask
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -411,7 +412,7 @@ class VLMModel(VLMPreTrainedModel):
         image_features: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cross_attention_mask: torch.Tensor | None = None,
@@ -454,7 +455,7 @@ class VLMModel(VLMPreTrainedModel):
                 image_token_mask,
                 cross_attention_mask,
                 cross_attention_states,
-                past_key_values,
+                cache,
                 inputs_embeds.shape[1],
             )
             if cross_inputs is not None:
@@ -463,7 +464,7 @@ class VLMModel(VLMPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -476,7 +477,7 @@ class VLMModel(VLMPreTrainedModel):
 
         return VLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_hidden_states,
@@ -579,6 +580,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         return self.model.get_image_features(pixel_values=pixel_values, image_features=image_features)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -587,7 +589,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         image_features: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -607,7 +609,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             image_features=image_features,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             cross_attention_mask=cross_attention_mask,
@@ -626,7 +628,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         return VLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
@@ -634,11 +636,12 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             cross_attention_mask=outputs.cross_attention_mask,
         )
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def prepare_inputs_for_generation(
         self,
         input_ids,
         next_sequence_length=None,
-        past_key_values=None,
+        cache=None,
         attention_mask=None,
         inputs_embeds=None,
         is_first_iteration=False,
@@ -652,7 +655,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,
-            past_key_values=past_key_values,
+            cache=cache,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,

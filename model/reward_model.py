@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModel, BitsAndBytesConfig, PretrainedCo
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_vlm import VLMConfig
@@ -134,6 +135,7 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
             kwargs["quantization_config"] = quantization_config
         return super().from_pretrained(*args, **kwargs)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -142,7 +144,7 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
         image_features: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -161,7 +163,7 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
         `score_positions` (`[batch, k]`) scores those positions instead (`logits` `[batch, k]`): several answers
         packed into one row (`align.reward.pack_reward_pairs`, whose 4-D mask has no last real token to find).
         """
-        if position_ids is None and attention_mask is not None and past_key_values is None:
+        if position_ids is None and attention_mask is not None and cache is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         outputs = self.model(
             input_ids=input_ids,
@@ -169,7 +171,7 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
             image_features=image_features,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=bool(use_cache),  # scoring never decodes further; a cache would only cost memory
             cross_attention_mask=cross_attention_mask,
@@ -190,7 +192,7 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
         return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -248,7 +250,7 @@ class ImageTextForRewardModeling(ScalarHead, PreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
 
 __all__ = ["ImageTextForRewardModeling", "VLMForRewardModeling", "last_token_indices"]

@@ -66,7 +66,7 @@ def test_new_head_scores_zero_and_logits_are_batch_by_one(vlms):
     with torch.no_grad():
         output = model(**batch)
     assert isinstance(output, SequenceClassifierOutputWithPast)
-    assert output.logits.shape == (3, 1) and output.past_key_values is None
+    assert output.logits.shape == (3, 1) and output.cache is None
     assert torch.equal(output.logits, torch.zeros(3, 1))  # zero-initialised head
     assert model.config.num_labels == 1 and model.config.architectures == ["VLMForRewardModeling"]
     assert not any(name.startswith("lm_head") for name in model.state_dict())
