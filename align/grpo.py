@@ -234,7 +234,7 @@ class VisionGRPOTrainer(GRPOTrainer):
             unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                 generation_kwargs=self.generation_kwargs,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs,
             ) as unwrapped_model,
             torch.no_grad(),
         ):

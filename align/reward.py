@@ -633,7 +633,7 @@ def reward_trainer(
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
-        if args.gradient_checkpointing:
+        if args.activation_checkpointing:
             model.enable_input_require_grads()
         if quantized:
             # QLoRA keeps its trained weights in bf16 (arXiv:2305.14314 sec. 3), as TRL's trainers do.

@@ -63,10 +63,10 @@ def test_sft_trainer_with_lora(tiny_parts, tmp_path, fusion):
     # max_length=None: the collator would otherwise truncate at 1024 tokens (our processor refuses to cut image
     # tokens, but there is no reason to truncate vision samples at all). TRL keeps the "images"/"messages" columns of a
     # vision dataset itself (it skips dataset preparation and sets the signature columns), and turns gradient
-    # checkpointing on by default.
+    # checkpointing (transformers: activation checkpointing) on by default.
     args = SFTConfig(**_common_args(tmp_path), max_length=None, assistant_only_loss=True)
     trainer = SFTTrainer(model=vlm, args=args, train_dataset=_sft_dataset(), processing_class=processor, peft_config=LLM_LORA)
-    assert args.gradient_checkpointing
+    assert args.activation_checkpointing
     history = _train_and_check_lora(trainer)
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in history if "loss" in log)
 
