@@ -745,12 +745,17 @@ def likelihood_scores(model, processor, rows, batch_size: int = 16) -> list[floa
         for row, length in enumerate(lengths):
             if not torch.equal(ids[row, :length].cpu(), prompt_ids["input_ids"][row, :length]):
                 raise ValueError(f"the answer of {prompt_texts[row]!r} does not tokenize as a continuation of its prompt")
-        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-        targets = ids[:, 1:]
-        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
-        positions = torch.arange(1, ids.shape[1], device=ids.device)[None]
-        answer = (positions >= torch.tensor(lengths, device=ids.device)[:, None]) & attention[:, 1:].bool()
-        return (token_logps * answer).sum(dim=1).cpu().tolist()
+        # Logits only from the shortest prompt's last token on, and log-probabilities only at answer tokens: the
+        # full [batch, length, vocabulary] in float32 would not fit at real sizes.
+        start = min(lengths) - 1
+        logits = model(**inputs, use_cache=False, logits_to_keep=ids.shape[1] - start).logits[:, :-1]
+        targets = ids[:, start + 1 :]
+        positions = torch.arange(start + 1, ids.shape[1], device=ids.device)[None]
+        answer = (positions >= torch.tensor(lengths, device=ids.device)[:, None]) & attention[:, start + 1 :].bool()
+        token_logps = torch.log_softmax(logits[answer].float(), dim=-1).gather(-1, targets[answer][:, None])[:, 0]
+        rows = answer.nonzero()[:, 0]
+        sums = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device).index_add_(0, rows, token_logps)
+        return sums.cpu().tolist()
 
     return _batched_scores(model, processor, rows, batch_size, score_batch)
 
