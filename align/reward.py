@@ -23,6 +23,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -47,12 +48,13 @@ from align.training import (
 )
 from model import (
     ImageTextForRewardModeling,
+    VLMConfig,
     VLMForRewardModeling,
     VLMProcessor,
     freeze_for_stage,
     pack_image_features,
 )
-from model.reward_model import last_token_indices
+from model.reward_model import answer_tokens, last_token_indices
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +171,15 @@ class VLMRewardConfig(RewardConfig):
             "help": "Learning rate of the score head (new and zero-initialised); default: --learning_rate. A higher "
             "one lets the head fit the backbone's features before the backbone's adaptation moves them, the idea "
             "of LP-FT (linear probing, then fine-tuning; arXiv:2202.10054) in a single run."
+        },
+    )
+
+    likelihood_feature: bool = field(
+        default=False,
+        metadata={
+            "help": "Add the conversation's log-likelihood under the VLM's LM head (kept) to the reward, with a "
+            "learned scale starting at 1, so that training starts from the starting policy's own preference "
+            "instead of a zero head at chance (`VLMForRewardModeling`; the suite's VLMs only)."
         },
     )
 
@@ -335,31 +346,69 @@ def drop_long_pairs(dataset: Dataset, processor, max_length: int | None) -> Data
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def reward_model_from_folder(path: str | os.PathLike, **kwargs) -> torch.nn.Module:
+def answer_start_ids(processor) -> list[int]:
+    """The token ids that open the assistant's turn in the processor's chat template (what
+    `add_generation_prompt` appends to a user turn): where the likelihood feature's answer starts.
+
+    Raises:
+        ValueError: the template's generation prompt is not a token-aligned suffix of the user turn.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    turn = [{"role": "user", "content": [{"type": "text", "text": "Is it red?"}]}]
+    without = tokenizer(processor.apply_chat_template(turn, tokenize=False), add_special_tokens=False)["input_ids"]
+    opened = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    with_turn = tokenizer(opened, add_special_tokens=False)["input_ids"]
+    if len(with_turn) <= len(without) or with_turn[: len(without)] != without:
+        raise ValueError(
+            "the chat template's generation prompt does not tokenize as a suffix of the user turn "
+            f"({opened!r}): the likelihood feature cannot find where an answer starts"
+        )
+    return with_turn[len(without):]
+
+
+def reward_model_from_folder(path: str | os.PathLike, likelihood: bool = False, **kwargs) -> torch.nn.Module:
     """A reward model from a folder: a saved reward model as it is, or a VLM (the suite's or a stock one) with a new
-    head at zero on its backbone. `kwargs`: `from_pretrained` options (`dtype`, `quantization_config`, ...)."""
+    head at zero on its backbone; `likelihood`: with the likelihood feature (the LM head kept, see
+    `VLMForRewardModeling`; the suite's VLMs only). `kwargs`: `from_pretrained` options (`dtype`, ...)."""
     config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
     # Through `load_pretrained`: weights that do not fit are an error naming them, never a random start (the LM head
     # of a VLM folder and the new head are the classes' declared exceptions).
     if config.get("model_type") == "vlm_align":
+        if likelihood and not config.get("likelihood_feature"):
+            vlm_config = VLMConfig.from_pretrained(path)
+            vlm_config.likelihood_feature = True
+            vlm_config.answer_start_ids = answer_start_ids(load_processor(path))
+            kwargs["config"] = vlm_config
         return load_pretrained(path, model_class=VLMForRewardModeling, **kwargs)
+    if likelihood:
+        raise ValueError(
+            f"likelihood_feature needs one of the suite's VLMs (model_type vlm_align); {path} holds "
+            f"{config.get('model_type')!r}, whose reward model (ImageTextForRewardModeling) has no LM head"
+        )
     if ImageTextForRewardModeling.__name__ in (config.get("architectures") or []):
         return load_pretrained(path, model_class=ImageTextForRewardModeling, **kwargs)
     return ImageTextForRewardModeling.from_vlm(load_pretrained(path, **kwargs))
 
 
-def load_reward_model_for_training(path: str, model_args: ModelConfig) -> tuple[torch.nn.Module, object]:
+def load_reward_model_for_training(
+    path: str, model_args: ModelConfig, likelihood: bool = False
+) -> tuple[torch.nn.Module, object]:
     """A reward model to train, and its processor, on the VLM at `path` (a VLM folder, the suite's or a stock one;
     the LoRA output of a VLM run merged on load as `align.training.load_model` does; or a full reward model to
-    train further), in full precision or with its LLM in 4 bit (`--load_in_4bit`; the split is logged)."""
-    model = load_model(path, model_args, from_pretrained=reward_model_from_folder)
+    train further), in full precision or with its LLM in 4 bit (`--load_in_4bit`; the split is logged);
+    `likelihood`: with the likelihood feature (`VLMRewardConfig.likelihood_feature`)."""
+    model = load_model(path, model_args, from_pretrained=partial(reward_model_from_folder, likelihood=likelihood))
     if is_adapter_dir(path):
         path = str(Path(path) / "merged")
     return model, load_processor(path)
 
 
+# What a reward model adds to its backbone, trained in full: the score head, and the likelihood feature's scale.
+HEADS = ("score", "likelihood_scale")
+
+
 def prepare_reward_model(model: VLMForRewardModeling, model_args: ModelConfig) -> LoraConfig | None:
-    """What trains: the score head always, in full; besides it, LoRA on the LLM plus the stage's parts in full
+    """What trains: the score head (and the likelihood feature's scale) always, in full; besides it, LoRA on the LLM plus the stage's parts in full
     (`--use_peft`, `align.training.lora_config` with `score` added to `modules_to_save` and PEFT's sequence
     classification task type), or the stage's components (`freeze_for_stage`). Returns the LoRA config or None."""
     peft_config = lora_config(model_args, model)
@@ -369,14 +418,16 @@ def prepare_reward_model(model: VLMForRewardModeling, model_args: ModelConfig) -
             freeze_for_stage(model, stage)
         else:
             freeze_components(model, stage)
-        model.score.requires_grad_(True)
+        for head in HEADS:
+            if hasattr(model, head):
+                getattr(model, head).requires_grad_(True)
         logger.info("score head trainable (%d parameters)", model.score.weight.numel())
         return None
     if peft_config.task_type not in (None, "SEQ_CLS"):
         logger.info("LoRA task type %s -> SEQ_CLS for the reward model", peft_config.task_type)
     peft_config.task_type = "SEQ_CLS"
     model_args.lora_task_type = "SEQ_CLS"
-    peft_config.modules_to_save = sorted({*(peft_config.modules_to_save or []), "score"})
+    peft_config.modules_to_save = sorted({*(peft_config.modules_to_save or []), *(h for h in HEADS if hasattr(model, h))})
     model_args.lora_modules_to_save = list(peft_config.modules_to_save)
     targets = peft_config.target_modules
     logger.info(
@@ -422,8 +473,13 @@ def load_reward_model(
                 f"{path} holds no reward model (architectures: {config.get('architectures')}); train one with "
                 "recipes/reward.py, or wrap a VLM with VLMForRewardModeling.from_vlm"
             )
-    # An adapter's base is the VLM the reward model was trained on: a new head there, the adapter carries the score.
-    return load_run(path, builder=reward_model_from_folder, quantization_config=quantization_config, device=device)
+    # An adapter's base is the VLM the reward model was trained on: a new head there, the adapter carries the score
+    # (and the likelihood feature's scale, whose presence says that the base keeps its LM head).
+    builder = reward_model_from_folder
+    if is_adapter_dir(path):
+        saved = json.loads((path / "adapter_config.json").read_text()).get("modules_to_save") or []
+        builder = partial(reward_model_from_folder, likelihood="likelihood_scale" in saved)
+    return load_run(path, builder=builder, quantization_config=quantization_config, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,7 +511,10 @@ def pair_image_inputs(model, pixel_values: torch.Tensor, repeat: bool = True) ->
     return {"image_features": torch.cat([features] * copies)}
 
 
-def pack_reward_pairs(batch: dict, dtype: torch.dtype = torch.float32, image_token_id: int | None = None) -> dict | None:
+def pack_reward_pairs(
+    batch: dict, dtype: torch.dtype = torch.float32, image_token_id: int | None = None,
+    answer_start: list[int] | None = None,
+) -> dict | None:
     """One sequence per preference pair from `RewardCollator`'s batch (`[chosen rows; rejected rows]`, right-padded,
     a pair's rows starting with the same image and prompt): with P the leading columns every pair shares (real
     tokens, equal in both rows), `[the P shared columns | chosen's columns P.. | rejected's columns P..]`.
@@ -466,7 +525,9 @@ def pack_reward_pairs(batch: dict, dtype: torch.dtype = torch.float32, image_tok
 
     Returns:
         `input_ids`, `attention_mask` (4-D, additive, in `dtype`), `position_ids`, `score_positions` (`[pairs, 2]`:
-        where the chosen and the rejected answer end) and the pairs' `pixel_values` (once per pair, as collated);
+        where the chosen and the rejected answer end), with `answer_start` (`config.answer_start_ids` of a reward
+        model with the likelihood feature) `likelihood_tokens` and `predecessors` (what `VLMForRewardModeling`
+        sums for each answer, as in its unpacked row), and the pairs' `pixel_values` (once per pair, as collated);
         None when the batch cannot be packed (no shared prompt, an image placeholder after it, or inputs this packing
         does not know, such as a stock processor's `image_grid_thw` or a cross-attention mask).
     """
@@ -496,10 +557,23 @@ def pack_reward_pairs(batch: dict, dtype: torch.dtype = torch.float32, image_tok
     positions = torch.cat([counted[:pairs], counted[pairs:, prompt:]], dim=1)
     last = last_token_indices(attention)
     rejected_last = torch.where(last[pairs:] >= prompt, last[pairs:] + answer, last[pairs:])
+
     packed_batch = {
         "input_ids": packed, "attention_mask": additive[:, None], "position_ids": positions,
         "score_positions": torch.stack([last[:pairs], rejected_last], dim=1),
     }
+    if answer_start is not None:
+        # The likelihood feature's tokens (`VLMForRewardModeling.log_likelihood`): each answer's tokens as in its
+        # unpacked row (a first answer token both share lies in the shared columns), each predicted from the column
+        # before it in its own row: the rejected answer's first packed column from the shared columns' last.
+        answers = answer_tokens(ids, attention, answer_start)
+        tokens = torch.zeros(pairs, packed.shape[1], 2, dtype=torch.bool, device=device)
+        tokens[:, :width, 0] = answers[:pairs]
+        tokens[:, :prompt, 1] = answers[pairs:, :prompt]
+        tokens[:, width:, 1] = answers[pairs:, prompt:]
+        predecessors = (position - 1).clamp(min=0)
+        predecessors[width] = prompt - 1
+        packed_batch.update(likelihood_tokens=tokens, predecessors=predecessors.expand(pairs, -1))
     if batch.get("pixel_values") is not None:
         packed_batch["pixel_values"] = batch["pixel_values"]
     return packed_batch
@@ -554,7 +628,8 @@ class VisionRewardTrainer(Trainer):
         # One forward per pair, the image and prompt shared by both answers (`pack_reward_pairs`); transformers'
         # Trainer and TRL's RewardTrainer run the two rows apart, so the prompt (mostly visual tokens) costs twice.
         packable = isinstance(reward_model, VLMForRewardModeling) and getattr(self.args, "pack_pairs", True)
-        packed = pack_reward_pairs(inputs, reward_model.dtype, reward_model.config.image_token_id) if packable else None
+        answer_start = reward_model.config.answer_start_ids if getattr(reward_model, "likelihood_feature", False) else None
+        packed = pack_reward_pairs(inputs, reward_model.dtype, reward_model.config.image_token_id, answer_start) if packable else None
         if packed is not None:
             pixel_values = packed.pop("pixel_values", None)
             if pixel_values is not None:

@@ -71,7 +71,9 @@ def main(script_args: RewardScriptArguments, training_args: VLMRewardConfig, mod
         )
 
     # ------------------------------------------------------------------ model and processor
-    model, processor = load_reward_model_for_training(model_args.model_name_or_path, model_args)
+    model, processor = load_reward_model_for_training(
+        model_args.model_name_or_path, model_args, likelihood=training_args.likelihood_feature
+    )
     peft_config = prepare_reward_model(model, model_args)
 
     # ------------------------------------------------------------------ trainer

@@ -17,6 +17,8 @@ from align.reward import (
     RewardCollator,
     RewardScriptArguments,
     VLMRewardConfig,
+    _reward_model_of,
+    answer_start_ids,
     bradley_terry_loss,
     drop_long_pairs,
     evaluate_pairs,
@@ -30,6 +32,7 @@ from align.reward import (
     policy_likelihood_accuracy,
     prepare_reward_model,
     render_conversation,
+    reward_model_from_folder,
     reward_scores,
     reward_trainer,
 )
@@ -460,3 +463,108 @@ def test_load_reward_model_from_an_adapter_and_a_full_folder(setup, trained, tmp
     assert reward_scores(full, full_processor, rows) == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match="holds no reward model"):
         load_reward_model(setup["vlm"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The likelihood feature: the answer's log-likelihood under the kept LM head, added to the reward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_likelihood_feature_starts_at_the_policys_own_preference(setup):
+    """Before training (head at zero, scale 1) the reward is the policy's log-likelihood of the answer, exactly
+    `likelihood_scores`; the answer starts after the tokens that open the assistant's turn."""
+    processor = VLMProcessor.from_pretrained(setup["vlm"])
+    start = answer_start_ids(processor)
+    opened = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], tokenize=False, add_generation_prompt=True
+    )
+    assert start and processor.tokenizer.decode(start) in opened and opened.endswith(processor.tokenizer.decode(start))
+    model = reward_model_from_folder(setup["vlm"], likelihood=True).eval()
+    assert model.likelihood_feature and model.config.answer_start_ids == start
+    assert model.likelihood_scale.weight.item() == 1.0 and not model.score.weight.any()
+    policy, _ = load_run(setup["vlm"])
+    assert torch.equal(model.lm_head.weight, policy.lm_head.weight)
+    pairs = list(setup["held_out"])
+    rows = score_rows(pairs) + score_rows(pairs, "rejected")
+    assert reward_scores(model, processor, rows, batch_size=3) == pytest.approx(
+        likelihood_scores(policy, processor, rows, batch_size=5), abs=1e-4
+    )
+    # Without the feature (the default) the same folder gives the plain reward model: no LM head, zero scores.
+    plain = reward_model_from_folder(setup["vlm"])
+    assert not plain.likelihood_feature and plain.get_output_embeddings() is None
+
+
+def test_likelihood_feature_is_refused_for_a_stock_vlm(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}')
+    with pytest.raises(ValueError, match="likelihood_feature needs one of the suite's VLMs"):
+        reward_model_from_folder(tmp_path, likelihood=True)
+
+
+@pytest.fixture(scope="module")
+def trained_with_likelihood(setup, tmp_path_factory):
+    """A LoRA reward model with the likelihood feature, trained a few steps and saved as the recipe saves it."""
+    output_dir = tmp_path_factory.mktemp("trained_likelihood")
+    set_seed(0)
+    arguments = model_args(setup["vlm"])
+    model, processor = load_reward_model_for_training(setup["vlm"], arguments, likelihood=True)
+    peft_config = prepare_reward_model(model, arguments)
+    assert {"score", "likelihood_scale"} <= set(peft_config.modules_to_save)
+    trainer = reward_trainer(
+        model, training_args(output_dir, max_steps=4, likelihood_feature=True), setup["pairs"], processor,
+        peft_config=peft_config,
+    )
+    before = snapshot(trainer.model)
+    trainer.train()
+    trainer.save_model(str(output_dir))
+    processor.save_pretrained(output_dir)
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(before[name], p)}
+    return trainer, processor, output_dir, changed
+
+
+def test_likelihood_feature_trains_its_scale_and_reloads(setup, trained_with_likelihood, tmp_path):
+    trainer, processor, output_dir, changed = trained_with_likelihood
+    assert any("likelihood_scale" in name for name in changed) and any("score" in name for name in changed)
+    assert not any("lm_head" in name for name in changed)  # the kept LM head is frozen under LoRA, as the LLM
+    rows = score_rows(list(setup["held_out"])) + score_rows(list(setup["held_out"]), "rejected")
+    expected = reward_scores(trainer.model, processor, rows)
+    loaded, loaded_processor = load_reward_model(output_dir)
+    assert _reward_model_of(loaded).likelihood_feature
+    assert reward_scores(loaded, loaded_processor, rows) == pytest.approx(expected, abs=1e-4)
+    merged = loaded.merge_and_unload()
+    merged.save_pretrained(tmp_path / "full")
+    processor.save_pretrained(tmp_path / "full")
+    full, full_processor = load_reward_model(tmp_path / "full")
+    assert full.likelihood_feature
+    assert reward_scores(full, full_processor, rows) == pytest.approx(expected, abs=1e-4)
+
+
+def test_likelihood_feature_one_packed_forward_per_pair_as_two_rows(setup, trained_with_likelihood):
+    """Packed pairs sum each answer's log-probabilities as its own row does: same rewards, loss and gradients."""
+    trainer, processor, _, _ = trained_with_likelihood
+    model = trainer.model
+    model.train()
+    batch = RewardCollator(processor)([setup["pairs"][i] for i in range(4)])
+    packed = pack_reward_pairs(batch, image_token_id=model.config.image_token_id, answer_start=model.config.answer_start_ids)
+    assert packed["likelihood_tokens"].shape == (*packed["input_ids"].shape, 2)
+    assert packed["likelihood_tokens"].any(1).all()  # every answer has tokens
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    packed_grads = gradients(loss)
+    rows = dict(batch)
+    rows.update(pair_image_inputs(model, rows.pop("pixel_values")))
+    chosen, rejected = model(**rows, use_cache=False).logits.squeeze(-1).chunk(2)
+    apart = bradley_terry_loss(chosen, rejected)
+    apart_grads = gradients(apart)
+    assert outputs["chosen"].tolist() == pytest.approx(chosen.tolist(), abs=1e-4)
+    assert outputs["rejected"].tolist() == pytest.approx(rejected.tolist(), abs=1e-4)
+    assert loss.item() == pytest.approx(apart.item(), abs=1e-5)
+    assert any("likelihood_scale" in name for name in packed_grads)
+    assert packed_grads.keys() == apart_grads.keys()
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, apart_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad()

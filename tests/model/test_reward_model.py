@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from model import VLMForConditionalGeneration, VLMForRewardModeling, VLMProcessor
-from model.reward_model import last_token_indices
+from model.reward_model import answer_tokens, last_token_indices, previous_columns
 from tests.align.training_helpers import tiny_vlm
 from tests.conftest import save_tiny_llama
 
@@ -164,3 +164,16 @@ def test_loads_with_the_llm_in_4bit(tiny_parts, tiny_tokenizer, tmp_path):
     batch = processor(images=images(3), text=conversation_texts(processor), padding=True, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         assert model(**batch).logits.shape == (3, 1)
+
+
+def test_answer_tokens_follow_the_last_turn_opening():
+    """The likelihood feature's answer: the real tokens after the last occurrence of the turn-opening ids."""
+    ids = torch.tensor([[5, 7, 8, 1, 7, 8, 2, 3, 0], [7, 8, 4, 4, 7, 8, 9, 0, 0]])
+    mask = torch.tensor([[1] * 8 + [0], [1] * 7 + [0, 0]])
+    assert answer_tokens(ids, mask, [7, 8]).long().tolist() == [[0, 0, 0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0, 1, 0, 0]]
+    assert previous_columns(ids)[0].tolist() == [0, 0, 1, 2, 3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match=r"rows \[1\] hold no answer_start_ids"):
+        answer_tokens(ids, mask, [1, 7])
+    # Padding never opens a turn: a match that runs into padding does not count.
+    with pytest.raises(ValueError, match="hold no answer_start_ids"):
+        answer_tokens(torch.tensor([[3, 7, 8]]), torch.tensor([[1, 1, 0]]), [7, 8])
