@@ -57,7 +57,8 @@ Lane = Step | list[Step]
 
 
 def pipeline(
-    run_dir: Path, eval_questions: int, force: bool = False, launcher: str = "forkserver", smoke: bool = False
+    run_dir: Path, eval_questions: int, force: bool = False, launcher: str = "forkserver", smoke: bool = False,
+    paired_questions: int | None = None,
 ) -> list[list[Lane]]:
     """The default pipeline as groups of lanes; a group starts when the groups before it are done, and its lanes run
     side by side (two at a time, one CPU thread each: `align.pipeline.run_parallel`), the steps of a lane in order.
@@ -66,8 +67,10 @@ def pipeline(
     package); the two short stage-1 runs show adapter pretraining on both fusions (their caption figures). The
     reward model, the longest step, has a core to itself while the other lane runs DPO, GRPO and the evaluations
     that need only SFT's and DPO's outputs; the rounds then need all of them (the DPO policy, its evaluation and the
-    reward model). With `smoke`, every step is shrunk by `SMOKE`."""
+    reward model). The evaluations the paired gates compare (SFT, DPO, GRPO, the rounds) read `paired_questions`
+    (default `eval_questions`), the others `eval_questions`. With `smoke`, every step is shrunk by `SMOKE`."""
     evaluate = {"num_questions": eval_questions}
+    paired = {"num_questions": paired_questions or eval_questions}
     base = default_cache_dir() / "base"
     groups = [
         # Stage 1 fills the vision-feature cache; the cross-attention run then reads the same features (one writer).
@@ -77,25 +80,27 @@ def pipeline(
             Step("stage1-cross_attention", "pretrain.py", CONFIGS / "pretrain_cross_attention.yaml", {"max_steps": 200}),
         ],
         [
-            Step("reward", "reward.py", CONFIGS / "reward.yaml", {"model_name_or_path": run_dir / "sft"}),
             [
-                Step("dpo", "dpo.py", CONFIGS / "dpo.yaml", {"model_name_or_path": run_dir / "sft", "max_steps": 100, "world_images": 100}),
+                Step("reward", "reward.py", CONFIGS / "reward.yaml", {"model_name_or_path": run_dir / "sft"}),
                 Step("eval-base", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": base, **evaluate}),
-                Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", **evaluate}),
-                Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", **evaluate}),
                 # The same SFT policy on a world generated with another seed: the figures must not be the seed's.
                 Step(f"eval-sft-seed{OTHER_SEED}", "evaluate.py", CONFIGS / "evaluate.yaml", {
                     "model_name_or_path": run_dir / "sft", "world_path": other_world(run_dir, SMOKE_WORLD_IMAGES if smoke else 500),
                     **evaluate}),
+            ],
+            [
+                Step("dpo", "dpo.py", CONFIGS / "dpo.yaml", {"model_name_or_path": run_dir / "sft", "max_steps": 100, "world_images": 100}),
+                Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", **paired}),
+                Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", **paired}),
                 # Online RL from the same SFT policy, its wall-clock about the rounds' (GRPO_STEPS).
                 Step("grpo", "grpo.py", CONFIGS / "grpo.yaml", {
                     "model_name_or_path": run_dir / "sft", "max_steps": GRPO_STEPS, "categories": list(AIMED_CATEGORIES)}),
-                Step("eval-grpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "grpo", **evaluate}),
+                Step("eval-grpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "grpo", **paired}),
             ],
         ],
         [Step("rounds", "rounds.py", CONFIGS / "rounds.yaml", {
             "policy": run_dir / "dpo", "initial_eval": run_dir / "eval-dpo" / "metrics.json",
-            "num_questions": eval_questions, "force": force, "launcher": launcher,
+            "num_questions": paired["num_questions"], "force": force, "launcher": launcher,
             # The reward model only ranks the candidates next to the verifier here: its agreement is reported.
             "reward_model_name_or_path": run_dir / "reward",
             # Fewer candidates and steps than the tiny rounds config, to keep make demo within 15 minutes. The
@@ -121,10 +126,14 @@ SMOKE = {
     "rounds.py": {"rounds": 1, "prompts_per_round": 8, "num_candidates": 2, "sft_max_steps": 2, "dpo_max_steps": 2, "sft_mixture_size": 32},
     "students.py": {"max_steps": 2},
 }
-# Held-out test questions per evaluation: the gates compare stages per category on the same questions, and count and
-# spatial are about a quarter and an eighth of them, so their paired standard errors set what a gate can see (1200:
-# some 330 count and 160 spatial questions; twice 600, standard errors 1.4x smaller). 13-19 s an evaluation.
+# Held-out test questions per evaluation. The paired gates (DPO, the rounds and GRPO against SFT, per category) read
+# PAIRED_QUESTIONS: count and spatial are about a quarter and an eighth of them, so their paired standard errors set
+# what a gate can see. At 1200 (some 330 count and 160 spatial questions) the rounds' count gain read +2.4 ± 1.3 and
+# spatial +3.7 ± 2.1; the same runs on 3000 read count +2.3 ± 0.9 and spatial -0.2 ± 1.6 (README: what make demo
+# measures): 1200 could neither confirm the one nor rule out the other. The other evaluations (the base, the other
+# seed's world, the students) read EVAL_QUESTIONS. 13-19 s an evaluation of 1200 on one thread, about 40 s of 3000.
 EVAL_QUESTIONS = 1200
+PAIRED_QUESTIONS = 3000
 SMOKE_QUESTIONS = 16  # held-out questions per evaluation under --smoke (unless --eval_questions says otherwise)
 SMOKE_WORLD_IMAGES = 20  # the other seed's test split under --smoke
 
@@ -371,6 +380,9 @@ def main(argv=None):
                         "or runs/demo-smoke with --smoke).")
     parser.add_argument("--eval_questions", type=int, default=None,
                         help=f"Held-out test questions per evaluation (default: {EVAL_QUESTIONS}; {SMOKE_QUESTIONS} with --smoke).")
+    parser.add_argument("--paired_questions", type=int, default=None,
+                        help=f"Held-out test questions of the evaluations the paired gates compare (SFT, DPO, GRPO, the "
+                        f"rounds; default: {PAIRED_QUESTIONS}; --eval_questions with --smoke).")
     parser.add_argument("--smoke", action="store_true", help="Every step on a few examples for two steps: a check "
                         "of the whole pipeline in about 70 s on a 2-core CPU, whose figures measure nothing.")
     parser.add_argument("--force", action="store_true", help="Rerun every step, even those already done.")
@@ -379,6 +391,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_dir = Path(args.run_dir or REPO_ROOT / "runs" / ("demo-smoke" if args.smoke else "demo"))
     eval_questions = args.eval_questions or (SMOKE_QUESTIONS if args.smoke else EVAL_QUESTIONS)
+    paired_questions = args.paired_questions or (eval_questions if args.smoke else PAIRED_QUESTIONS)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
@@ -389,7 +402,7 @@ def main(argv=None):
     print(format_quality(report))
 
     results, threads = {}, {}
-    for group in pipeline(run_dir, eval_questions, args.force, args.launcher, args.smoke):
+    for group in pipeline(run_dir, eval_questions, args.force, args.launcher, args.smoke, paired_questions):
         results.update(run_group(group, run_dir, args.force, args.launcher))
         threads.update({step.name: step.threads for lane in group for step in lane_steps(lane)})
     students = students_step(run_dir, results["rounds"], eval_questions, args.force, args.launcher, args.smoke)
