@@ -64,10 +64,10 @@ def pipeline(
     side by side (two at a time, one CPU thread each: `align.pipeline.run_parallel`), the steps of a lane in order.
 
     Post-training starts from the zoo's base VLM (`base`: stage 1, then grounded pretraining, shipped with the
-    package); the two short stage-1 runs show adapter pretraining on both fusions (their caption figures). The
-    reward model, the longest step, has a core to itself while the other lane runs DPO, GRPO and the evaluations
-    that need only SFT's and DPO's outputs; the rounds then need all of them (the DPO policy, its evaluation and the
-    reward model). The evaluations the paired gates compare (SFT, DPO, GRPO, the rounds) read `paired_questions`
+    package); the two short stage-1 runs show adapter pretraining on both fusions (their caption figures). After
+    SFT, one lane runs the reward model, DPO and the evaluations of DPO, the base and the other seed's world, the
+    other SFT's evaluation, GRPO and its evaluation (the two lanes about equally long); the rounds then need all of
+    them (the DPO policy, its evaluation and the reward model). The evaluations the paired gates compare (SFT, DPO, GRPO, the rounds) read `paired_questions`
     (default `eval_questions`), the others `eval_questions`. With `smoke`, every step is shrunk by `SMOKE`."""
     evaluate = {"num_questions": eval_questions}
     paired = {"num_questions": paired_questions or eval_questions}
@@ -82,6 +82,8 @@ def pipeline(
         [
             [
                 Step("reward", "reward.py", CONFIGS / "reward.yaml", {"model_name_or_path": run_dir / "sft"}),
+                Step("dpo", "dpo.py", CONFIGS / "dpo.yaml", {"model_name_or_path": run_dir / "sft", "max_steps": 100, "world_images": 100}),
+                Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", **paired}),
                 Step("eval-base", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": base, **evaluate}),
                 # The same SFT policy on a world generated with another seed: the figures must not be the seed's.
                 Step(f"eval-sft-seed{OTHER_SEED}", "evaluate.py", CONFIGS / "evaluate.yaml", {
@@ -89,9 +91,7 @@ def pipeline(
                     **evaluate}),
             ],
             [
-                Step("dpo", "dpo.py", CONFIGS / "dpo.yaml", {"model_name_or_path": run_dir / "sft", "max_steps": 100, "world_images": 100}),
                 Step("eval-sft", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", **paired}),
-                Step("eval-dpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "dpo", **paired}),
                 # Online RL from the same SFT policy, its wall-clock about the rounds' (GRPO_STEPS).
                 Step("grpo", "grpo.py", CONFIGS / "grpo.yaml", {
                     "model_name_or_path": run_dir / "sft", "max_steps": GRPO_STEPS, "categories": list(AIMED_CATEGORIES)}),
@@ -124,7 +124,7 @@ SMOKE = {
     "dpo.py": {"max_steps": 2, "world_images": 8},
     "grpo.py": {"max_steps": 2},
     "rounds.py": {"rounds": 1, "prompts_per_round": 8, "num_candidates": 2, "sft_max_steps": 2, "dpo_max_steps": 2, "sft_mixture_size": 32},
-    "students.py": {"max_steps": 2},
+    "students.py": {"max_steps": 2, "ternary_max_steps": 2},
 }
 # Held-out test questions per evaluation. The paired gates (DPO, the rounds and GRPO against SFT, per category) read
 # PAIRED_QUESTIONS: count and spatial are about a quarter and an eighth of them, so their paired standard errors set
@@ -148,6 +148,8 @@ def shrink(step: Step, run_dir: Path) -> Step:
 
 
 OTHER_SEED = 1
+# The ternary student's steps in the demo (the pruned one's: students.yaml's 400).
+TERNARY_STEPS = 200
 # GRPO in the demo: about the rounds' wall-clock on a 2-core CPU (~140 s on one thread, the rounds ~120 s on two).
 GRPO_STEPS = 250
 # GRPO and the rounds' sampling are aimed at the categories the SFT policy reads worst, as Llama 3 aims each round
@@ -196,7 +198,9 @@ def students_step(
         "teacher": rounds["final_policy"], "teacher_eval": run_dir / "rounds" / f"round{last}" / "eval" / "metrics.json",
         "num_questions": eval_questions, "force": force, "parallel": 2, "launcher": launcher,
         # The 3/8 student (the Llama 3.2 3B-from-8B ratio) and the ternary one; the 1/8 student runs in make recipes.
-        "targets": [0.375],
+        # The ternary student (the teacher's size, a reported figure, not a gate) trains half the steps, to keep
+        # make demo within 15 minutes.
+        "targets": [0.375], "ternary_max_steps": TERNARY_STEPS,
     }
     step = Step("students", "students.py", CONFIGS / "students.yaml", overrides, launcher=launcher)
     return shrink(step, run_dir) if smoke else step

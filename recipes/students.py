@@ -80,6 +80,11 @@ class StudentsArguments:
     distill_config: str = field(default=str(TINY / "distill.yaml"), metadata={"help": "YAML of recipes/distill.py."})
     evaluate_config: str = field(default=str(TINY / "evaluate.yaml"), metadata={"help": "YAML of recipes/evaluate.py."})
     max_steps: int | None = field(default=None, metadata={"help": "Training steps of every student (default: the distill config's)."})
+    ternary_max_steps: int | None = field(
+        default=None,
+        metadata={"help": "Training steps of the ternary student, both ways (default: max_steps). It has the teacher's "
+                  "size, so its steps cost the most."},
+    )
     alpha: float | None = field(
         default=None, metadata={"help": "Distillation weight of the distilled students (default: the distill config's; must be > 0)."}
     )
@@ -116,8 +121,9 @@ class StudentsArguments:
             raise ValueError(f"parallel must be >= 1, got {self.parallel}")
         if self.depth_share is not None and not 0 <= self.depth_share <= 1:
             raise ValueError(f"depth_share must be in [0, 1], got {self.depth_share}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("max_steps", "ternary_max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.alpha is not None and not 0 < self.alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1] (alpha 0 is the labels-only baseline, run anyway), got {self.alpha}")
         for name in ("distill_config", "evaluate_config", "calibration_file", "teacher_eval"):
@@ -171,8 +177,9 @@ def _step(args: StudentsArguments, run_dir: Path, name: str, script: str, base: 
 def train_and_evaluate(args: StudentsArguments, run_dir: Path, name: str, updates: dict) -> dict:
     """Train a student with recipes/distill.py (`updates` over the distill config) and evaluate it."""
     updates = {**updates, "seed": args.seed}
-    if args.max_steps is not None:
-        updates["max_steps"] = args.max_steps
+    steps = args.ternary_max_steps if updates.get("student_ternary") and args.ternary_max_steps else args.max_steps
+    if steps is not None:
+        updates["max_steps"] = steps
     tag = f"{run_dir.name} {name}"
     trained = run_step(_step(args, run_dir, name, "distill.py", args.distill_config, updates), run_dir, args.force, tag=tag)
     evaluation = {"model_name_or_path": str(run_dir / name), "seed": args.seed}

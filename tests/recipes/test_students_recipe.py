@@ -40,7 +40,7 @@ def setup(tiny_parts, tmp_path_factory):
 
 def students_config(setup, out) -> dict:
     return {
-        "teacher": setup["teacher"], "output_dir": str(out), "targets": [0.5], "ternary": True, "max_steps": 2,
+        "teacher": setup["teacher"], "output_dir": str(out), "targets": [0.5], "ternary": True, "max_steps": 2, "ternary_max_steps": 3,
         "parallel": 2, "launcher": "forkserver",  # forked steps, from a recipe that is itself forked (run_recipe)
         "world_path": setup["world"], **{k: setup[k] for k in ("distill_config", "evaluate_config")},
     }
@@ -74,12 +74,13 @@ def test_pruned_and_ternary_students_distilled_and_labels_only(setup, students_r
     calibration = (out / "calibration.jsonl").read_text().splitlines()
     assert calibration and all("text" in json.loads(line) for line in calibration)
 
-    # Both ways trained the same steps from the same start; only the distilled run had a teacher.
-    for student_dir, init in ((out / "pruned-0.5", str(out / "pruned-0.5" / "pruned")), (out / "ternary", setup["teacher"])):
+    # Both ways trained the same steps (the ternary student its own) from the same start; only the distilled run had
+    # a teacher.
+    for student_dir, init, steps in ((out / "pruned-0.5", str(out / "pruned-0.5" / "pruned"), 2), (out / "ternary", setup["teacher"], 3)):
         distilled = yaml.safe_load((student_dir / "distilled.yaml").read_text())
         labels_only = yaml.safe_load((student_dir / "labels-only.yaml").read_text())
         assert distilled["model_name_or_path"] == labels_only["model_name_or_path"] == init
-        assert distilled["max_steps"] == labels_only["max_steps"] == 2
+        assert distilled["max_steps"] == labels_only["max_steps"] == steps
         assert distilled["alpha"] == 0.5 and labels_only["alpha"] == 0.0
         assert read_json(student_dir / "distilled" / "metrics.json")["teacher"] == setup["teacher"]
         assert read_json(student_dir / "labels-only" / "metrics.json")["teacher"] is None
