@@ -335,17 +335,10 @@ def test_reward_scores_match_the_training_forward(setup, trained):
     assert rejected == pytest.approx(outputs["rejected"].tolist(), abs=1e-5)
 
 
-def test_one_packed_forward_per_pair_scores_and_trains_as_two_rows(setup, trained):
-    """The trainer scores each pair in one sequence, image and prompt shared (`pack_reward_pairs`): the rewards, the
-    loss and its gradients equal those of the chosen and rejected rows run apart."""
-    trainer, processor, _ = trained
+def packed_as_rows(trainer, batch, tolerance: float = 1e-5):
+    """The trainer's packed loss on `batch` against the chosen and rejected rows run apart: the same rewards, loss and
+    gradients. Returns the rows' `(chosen, rejected, loss, packed gradients)`."""
     model = trainer.model
-    model.train()
-    pairs = [setup["pairs"][i] for i in range(4)]
-    batch = RewardCollator(processor)(pairs)
-    packed = pack_reward_pairs(batch, image_token_id=model.config.image_token_id)
-    assert packed is not None and packed["input_ids"].shape[0] == 4
-    assert packed["input_ids"].shape[1] < 2 * batch["input_ids"].shape[1] - 20  # the prompt goes in once
 
     def gradients(loss):
         model.zero_grad()
@@ -359,18 +352,34 @@ def test_one_packed_forward_per_pair_scores_and_trains_as_two_rows(setup, traine
     chosen, rejected = model(**rows, use_cache=False).logits.squeeze(-1).chunk(2)
     apart = bradley_terry_loss(chosen, rejected)
     apart_grads = gradients(apart)
-    assert outputs["chosen"].tolist() == pytest.approx(chosen.tolist(), abs=1e-5)
-    assert outputs["rejected"].tolist() == pytest.approx(rejected.tolist(), abs=1e-5)
-    assert loss.item() == pytest.approx(apart.item(), abs=1e-6)
+    assert outputs["chosen"].tolist() == pytest.approx(chosen.tolist(), abs=tolerance)
+    assert outputs["rejected"].tolist() == pytest.approx(rejected.tolist(), abs=tolerance)
+    assert loss.item() == pytest.approx(apart.item(), abs=tolerance / 10)
+    assert packed_grads.keys() == apart_grads.keys() and packed_grads
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, apart_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad()
+    return chosen, rejected, apart, packed_grads
+
+
+def test_one_packed_forward_per_pair_scores_and_trains_as_two_rows(setup, trained):
+    """The trainer scores each pair in one sequence, image and prompt shared (`pack_reward_pairs`): the rewards, the
+    loss and its gradients equal those of the chosen and rejected rows run apart."""
+    trainer, processor, _ = trained
+    model = trainer.model
+    model.train()
+    pairs = [setup["pairs"][i] for i in range(4)]
+    batch = RewardCollator(processor)(pairs)
+    packed = pack_reward_pairs(batch, image_token_id=model.config.image_token_id)
+    assert packed is not None and packed["input_ids"].shape[0] == 4
+    assert packed["input_ids"].shape[1] < 2 * batch["input_ids"].shape[1] - 20  # the prompt goes in once
+
+    chosen, rejected, apart, _ = packed_as_rows(trainer, batch)
     trainer.args.pack_pairs = False  # the switch runs the rows apart
     try:
         assert trainer.compute_loss(model, batch).item() == pytest.approx(apart.item(), abs=1e-6)
     finally:
         trainer.args.pack_pairs = True
-    assert packed_grads.keys() == apart_grads.keys() and packed_grads
-    for name, grad in packed_grads.items():
-        torch.testing.assert_close(grad, apart_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-    model.zero_grad()
 
     # The packed sequences themselves score as the rows apart (the trainer did not fall back to them).
     with torch.no_grad():
@@ -548,23 +557,5 @@ def test_likelihood_feature_one_packed_forward_per_pair_as_two_rows(setup, train
     assert packed["likelihood_tokens"].shape == (*packed["input_ids"].shape, 2)
     assert packed["likelihood_tokens"].any(1).all()  # every answer has tokens
 
-    def gradients(loss):
-        model.zero_grad()
-        loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-
-    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
-    packed_grads = gradients(loss)
-    rows = dict(batch)
-    rows.update(pair_image_inputs(model, rows.pop("pixel_values")))
-    chosen, rejected = model(**rows, use_cache=False).logits.squeeze(-1).chunk(2)
-    apart = bradley_terry_loss(chosen, rejected)
-    apart_grads = gradients(apart)
-    assert outputs["chosen"].tolist() == pytest.approx(chosen.tolist(), abs=1e-4)
-    assert outputs["rejected"].tolist() == pytest.approx(rejected.tolist(), abs=1e-4)
-    assert loss.item() == pytest.approx(apart.item(), abs=1e-5)
-    assert any("likelihood_scale" in name for name in packed_grads)
-    assert packed_grads.keys() == apart_grads.keys()
-    for name, grad in packed_grads.items():
-        torch.testing.assert_close(grad, apart_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-    model.zero_grad()
+    _, _, _, gradients = packed_as_rows(trainer, batch, tolerance=1e-4)
+    assert any("likelihood_scale" in name for name in gradients)
