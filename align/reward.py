@@ -179,7 +179,7 @@ class VLMRewardConfig(RewardConfig):
         metadata={
             "help": "Add the conversation's log-likelihood under the VLM's LM head (kept) to the reward, with a "
             "learned scale starting at 1, so that training starts from the starting policy's own preference "
-            "instead of a zero head at chance (`VLMForRewardModeling`; the suite's VLMs only)."
+            "instead of a zero head at chance (`VLMForRewardModeling`, `ImageTextForRewardModeling`)."
         },
     )
 
@@ -347,29 +347,33 @@ def drop_long_pairs(dataset: Dataset, processor, max_length: int | None) -> Data
 
 
 def answer_start_ids(processor) -> list[int]:
-    """The token ids that open the assistant's turn in the processor's chat template (what
-    `add_generation_prompt` appends to a user turn): where the likelihood feature's answer starts.
+    """The token ids between a user's words and the assistant's answer in the processor's chat template (the end of
+    the user turn and what `add_generation_prompt` appends: `<|im_end|>\\n<|im_start|>assistant\\n`, ` [/INST]`, ...):
+    after their last occurrence in a rendered conversation comes the answer the likelihood feature scores.
 
     Raises:
-        ValueError: the template's generation prompt is not a token-aligned suffix of the user turn.
+        ValueError: the template renders no tokens between the user's words and the answer.
     """
     tokenizer = getattr(processor, "tokenizer", processor)
-    turn = [{"role": "user", "content": [{"type": "text", "text": "Is it red?"}]}]
-    without = tokenizer(processor.apply_chat_template(turn, tokenize=False), add_special_tokens=False)["input_ids"]
+    words = "Is it red?"
+    turn = [{"role": "user", "content": [{"type": "text", "text": words}]}]
     opened = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
-    with_turn = tokenizer(opened, add_special_tokens=False)["input_ids"]
-    if len(with_turn) <= len(without) or with_turn[: len(without)] != without:
+    words_end = opened.rindex(words) + len(words)
+    encoded = tokenizer(opened, add_special_tokens=False, return_offsets_mapping=True)
+    # The tokens that start after the words (a token that merges the words' end with the template's is left out).
+    start = [token for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"]) if begin >= words_end]
+    if not start:
         raise ValueError(
-            "the chat template's generation prompt does not tokenize as a suffix of the user turn "
-            f"({opened!r}): the likelihood feature cannot find where an answer starts"
+            f"the chat template renders nothing between the user's words and the answer ({opened!r}): the likelihood "
+            "feature cannot find where an answer starts"
         )
-    return with_turn[len(without):]
+    return start
 
 
 def reward_model_from_folder(path: str | os.PathLike, likelihood: bool = False, **kwargs) -> torch.nn.Module:
     """A reward model from a folder: a saved reward model as it is, or a VLM (the suite's or a stock one) with a new
     head at zero on its backbone; `likelihood`: with the likelihood feature (the LM head kept, see
-    `VLMForRewardModeling`; the suite's VLMs only). `kwargs`: `from_pretrained` options (`dtype`, ...)."""
+    `VLMForRewardModeling`). `kwargs`: `from_pretrained` options (`dtype`, ...)."""
     config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
     # Through `load_pretrained`: weights that do not fit are an error naming them, never a random start (the LM head
     # of a VLM folder and the new head are the classes' declared exceptions).
@@ -380,14 +384,12 @@ def reward_model_from_folder(path: str | os.PathLike, likelihood: bool = False, 
             vlm_config.answer_start_ids = answer_start_ids(load_processor(path))
             kwargs["config"] = vlm_config
         return load_pretrained(path, model_class=VLMForRewardModeling, **kwargs)
-    if likelihood:
-        raise ValueError(
-            f"likelihood_feature needs one of the suite's VLMs (model_type vlm_align); {path} holds "
-            f"{config.get('model_type')!r}, whose reward model (ImageTextForRewardModeling) has no LM head"
-        )
     if ImageTextForRewardModeling.__name__ in (config.get("architectures") or []):
+        if likelihood and not config.get("likelihood_feature"):
+            raise ValueError(f"{path} holds a reward model without the likelihood feature; start from its VLM instead")
         return load_pretrained(path, model_class=ImageTextForRewardModeling, **kwargs)
-    return ImageTextForRewardModeling.from_vlm(load_pretrained(path, **kwargs))
+    start = answer_start_ids(load_processor(path)) if likelihood else None
+    return ImageTextForRewardModeling.from_vlm(load_pretrained(path, **kwargs), likelihood=likelihood, answer_start_ids=start)
 
 
 def load_reward_model_for_training(

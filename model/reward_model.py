@@ -12,8 +12,8 @@ under LoRA) hold unchanged.
 With `config.likelihood_feature` (`from_vlm(..., likelihood=True, answer_start_ids=...)`), the reward also counts
 the answer's log-likelihood under the VLM's LM head, which the model then keeps: `reward = score(h_last) + s * sum_t
 log p(answer token_t | image, prompt, answer tokens before it)`, the answer being the tokens after the last
-`config.answer_start_ids` (the tokens that open the assistant's turn), with `s` (`likelihood_scale`, a 1x1 linear
-layer) starting at 1. An SFT policy already ranks a verified answer above a wrong one by that likelihood (about 90%
+`config.answer_start_ids` (the tokens between the user's words and the answer: the end of the user turn and the
+assistant's header), with `s` (`likelihood_scale`, a 1x1 linear layer) starting at 1. An SFT policy already ranks a verified answer above a wrong one by that likelihood (about 90%
 of the demo's held-out pairs) where a zero head starts at chance, so training starts from the policy's own preference
 instead of learning it again from a scalar per pair.
 
@@ -64,6 +64,61 @@ class ScalarHead:
     def get_output_embeddings(self) -> nn.Module | None:
         return getattr(self, "lm_head", None)
 
+    def keep_lm_head(self, config: PretrainedConfig, lm_head: nn.Module | None = None) -> None:
+        """With `config.likelihood_feature`: the LM head (`lm_head`, shared, or a new one to load into, tied as the
+        VLM ties it) and the likelihood's scale (`likelihood_scale`, a 1x1 linear layer, 1 at init)."""
+        if not getattr(config, "likelihood_feature", False):
+            return
+        if not getattr(config, "answer_start_ids", None):
+            raise ValueError("likelihood_feature needs config.answer_start_ids (the tokens that precede an answer)")
+        text_config = config.get_text_config()
+        self.lm_head = lm_head if lm_head is not None else nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self.likelihood_scale = nn.Linear(1, 1, bias=False)
+        # Tied to wherever this backbone keeps its input embeddings (`language_model.embed_tokens` for most).
+        embeddings = self.model.get_input_embeddings()
+        embed_name = next(name for name, module in self.model.named_modules() if module is embeddings)
+        self._tied_weights_keys = {"lm_head.weight": f"model.{embed_name}.weight"}
+
+    @property
+    def likelihood_feature(self) -> bool:
+        """Whether the reward counts the answer's log-likelihood (`config.likelihood_feature`)."""
+        return hasattr(self, "likelihood_scale")
+
+    def with_likelihood(
+        self, logits: torch.Tensor, hidden_states: torch.Tensor, input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None, likelihood_tokens: torch.BoolTensor | None = None,
+        predecessors: torch.LongTensor | None = None, score_positions: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """`logits` plus, with the likelihood feature, `likelihood_scale` of each score's answer log-likelihood
+        (see `VLMForRewardModeling.forward` for `likelihood_tokens` and `predecessors`)."""
+        if not self.likelihood_feature:
+            return logits
+        if likelihood_tokens is None:
+            if input_ids is None or (attention_mask is not None and attention_mask.dim() != 2) or score_positions is not None:
+                raise ValueError(
+                    "the likelihood feature needs input_ids, and likelihood_tokens with predecessors for a 4-D "
+                    "attention mask or score_positions (align.reward.pack_reward_pairs gives them)"
+                )
+            likelihood_tokens = answer_tokens(input_ids, attention_mask, self.config.answer_start_ids)[..., None]
+            predecessors = previous_columns(input_ids)
+        likelihood = self.log_likelihood(hidden_states, input_ids, likelihood_tokens, predecessors)
+        return logits + self.likelihood_scale(likelihood.unsqueeze(-1).to(self.likelihood_scale.weight.dtype)).squeeze(-1)
+
+    def log_likelihood(
+        self, hidden_states: torch.Tensor, input_ids: torch.LongTensor, tokens: torch.BoolTensor,
+        predecessors: torch.LongTensor,
+    ) -> torch.Tensor:
+        """`[batch, k]` float32: for each of the k scores, the summed log-probability of its `tokens`
+        (`[batch, length, k]`), each predicted by the LM head from the hidden state at `predecessors`. The head runs
+        only at the positions that predict a counted token (the text, not the visual tokens or the padding)."""
+        rows, columns = tokens.any(-1).nonzero(as_tuple=True)
+        sources = hidden_states[rows, predecessors.to(hidden_states.device)[rows, columns]]
+        log_probs = self.lm_head(sources.to(self.lm_head.weight.dtype)).float().log_softmax(-1)
+        picked = log_probs.gather(-1, input_ids[rows, columns, None].to(log_probs.device)).squeeze(-1)
+        weights = tokens[rows, columns].to(device=picked.device, dtype=picked.dtype)
+        total = torch.zeros(tokens.shape[0], tokens.shape[-1], dtype=picked.dtype, device=picked.device)
+        return total.index_add(0, rows.to(picked.device), picked[:, None] * weights)
+
     def score_last_token(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """`score` of each row's last real token (the rightmost 1 of `attention_mask`; without one, the last
         position): `[batch, 1]`."""
@@ -99,22 +154,8 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
         self.num_labels = 1
         self.model = backbone if backbone is not None else VLMModel(config)
         self.score = nn.Linear(config.text_config.hidden_size, 1, bias=False)
-        if getattr(config, "likelihood_feature", False):
-            if not getattr(config, "answer_start_ids", None):
-                raise ValueError("likelihood_feature needs config.answer_start_ids (the tokens opening the answer turn)")
-            text_config = config.text_config
-            self.lm_head = lm_head if lm_head is not None else nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
-            self.likelihood_scale = nn.Linear(1, 1, bias=False)
-            # Tied as in `VLMForConditionalGeneration` (wherever this LLM keeps its input embeddings).
-            embeddings = self.model.language_model.get_input_embeddings()
-            embed_name = next(name for name, module in self.model.language_model.named_modules() if module is embeddings)
-            self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embed_name}.weight"}
+        self.keep_lm_head(config, lm_head)
         self.post_init()
-
-    @property
-    def likelihood_feature(self) -> bool:
-        """Whether the reward counts the conversation's log-likelihood (`config.likelihood_feature`)."""
-        return hasattr(self, "likelihood_scale")
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -142,7 +183,7 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
                 whose `.model` is shared, not copied (its weights are the reward model's).
             likelihood: keep the LM head and add the answer's log-likelihood to the reward
                 (`config.likelihood_feature`, see the module docstring).
-            answer_start_ids: with `likelihood`, the token ids that open the assistant's turn in a rendered
+            answer_start_ids: with `likelihood`, the token ids that precede the answer in a rendered
                 conversation (`config.answer_start_ids`; `align.reward.answer_start_ids` reads them off a processor).
             **kwargs: `from_pretrained` options for a folder (`dtype`, `quantization_config`, `attn_implementation`,
                 ...); none for a model instance.
@@ -236,17 +277,9 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
             logits = self.score(hidden[rows, score_positions.to(hidden.device)].to(self.score.weight.dtype)).squeeze(-1)
         else:
             logits = self.score_last_token(outputs.last_hidden_state, attention_mask)
-        if self.likelihood_feature:
-            if likelihood_tokens is None:
-                if input_ids is None or (attention_mask is not None and attention_mask.dim() != 2) or score_positions is not None:
-                    raise ValueError(
-                        "the likelihood feature needs input_ids, and likelihood_tokens with predecessors for a 4-D "
-                        "attention mask or score_positions (align.reward.pack_reward_pairs gives them)"
-                    )
-                likelihood_tokens = answer_tokens(input_ids, attention_mask, self.config.answer_start_ids)[..., None]
-                predecessors = previous_columns(input_ids)
-            likelihood = self.log_likelihood(outputs.last_hidden_state, input_ids, likelihood_tokens, predecessors)
-            logits = logits + self.likelihood_scale(likelihood.unsqueeze(-1)).squeeze(-1)
+        logits = self.with_likelihood(
+            logits, outputs.last_hidden_state, input_ids, attention_mask, likelihood_tokens, predecessors, score_positions
+        )
 
         loss = None
         if labels is not None:
@@ -261,27 +294,11 @@ class VLMForRewardModeling(ScalarHead, VLMPreTrainedModel):
         )
 
 
-    def log_likelihood(
-        self, hidden_states: torch.Tensor, input_ids: torch.LongTensor, tokens: torch.BoolTensor,
-        predecessors: torch.LongTensor,
-    ) -> torch.Tensor:
-        """`[batch, k]` float32: for each of the k scores, the summed log-probability of its `tokens`
-        (`[batch, length, k]`), each predicted by the LM head from the hidden state at `predecessors`. The head runs
-        only at the positions that predict a counted token (the text, not the visual tokens or the padding)."""
-        rows, columns = tokens.any(-1).nonzero(as_tuple=True)
-        sources = hidden_states[rows, predecessors.to(hidden_states.device)[rows, columns]]
-        log_probs = self.lm_head(sources.to(self.lm_head.weight.dtype)).float().log_softmax(-1)
-        picked = log_probs.gather(-1, input_ids[rows, columns, None].to(log_probs.device)).squeeze(-1)
-        weights = tokens[rows, columns].to(device=picked.device, dtype=picked.dtype)
-        total = torch.zeros(tokens.shape[0], tokens.shape[-1], dtype=picked.dtype, device=picked.device)
-        return total.index_add(0, rows.to(picked.device), picked[:, None] * weights)
-
-
 def answer_tokens(
     input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, answer_start_ids: Sequence[int]
 ) -> torch.BoolTensor:
-    """`[batch, length]`: the real tokens after the last occurrence of `answer_start_ids` (the tokens that open the
-    assistant's turn, `config.answer_start_ids`) in each row: the answer, each predicted from the column before it.
+    """`[batch, length]`: the real tokens after the last occurrence of `answer_start_ids` (the tokens that precede
+    the answer, `config.answer_start_ids`) in each row: the answer, each predicted from the column before it.
 
     Raises:
         ValueError: a row holds no `answer_start_ids` (not a rendered conversation with an answer turn).
@@ -296,8 +313,8 @@ def answer_tokens(
     if not found.any(-1).all():
         missing = (~found.any(-1)).nonzero().flatten().tolist()
         raise ValueError(
-            f"rows {missing} hold no answer_start_ids {list(answer_start_ids)} (the tokens opening the assistant's "
-            "turn): the likelihood feature scores rendered conversations with an answer"
+            f"rows {missing} hold no answer_start_ids {list(answer_start_ids)} (the tokens that precede the answer): "
+            "the likelihood feature scores rendered conversations with an answer"
         )
     positions = torch.arange(found.shape[1], device=input_ids.device)
     first_answer = (positions * found).argmax(-1) + len(start)  # after the last occurrence
@@ -316,6 +333,7 @@ class ImageTextForRewardModeling(ScalarHead, PreTrainedModel):
     Args:
         config: the stock VLM's config; `num_labels` is set to 1 and `architectures` to this class.
         backbone: an existing base model to wrap without copying (a loaded VLM's `.model`, see `from_vlm`).
+        lm_head: with `config.likelihood_feature`, an existing LM head to share (the VLM's, see `from_vlm`).
     """
 
     config_class = PretrainedConfig
@@ -323,9 +341,9 @@ class ImageTextForRewardModeling(ScalarHead, PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
-    _keys_to_ignore_on_load_missing = [r"^score\."]
+    _keys_to_ignore_on_load_missing = [r"^score\.", r"^likelihood_scale\."]
 
-    def __init__(self, config: PretrainedConfig, backbone: nn.Module | None = None):
+    def __init__(self, config: PretrainedConfig, backbone: nn.Module | None = None, lm_head: nn.Module | None = None):
         config.num_labels = 1
         config.architectures = [type(self).__name__]
         super().__init__(config)
@@ -333,17 +351,29 @@ class ImageTextForRewardModeling(ScalarHead, PreTrainedModel):
         self.model = backbone if backbone is not None else AutoModel.from_config(config)
         self._no_split_modules = getattr(self.model, "_no_split_modules", None)
         self.score = nn.Linear(config.get_text_config().hidden_size, 1, bias=False)
+        self.keep_lm_head(config, lm_head)
         self.post_init()
 
     @torch.no_grad()
     def _init_weights(self, module):
         if module is getattr(self, "score", None):
             init.zeros_(module.weight)  # every answer scores 0 before training (see VLMForRewardModeling)
+        if module is getattr(self, "likelihood_scale", None):
+            init.ones_(module.weight)  # the reward starts as the policy's own preference (see VLMForRewardModeling)
 
     @classmethod
-    def from_vlm(cls, vlm: PreTrainedModel) -> ImageTextForRewardModeling:
-        """A reward model on a loaded stock VLM's base model (`vlm.model`, shared, not copied), head at zero."""
-        reward = cls(copy.deepcopy(vlm.config), backbone=vlm.model)
+    def from_vlm(
+        cls, vlm: PreTrainedModel, likelihood: bool = False, answer_start_ids: Sequence[int] | None = None
+    ) -> ImageTextForRewardModeling:
+        """A reward model on a loaded stock VLM's base model (`vlm.model`, shared, not copied), head at zero; with
+        `likelihood`, the VLM's LM head shared too and the answer's log-likelihood added (see the module docstring;
+        `answer_start_ids` from `align.reward.answer_start_ids`)."""
+        if likelihood and not answer_start_ids:
+            raise ValueError("from_vlm(likelihood=True) needs answer_start_ids (align.reward.answer_start_ids)")
+        config = copy.deepcopy(vlm.config)
+        if likelihood:
+            config.likelihood_feature, config.answer_start_ids = True, list(answer_start_ids)
+        reward = cls(config, backbone=vlm.model, lm_head=vlm.get_output_embeddings() if likelihood else None)
         return reward.to(vlm.get_input_embeddings().weight.device)
 
     @classmethod
@@ -355,9 +385,11 @@ class ImageTextForRewardModeling(ScalarHead, PreTrainedModel):
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, labels=None, use_cache=None, **kwargs):
         r"""The stock model's inputs (`pixel_values`, `image_grid_thw`, `pixel_attention_mask`,
-        `cross_attention_mask`, `token_type_ids`, ...); `logits` `[batch, 1]` at each row's last real token."""
+        `cross_attention_mask`, `token_type_ids`, ...); `logits` `[batch, 1]` at each row's last real token, plus the
+        answer's log-likelihood with the likelihood feature."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=bool(use_cache), **kwargs)
         logits = self.score_last_token(outputs.last_hidden_state, attention_mask)
+        logits = self.with_likelihood(logits, outputs.last_hidden_state, input_ids, attention_mask)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)

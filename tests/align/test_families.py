@@ -492,3 +492,38 @@ def test_a_stock_reward_model_whose_weights_do_not_fit_is_refused(stock_vlms, tm
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): model.multi_modal_projector.extra.weight"):
         load_reward_model(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "gemma3"])
+def test_reward_model_likelihood_feature_on_stock_vlms(stock_vlms, tmp_path, name):
+    """The likelihood feature on a stock backbone: the VLM's LM head is kept (tied where the VLM ties it), the
+    untrained reward model scores each answer by the VLM's own log-likelihood of it, and a saved full folder
+    reloads with the feature."""
+    from align.loading import load_run
+    from align.reward import (
+        answer_start_ids,
+        likelihood_scores,
+        load_reward_model,
+        reward_model_from_folder,
+        reward_scores,
+    )
+
+    reward = reward_model_from_folder(stock_vlms[name], likelihood=True).eval()
+    processor = load_processor(stock_vlms[name])
+    assert reward.likelihood_feature and reward.config.answer_start_ids == answer_start_ids(processor)
+    policy, _ = load_run(stock_vlms[name])
+    torch.testing.assert_close(reward.lm_head.weight, policy.get_output_embeddings().weight)
+    world = datasets.load_from_disk(stock_vlms["world"])["validation"]
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}]
+    rows = [{"images": row["images"], "prompt": prompt, "completion": answer}
+            for row in world.select(range(2)) for answer in ("red", "two circles")]
+    expected = likelihood_scores(policy, processor, rows, batch_size=3)
+    assert reward_scores(reward, processor, rows, batch_size=2) == pytest.approx(expected, abs=1e-4)
+    with torch.no_grad():
+        reward.score.weight.normal_()  # a trained-looking head, so the reload is checked on more than the likelihood
+    scores = reward_scores(reward, processor, rows)
+    reward.save_pretrained(tmp_path / "reward")
+    processor.save_pretrained(tmp_path / "reward")
+    loaded, loaded_processor = load_reward_model(tmp_path / "reward")
+    assert loaded.likelihood_feature
+    assert reward_scores(loaded, loaded_processor, rows) == pytest.approx(scores, abs=1e-4)
