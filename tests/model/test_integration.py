@@ -139,8 +139,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_parts, fusion):
         return {name: param.grad.clone() for name, param in vlm.named_parameters() if param.grad is not None}
 
     plain = gradients()
-    vlm.gradient_checkpointing_enable()
-    assert vlm.model.language_model.is_gradient_checkpointing
+    vlm.activation_checkpointing_enable()
+    assert vlm.model.language_model.is_activation_checkpointing
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys()
     assert any(name.startswith("model.vision_towers.0.") for name in plain)

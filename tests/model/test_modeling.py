@@ -366,7 +366,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_parts, tiny_tokeni
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = gradients()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert model.model.language_model.layers[0].gradient_checkpointing
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys() and any("cross_attention" in n for n in plain)
