@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from align.families import known_family
+from align.families import FAMILIES, family_of, known_family
 from align.loading import is_adapter_dir
 from align.metrics import load_metric
-from align.sampling import generate_groups
+from align.sampling import generate_groups, generate_sharing_images, without_peft
 from align.world import CATEGORIES, prompt_rows, verify
 from align.world.verify import normalize
 from model.chat_template import end_of_turn_token
@@ -157,7 +157,8 @@ def _model_device(model) -> torch.device:
 
 @torch.no_grad()
 def generate_answers(
-    model, processor, prompt_rows, batch_size: int = 16, max_new_tokens: int = 32, log_every: int = 10
+    model, processor, prompt_rows, batch_size: int = 16, max_new_tokens: int = 32, log_every: int = 10,
+    share_images: bool = False,
 ) -> list[str]:
     """Greedy answers to conversational prompts with images, in the rows' order.
 
@@ -172,6 +173,10 @@ def generate_answers(
         batch_size: prompts per `generate` call.
         max_new_tokens: answer length limit.
         log_every: log progress every this many batches.
+        share_images: batch the questions of one image together (rows with the same `image_id`) and encode and
+            prefill the image and the prompt up to it once per image (`align.sampling.generate_sharing_images`):
+            the suite's prepend VLMs only, the ordinary way otherwise. Batches then follow the images, not the
+            prompts' lengths.
 
     Returns:
         One answer text per row, without the prompt and without the end-of-turn token.
@@ -181,7 +186,15 @@ def generate_answers(
     tokenizer = _tokenizer(processor)
     prompts = list(prompt_rows["prompt"]) if isinstance(prompt_rows, Dataset) else [r["prompt"] for r in prompt_rows]
     texts = [processor.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    image_ids = _shared_image_ids(model, prompt_rows) if share_images else None
+    if image_ids is not None:
+        # The questions of one image side by side (in the order the images first appear), so a batch holds few images.
+        first_seen = {}
+        for i, image_id in enumerate(image_ids):
+            first_seen.setdefault(image_id, i)
+        order = sorted(range(len(texts)), key=lambda i: first_seen[image_ids[i]])
+    else:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     stop_ids = stop_token_ids(model, processor)
     device = _model_device(model)
     was_training = model.training
@@ -194,11 +207,14 @@ def generate_answers(
         inputs = processor(
             images=images, text=[texts[i] for i in indices], padding=True, padding_side="left", return_tensors="pt"
         ).to(device)
-        output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-            eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-        )
-        completions = output[:, inputs["input_ids"].shape[1] :].cpu()
+        settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1, "use_cache": True,
+                    "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_token_id}
+        if image_ids is not None:
+            groups = torch.tensor([first_seen[image_ids[i]] for i in indices])
+            completions = generate_sharing_images(model, dict(inputs), groups, **settings).cpu()
+        else:
+            output = model.generate(**inputs, **settings)
+            completions = output[:, inputs["input_ids"].shape[1] :].cpu()
         for index, text in zip(indices, decode_completions(tokenizer, completions, stop_ids)):
             answers[index] = text
         if log_every and (number % log_every == 0 or number == batches):
@@ -207,6 +223,22 @@ def generate_answers(
             logger.info("answered %d/%d questions (%.1f per second)", done, len(order), done / max(seconds, 1e-9))
     model.train(was_training)
     return answers
+
+
+def _shared_image_ids(model, prompt_rows) -> list | None:
+    """Each row's `image_id` when `generate_answers` can share its image's prefill (a suite VLM with prepend fusion,
+    rows with an `image_id` and one image each); else None (the ordinary way), logged."""
+    columns = prompt_rows.column_names if isinstance(prompt_rows, Dataset) else list(prompt_rows[0]) if prompt_rows else []
+    if family_of(model) is not FAMILIES["vlm"] or without_peft(model).config.fusion != "prepend" or "image_id" not in columns:
+        logger.info("share_images: needs the suite's prepend VLM and rows with an image_id; answering the ordinary way")
+        return None
+    rows = prompt_rows if isinstance(prompt_rows, Dataset) else None
+    image_ids = list(rows["image_id"]) if rows is not None else [r["image_id"] for r in prompt_rows]
+    images = list(rows["images"]) if rows is not None else [r["images"] for r in prompt_rows]
+    if any(isinstance(item, (list, tuple)) and len(item) != 1 for item in images):
+        logger.info("share_images: a row has more or fewer than one image; answering the ordinary way")
+        return None
+    return image_ids
 
 
 def _images_of(row: dict) -> list:

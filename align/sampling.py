@@ -92,4 +92,77 @@ def generate_groups(model, inputs: dict, num_candidates: int, **generate_kwargs)
     )
 
 
-__all__ = ["encode_images", "generate_groups", "without_peft"]
+@torch.no_grad()
+def generate_sharing_images(model, inputs: dict, groups: torch.Tensor, **generate_kwargs) -> torch.Tensor:
+    """Continuations of a left-padded processor batch whose rows come in groups that share one image and the prompt
+    up to it (several questions about one image): each group's image encoded once and its prefix (the prompt up to
+    the image's last visual token, for a VLM most of the prompt) run through the model once.
+
+    The prefixes are prefilled as a batch of their own, the cache copied to each row of its group
+    (`Cache.batch_select_indices`), and `generate` continues from it with the rows' prompts: each group's prefix
+    followed by the row's own rest (its question and the generation prompt), left-padded there, so the positions
+    `generate` counts from the attention mask are those of the unshared prompt.
+
+    Args:
+        model: a suite VLM with prepend fusion (or a PEFT model around one).
+        inputs: the processor's batch, left-padded, one image per row: `input_ids`, `attention_mask`,
+            `pixel_values`.
+        groups: `[batch]` a group id per row; the rows of a group must have the same image and prefix.
+        generate_kwargs: passed to `generate` (`max_new_tokens`, `eos_token_id`, sampling settings, ...).
+
+    Returns:
+        `[batch, new]` the new tokens of each row (the prompts are not returned: the rows' prompts here are laid out
+        differently from the processor's).
+
+    Raises:
+        ValueError: a row without a visual token, more than one image per row, or rows of a group whose images or
+            prefixes differ.
+    """
+    vlm = without_peft(model)
+    ids, mask, pixels = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    if pixels.shape[0] != ids.shape[0]:
+        raise ValueError(f"one image per row is needed, got {pixels.shape[0]} images for {ids.shape[0]} rows")
+    columns = torch.arange(ids.shape[1], device=ids.device)
+    visual = ids == vlm.config.image_token_id
+    if not visual.any(-1).all():
+        raise ValueError("every row needs a visual token to share the prompt up to it")
+    first = (mask == 0).sum(-1)  # left padding: the first real column
+    end = (columns * visual).argmax(-1) + 1  # after the last visual token
+    _, row_group = torch.unique(groups.to(ids.device), return_inverse=True)
+    order = row_group.tolist()
+    representative = torch.tensor([order.index(g) for g in range(max(order) + 1)], device=ids.device)  # first rows
+    prefixes = [ids[r, first[r] : end[r]] for r in representative.tolist()]
+    for row, group in enumerate(order):
+        if not torch.equal(pixels[row], pixels[representative[group]]):
+            raise ValueError(f"row {row} does not share its group's image (its pixels differ)")
+        if not torch.equal(ids[row, first[row] : end[row]], prefixes[group]):
+            raise ValueError(f"row {row} does not share its group's image prompt (its tokens up to the image differ)")
+    pad = generate_kwargs.get("pad_token_id")
+    pad = 0 if pad is None else pad
+
+    def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        padded = torch.full((len(rows), width), pad, dtype=ids.dtype, device=ids.device)
+        real = torch.zeros((len(rows), width), dtype=mask.dtype, device=ids.device)
+        for i, r in enumerate(rows):
+            padded[i, width - len(r) :] = r
+            real[i, width - len(r) :] = 1
+        return padded, real
+
+    prefix_ids, prefix_mask = left_padded(prefixes)
+    positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
+    prefill = model(
+        input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions,
+        image_features=encode_images(model, pixels[representative]), use_cache=True, logits_to_keep=1,
+    )
+    cache = prefill.cache
+    cache.batch_select_indices(row_group)
+    rest_ids, rest_mask = left_padded([ids[r, end[r] :] for r in range(ids.shape[0])])
+    full_ids = torch.cat([prefix_ids[row_group], rest_ids], dim=1)
+    full_mask = torch.cat([prefix_mask[row_group], rest_mask], dim=1)
+    generate_kwargs["use_cache"] = True
+    output = model.generate(input_ids=full_ids, attention_mask=full_mask, cache=cache, **generate_kwargs)
+    return output[:, full_ids.shape[1] :]
+
+
+__all__ = ["encode_images", "generate_groups", "generate_sharing_images", "without_peft"]

@@ -76,6 +76,12 @@ class EvaluateArguments(RunArguments, DatasetNameArgument):
     dataset_split: str = field(default="test", metadata={"help": "Split of the world / DatasetDict to evaluate on."})
     num_questions: int | None = field(default=None, metadata={"help": "Evaluate the first N questions (default: all)."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generate call (per process)."})
+    share_images: bool = field(
+        default=True,
+        metadata={"help": "Batch the questions of one image together and encode and prefill the image (and the prompt "
+                  "up to it) once per image, not once per question (`align.sampling.generate_sharing_images`; the "
+                  "suite's prepend VLMs, the ordinary way otherwise). The same greedy answers (tested)."},
+    )
     max_new_tokens: int = field(default=32, metadata={"help": "Answer length limit in tokens."})
     base_model_name_or_path: str | None = field(
         default=None,
@@ -159,7 +165,7 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
         if shard:
             answers = generate_answers(
                 model, processor, questions.select(shard), batch_size=script_args.batch_size,
-                max_new_tokens=script_args.max_new_tokens,
+                max_new_tokens=script_args.max_new_tokens, share_images=script_args.share_images,
             )
     predictions = gather_object(answers) if state.num_processes > 1 else answers
     seconds = time.perf_counter() - start

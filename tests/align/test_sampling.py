@@ -22,6 +22,7 @@ def setup(tiny_parts, tmp_path_factory):
         "prepend": tiny_vlm(root / "vlm", tiny_parts["siglip"], tiny_parts["llama"]),
         "cross_attention": tiny_vlm(root / "vlm-cross", tiny_parts["siglip"], tiny_parts["llama"], "cross_attention"),
         "rows": question_rows(world, 6),
+        "questions": question_rows(world),
     }
 
 
@@ -109,3 +110,50 @@ def test_sampled_first_tokens_follow_the_models_distribution(setup):
 
     for name, count in counts.items():
         assert 0.5 * (buckets(count / count.sum()) - buckets(exact)).abs().sum() < 0.12, name
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sharing_images_gives_the_unshared_greedy_answers(setup, lora):
+    """Questions of one image batched together (`generate_sharing_images`): each image encoded once, the same greedy
+    tokens as the ordinary `generate` row by row, and `generate_answers(share_images=True)` the same answers."""
+    from align.evaluation import generate_answers
+    from align.sampling import generate_sharing_images
+
+    model, processor = _model(setup, "prepend", lora)
+    questions = list(setup["questions"])  # in the world's order: an image's questions together
+    first_images = list(dict.fromkeys(r["image_id"] for r in questions))[:2]
+    rows = [r for image in first_images for r in [q for q in questions if q["image_id"] == image][:3]]
+    image_ids = [r["image_id"] for r in rows]
+    assert len(set(image_ids)) == 2 and len(rows) == 6
+    inputs = _inputs(processor, rows)
+    groups = torch.tensor([sorted(set(image_ids)).index(i) for i in image_ids])
+    tower = (model.get_base_model() if lora else model).model.vision_towers[0]
+    encoded = []
+    hook = tower.register_forward_hook(lambda module, args, output: encoded.append(args[0].shape[0]))
+    try:
+        shared = generate_sharing_images(model, dict(inputs), groups, **_settings(processor, do_sample=False))
+    finally:
+        hook.remove()
+    assert encoded == [len(set(image_ids))]  # once per image, not once per question
+    expected = model.generate(**inputs, use_cache=True, **_settings(processor, do_sample=False))
+    expected = expected[:, inputs["input_ids"].shape[1] :]
+    assert shared.shape == expected.shape
+    for row in range(len(rows)):  # the same tokens up to the end of each answer (rows pad differently after it)
+        stop = (expected[row] == processor.tokenizer.eos_token_id).nonzero()
+        end = int(stop[0]) + 1 if len(stop) else expected.shape[1]
+        assert torch.equal(shared[row, :end], expected[row, :end]), row
+    plain = generate_answers(model, processor, rows, batch_size=4, max_new_tokens=6, log_every=0)
+    assert generate_answers(model, processor, rows, batch_size=4, max_new_tokens=6, log_every=0, share_images=True) == plain
+
+    # Rows said to share an image that they do not share are refused.
+    with pytest.raises(ValueError, match="does not share its group's image"):
+        generate_sharing_images(model, dict(inputs), torch.zeros(len(rows), dtype=torch.long), **_settings(processor))
+
+
+def test_sharing_images_falls_back_for_cross_attention(setup):
+    from align.evaluation import generate_answers
+
+    model, processor = _model(setup, "cross_attention", False)
+    rows = list(setup["rows"])
+    plain = generate_answers(model, processor, rows, batch_size=4, max_new_tokens=6, log_every=0)
+    assert generate_answers(model, processor, rows, batch_size=4, max_new_tokens=6, log_every=0, share_images=True) == plain
