@@ -131,7 +131,7 @@ SMOKE = {
 # what a gate can see. At 1200 (some 330 count and 160 spatial questions) the rounds' count gain read +2.4 ± 1.3 and
 # spatial +3.7 ± 2.1; the same runs on 3000 read count +2.3 ± 0.9 and spatial -0.2 ± 1.6 (README: what make demo
 # measures): 1200 could neither confirm the one nor rule out the other. The other evaluations (the base, the other
-# seed's world, the students) read EVAL_QUESTIONS. 13-19 s an evaluation of 1200 on one thread, about 40 s of 3000.
+# seed's world, the students) read EVAL_QUESTIONS. About 10 s an evaluation of 1200 on one thread, 20 s of 3000.
 EVAL_QUESTIONS = 1200
 PAIRED_QUESTIONS = 3000
 SMOKE_QUESTIONS = 16  # held-out questions per evaluation under --smoke (unless --eval_questions says otherwise)
