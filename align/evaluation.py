@@ -209,7 +209,7 @@ def generate_answers(
         ).to(device)
         settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1, "use_cache": True,
                     "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_token_id}
-        if image_ids is not None:
+        if image_ids is not None and all(len(row_images) == 1 for row_images in images):
             groups = torch.tensor([first_seen[image_ids[i]] for i in indices])
             completions = generate_sharing_images(model, dict(inputs), groups, **settings).cpu()
         else:
@@ -227,18 +227,13 @@ def generate_answers(
 
 def _shared_image_ids(model, prompt_rows) -> list | None:
     """Each row's `image_id` when `generate_answers` can share its image's prefill (a suite VLM with prepend fusion,
-    rows with an `image_id` and one image each); else None (the ordinary way), logged."""
+    rows with an `image_id`); else None (the ordinary way), logged. A batch whose rows do not hold one image each
+    takes the ordinary way on its own (its images are only read batch by batch)."""
     columns = prompt_rows.column_names if isinstance(prompt_rows, Dataset) else list(prompt_rows[0]) if prompt_rows else []
     if family_of(model) is not FAMILIES["vlm"] or without_peft(model).config.fusion != "prepend" or "image_id" not in columns:
         logger.info("share_images: needs the suite's prepend VLM and rows with an image_id; answering the ordinary way")
         return None
-    rows = prompt_rows if isinstance(prompt_rows, Dataset) else None
-    image_ids = list(rows["image_id"]) if rows is not None else [r["image_id"] for r in prompt_rows]
-    images = list(rows["images"]) if rows is not None else [r["images"] for r in prompt_rows]
-    if any(isinstance(item, (list, tuple)) and len(item) != 1 for item in images):
-        logger.info("share_images: a row has more or fewer than one image; answering the ordinary way")
-        return None
-    return image_ids
+    return list(prompt_rows["image_id"]) if isinstance(prompt_rows, Dataset) else [r["image_id"] for r in prompt_rows]
 
 
 def _images_of(row: dict) -> list:
