@@ -11,7 +11,7 @@ with the shipped `caption_match` metric against the scene graphs, plus BLEU / RO
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import datasets
 import torch
@@ -58,6 +58,7 @@ def load_training_pairs(
     questions: Sequence[str] = (),
     question_turns: int = 4,
     seed: int = 0,
+    question_repeats: Mapping[str, int] | None = None,
 ) -> Dataset:
     """The image-caption rows of adapter pretraining: the world's captions of `split` by default, or any dataset in
     TRL's internal format (`images` + `messages`) saved with `save_to_disk` at `dataset_path` (a `Dataset`, or a
@@ -68,15 +69,27 @@ def load_training_pairs(
     With `questions` (world categories, e.g. `CATEGORIES`), the world's captions come with every question of those
     categories about the same images (`align.world.question_rows`, conversations of up to `question_turns` turns),
     shuffled with `seed`: grounded pretraining, where the LLM trains too and learns to answer from the visual tokens
-    (a second stage after adapter pretraining, as Llama 3.2's annealing on grounded data)."""
+    (a second stage after adapter pretraining, as Llama 3.2's annealing on grounded data). `question_repeats` weighs
+    the mixture: {"spatial": 4} asks every spatial question four times, once among its image's other questions and
+    three times more in conversations of that category alone (a curated annealing mixture, upweighting what lags)."""
+    repeats = dict(question_repeats or {})
+    for category, times in repeats.items():
+        if category not in questions:
+            raise ValueError(f"question_repeats names {category!r}, which is not among the questions {list(questions)}")
+        if times < 1:
+            raise ValueError(f"question_repeats for {category!r} must be at least 1, got {times}")
     if dataset_path is None:
         world = open_world(world_path, split, hint="give world_path")
         captions = caption_training_rows(world, style=style, limit=limit)
         if not questions:
             return captions
         images = world if limit is None else world.select(range(min(limit, len(world))))
-        answered = question_rows(images, categories=questions, max_turns=question_turns)
-        return datasets.concatenate_datasets([captions, answered.select_columns(["images", "messages"])]).shuffle(seed=seed)
+        answered = [question_rows(images, categories=questions, max_turns=question_turns)]
+        for category, times in repeats.items():
+            if times > 1:
+                answered += [question_rows(images, categories=[category], max_turns=question_turns)] * (times - 1)
+        answered = [rows.select_columns(["images", "messages"]) for rows in answered]
+        return datasets.concatenate_datasets([captions, *answered]).shuffle(seed=seed)
     if questions:
         raise ValueError("questions are drawn from the shapes world: give no dataset_path with them")
     if os.path.isfile(dataset_path):

@@ -81,6 +81,12 @@ class PretrainScriptArguments(RunArguments):
                   "Empty: captions only.", "nargs": "*"},
     )
     question_turns: int = field(default=4, metadata={"help": "Question-answer turns per conversation of world_questions."})
+    question_repeats: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Weigh the world_questions mixture, as `category=N`: each question of the category is asked N "
+                  "times (once among its image's other questions, N-1 times in conversations of that category "
+                  "alone). E.g. `spatial=4`.", "nargs": "*"},
+    )
     eval_captions: int = field(
         default=0,
         metadata={"help": "Caption this many held-out world images before and after training and write the "
@@ -120,5 +126,21 @@ class PretrainScriptArguments(RunArguments):
             raise ValueError("world_questions come from the shapes world: leave dataset_path unset to use them")
         if self.question_turns < 1:
             raise ValueError(f"question_turns must be >= 1, got {self.question_turns}")
+        self.question_repeat_counts()  # a malformed or unknown entry is refused here, before any work
         if self.eval_captions < 0:
             raise ValueError(f"eval_captions must be >= 0 (0 skips the evaluation), got {self.eval_captions}")
+
+    def question_repeat_counts(self) -> dict[str, int]:
+        """`question_repeats` as {category: times}; raises ValueError naming a malformed or unknown entry."""
+        counts = {}
+        for entry in self.question_repeats:
+            category, sep, times = entry.partition("=")
+            if not sep or not times.strip().isdigit():
+                raise ValueError(f"question_repeats entries are category=N (e.g. spatial=4), got {entry!r}")
+            if category not in self.world_questions:
+                raise ValueError(f"question_repeats names {category!r}, which is not among world_questions "
+                                 f"{self.world_questions}")
+            if int(times) < 1:
+                raise ValueError(f"question_repeats for {category!r} must be at least 1, got {entry!r}")
+            counts[category] = int(times)
+        return counts

@@ -46,6 +46,39 @@ def test_training_pairs_are_caption_requests_answered_by_the_caption(world):
         caption_training_rows(built["train"], style="poetic")
 
 
+def test_question_repeats_weigh_a_category_of_the_mixture(world):
+    """`question_repeats` asks each question of a category N times: once among its image's other questions, N-1 times
+    in conversations of that category alone; the other categories and the captions keep their counts."""
+    import json
+
+    from align.world import question_rows
+
+    path, built = world
+
+    def answered(rows):
+        counts = {}
+        for messages in rows["messages"]:
+            for turn in messages:
+                if turn["role"] == "user":
+                    text = next(c["text"] for c in turn["content"] if c["type"] == "text")
+                    counts[text] = counts.get(text, 0) + 1
+        return counts
+
+    plain = load_training_pairs(world_path=path, style="detailed", questions=["color", "count"], question_turns=12)
+    heavy = load_training_pairs(world_path=path, style="detailed", questions=["color", "count"], question_turns=12,
+                                question_repeats={"count": 3})
+    extra = len(question_rows(built["train"], categories=["count"], max_turns=12))
+    assert extra > 0 and len(heavy) == len(plain) + 2 * extra
+    counts, before = answered(heavy), answered(plain)
+    categories = {r["question"]: r["category"] for q in built["train"]["questions"] for r in json.loads(q)}
+    for text, times in before.items():
+        assert counts[text] == times * (3 if categories.get(text) == "count" else 1), text
+    with pytest.raises(ValueError, match="'spatial', which is not among the questions"):
+        load_training_pairs(world_path=path, questions=["color"], question_repeats={"spatial": 2})
+    with pytest.raises(ValueError, match="at least 1"):
+        load_training_pairs(world_path=path, questions=["color"], question_repeats={"color": 0})
+
+
 def test_a_dataset_path_must_be_in_trl_format(tmp_path):
     Dataset.from_dict({"text": ["a red circle"]}).save_to_disk(str(tmp_path / "text"))
     with pytest.raises(ValueError, match=r"lacks \['images', 'messages'\]"):
