@@ -19,7 +19,15 @@ from align.paths import SHIPPED_PARTS, default_cache_dir
 from align.pipeline import RECIPES, Step, run_step
 from align.world import WorldConfig, build_world
 from align.zoo.documents import lm_documents, object_patch_labels, patch_position_labels, tokenizer_documents
-from align.zoo.manifest import Part, code_fingerprint, settings_fingerprint, ship
+from align.zoo.manifest import (
+    MANIFEST,
+    Part,
+    code_fingerprint,
+    file_checksums,
+    read_manifest,
+    settings_fingerprint,
+    ship,
+)
 from align.zoo.parts import (
     LlamaPartConfig,
     SiglipPartConfig,
@@ -112,6 +120,12 @@ class ZooConfig:
     base_eval_questions: int = field(
         default=600, metadata={"help": "Held-out test questions the base VLM's quality figures are measured on."}
     )
+    base_continue: bool = field(
+        default=False,
+        metadata={"help": "Build the base VLM from the shipped one, running only the pretraining runs of BASE_STAGES it "
+                  "has not been through (maintainers, after appending a run): refused unless the shipped base is "
+                  "what the first runs build with this code and these settings, so the result is the whole build's."},
+    )
     force: bool = field(
         default=False, metadata={"help": "Train every part here, even where a built or a shipped one matches."}
     )
@@ -203,11 +217,16 @@ def _base_overrides(cfg: ZooConfig) -> list[dict]:
     return overrides
 
 
+def _base_fingerprint(cfg: ZooConfig, siglip: Part, llama: Part, stages: int = len(BASE_STAGES)) -> str:
+    """The base VLM's fingerprint; with `stages`, that of a base built by the first `stages` runs of `BASE_STAGES`."""
+    configs = [yaml.safe_load(path.read_text()) for _, path in BASE_STAGES[:stages]]
+    overrides = [{k: v for k, v in o.items() if k not in ("vision", "text", "world_path")}
+                 for o in _base_overrides(cfg)[:stages]]
+    return settings_fingerprint(siglip.fingerprint, llama.fingerprint, configs, overrides, code_fingerprint(*BASE_CODE))
+
+
 def _base_part(cfg: ZooConfig, siglip: Part, llama: Part) -> Part:
-    configs = [yaml.safe_load(path.read_text()) for _, path in BASE_STAGES]
-    overrides = [{k: v for k, v in o.items() if k not in ("vision", "text", "world_path")} for o in _base_overrides(cfg)]
-    fingerprint = settings_fingerprint(siglip.fingerprint, llama.fingerprint, configs, overrides, code_fingerprint(*BASE_CODE))
-    return Part(cfg.root, "base", fingerprint, cfg.force)
+    return Part(cfg.root, "base", _base_fingerprint(cfg, siglip, llama), cfg.force)
 
 
 def _build_siglip(cfg: ZooConfig, part: Part, world: datasets.DatasetDict, tokenizer) -> None:
@@ -274,14 +293,46 @@ def _build_llama(cfg: ZooConfig, part: Part, world: datasets.DatasetDict, tokeni
     part.finish(quality)
 
 
-def _build_base(cfg: ZooConfig, part: Part) -> None:
+def _shipped_prefix(cfg: ZooConfig, siglip: Part, llama: Part) -> tuple[Path, dict, str]:
+    """For `base_continue`: the shipped base, the runs it went through (`{name: steps}`, the first of `BASE_STAGES`)
+    and its fingerprint, checked to be the one those runs have with this code, these settings and these parts."""
+    shipped = SHIPPED_PARTS / "base"
+    manifest = read_manifest(shipped)
+    if manifest is None:
+        raise ValueError(f"base_continue: no shipped base part in {shipped} to continue")
+    done = dict(manifest["quality"]["steps"])
+    names = [name for name, _ in BASE_STAGES]
+    if list(done) != names[: len(done)] or len(done) >= len(names):
+        raise ValueError(f"base_continue: the shipped base went through the runs {list(done)}, which are not the first "
+                         f"runs of BASE_STAGES {names} with some left to run")
+    prefix = _base_fingerprint(cfg, siglip, llama, stages=len(done))
+    if manifest["fingerprint"] != prefix:
+        raise ValueError(f"base_continue: the shipped base (fingerprint {manifest['fingerprint']}) was not built by the "
+                         f"runs {list(done)} with this code, these settings and these parts (fingerprint {prefix}): "
+                         "build the whole base instead (leave base_continue off)")
+    found = file_checksums(shipped)
+    if any(found.get(path) != checksum for path, checksum in manifest["files"].items()):
+        raise ValueError(f"base_continue: the shipped base's files do not match their checksums in {shipped / MANIFEST}")
+    return shipped, done, prefix
+
+
+def _build_base(cfg: ZooConfig, part: Part, siglip: Part | None = None, llama: Part | None = None) -> None:
     """The base VLM: `recipes/pretrain.py` with each config of `BASE_STAGES`, each run from the previous one's output
     and in a process of its own as a user runs them; then `recipes/evaluate.py` on held-out questions. The runs'
-    folders (`base.work/`) are kept until the part is whole, so a killed build continues with the unfinished run."""
+    folders (`base.work/`) are kept until the part is whole, so a killed build continues with the unfinished run.
+
+    With `cfg.base_continue` the runs the shipped base went through are not run again: the later runs start from
+    the shipped base, which the same code, settings and parts built (`_shipped_prefix`), so the part is the one the
+    whole build makes (on the library versions and thread count of the shipped build); its manifest says so."""
     out = part.start()
     work = cfg.root / "base.work"
-    previous, steps = None, {}
+    previous, steps, continued = None, {}, None
+    if cfg.base_continue:
+        previous, steps, continued = _shipped_prefix(cfg, siglip, llama)
+        logger.info("continuing the shipped base (runs %s, fingerprint %s)", ", ".join(steps), continued)
     for (name, config), overrides in zip(BASE_STAGES, _base_overrides(cfg)):
+        if name in steps:
+            continue
         if previous is not None:
             overrides["model_name_or_path"] = previous
         metrics = run_step(Step(name, "pretrain.py", config, {**overrides, "feature_cache_dir": work / "features"}),
@@ -298,6 +349,8 @@ def _build_base(cfg: ZooConfig, part: Part) -> None:
         **{key: value for key, value in evaluation.items() if key.startswith(("accuracy_", "total_"))},
         "text_perplexity": evaluation.get("text_vlm_perplexity"), "base_llm_perplexity": evaluation.get("text_base_perplexity"),
     }
+    if continued is not None:
+        quality["continued_from"] = continued
     part.finish(quality)
     shutil.rmtree(work, ignore_errors=True)
 
@@ -361,7 +414,7 @@ def build_zoo(cfg: ZooConfig) -> dict:
         base_part = _base_part(cfg, siglip_part, llama_part)
         if not base_part.valid:
             logger.info("pretraining the base VLM (stage 1, then grounded pretraining)")
-            _build_base(cfg, base_part)
+            _build_base(cfg, base_part, siglip_part, llama_part)
         report["base"] = base_part.manifest
 
     (root / "quality.json").write_text(json.dumps(report, indent=2))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from align.zoo import BASE_STAGES, ZooConfig, build_zoo, file_checksums, format_quality
+from align.zoo import BASE_STAGES, ZooConfig, build_zoo, file_checksums, format_quality, read_manifest
 from tests.align.training_helpers import REPO, kill_when
 
 TINY = dict(
@@ -281,6 +281,38 @@ def test_shipped_parts_are_installed_instead_of_trained(based, tmp_path, monkeyp
     # Other settings than the shipped ones: the part is trained here.
     other = replace(cfg, cache_dir=str(tmp_path / "other"), llama_steps=3, base=False)
     assert build_zoo(other)["llama"]["fingerprint"] != report["llama"]["fingerprint"]
+
+
+def test_base_continue_runs_only_the_appended_runs_and_builds_the_whole_builds_part(based, tmp_path, monkeypatch):
+    """A shipped base built by the first runs of BASE_STAGES, continued through the rest (`base_continue`), is the
+    part the whole build makes, to the bit; a shipped base from other settings is refused, naming why."""
+    import align.zoo.build as build_module
+    import align.zoo.manifest as manifest_module
+
+    cfg, report = based
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(manifest_module, "SHIPPED_PARTS", shipped)
+    monkeypatch.setattr(build_module, "SHIPPED_PARTS", shipped)
+    with monkeypatch.context() as patch:  # the base as shipped before its last run was appended
+        patch.setattr(build_module, "BASE_STAGES", BASE_STAGES[:-1])
+        first = replace(cfg, cache_dir=str(tmp_path / "first"), base_steps=[2] * (len(BASE_STAGES) - 1))
+        build_zoo(first)
+        manifest_module.ship(first.root)
+    runs = []
+    real_run_step = build_module.run_step
+    monkeypatch.setattr(build_module, "run_step", lambda step, *a, **k: runs.append(step.name) or real_run_step(step, *a, **k))
+    continued = replace(cfg, cache_dir=str(tmp_path / "continued"), base_continue=True)
+    quality = build_zoo(continued)["base"]
+    assert runs == [BASE_STAGES[-1][0], "eval"]
+    assert quality["fingerprint"] == report["base"]["fingerprint"]
+    assert quality["quality"]["steps"] == report["base"]["quality"]["steps"]
+    assert quality["quality"]["continued_from"] == read_manifest(shipped / "base")["fingerprint"]
+    weights = "model.safetensors"
+    assert file_checksums(continued.root / "base")[weights] == file_checksums(cfg.root / "base")[weights]
+    # A shipped base that other settings built is not continued.
+    other = replace(cfg, cache_dir=str(tmp_path / "other"), base_continue=True, base_steps=[3] * len(BASE_STAGES))
+    with pytest.raises(ValueError, match="was not built by the runs"):
+        build_zoo(other)
 
 
 def test_shipped_parts_match_this_code_and_settings():
