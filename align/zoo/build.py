@@ -59,6 +59,7 @@ BASE_STAGES = (
     ("stage1", RECIPES / "configs" / "tiny" / "pretrain.yaml"),
     ("grounded", RECIPES / "configs" / "tiny" / "pretrain_grounded.yaml"),
     ("anneal", RECIPES / "configs" / "tiny" / "pretrain_anneal.yaml"),
+    ("spatial", RECIPES / "configs" / "tiny" / "pretrain_spatial.yaml"),
 )
 
 

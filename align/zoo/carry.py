@@ -32,16 +32,16 @@ from pathlib import Path
 
 from align.paths import SHIPPED_PARTS
 from align.runs import atomic_write_text
-from align.zoo.build import ZooConfig, build_zoo, part_fingerprints
+from align.zoo.build import BASE_STAGES, ZooConfig, build_zoo, part_fingerprints
 from align.zoo.manifest import MANIFEST, SHIPPED, build_environment, read_manifest, settings_only
 
 logger = logging.getLogger(__name__)
 
 CHECK_FILE = "carry_check.json"
-# The check build: every part, the base VLM's three pretraining runs two steps each.
+# The check build: every part, each of the base VLM's pretraining runs two steps.
 CHECK = dict(
     train_images=64, validation_images=8, test_images=100, vocab_size=400, siglip_steps=2, llama_steps=2,
-    llama_layers=4, llama_hidden_size=32, base=True, base_steps=[2, 2, 2], base_eval_questions=8,
+    llama_layers=4, llama_hidden_size=32, base=True, base_steps=[2] * len(BASE_STAGES), base_eval_questions=8,
 )
 # A build's records of how it ran (timings, its folders, resolved configs, manifests) and the datasets library's
 # map caches (named by a hash of the mapping function's code): not what the parts are.
