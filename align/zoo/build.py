@@ -414,7 +414,7 @@ def build_zoo(cfg: ZooConfig) -> dict:
     if cfg.base:
         base_part = _base_part(cfg, siglip_part, llama_part)
         if not base_part.valid:
-            logger.info("pretraining the base VLM (stage 1, then grounded pretraining)")
+            logger.info("pretraining the base VLM (%s)", ", then ".join(name for name, _ in BASE_STAGES))
             _build_base(cfg, base_part, siglip_part, llama_part)
         report["base"] = base_part.manifest
 
