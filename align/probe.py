@@ -107,13 +107,20 @@ def multi_object_rows(world: datasets.Dataset, limit: int | None, attribute: str
 SPATIAL_VALUES = ("yes", "no")
 
 
-def spatial_rows(world: datasets.Dataset, limit: int | None) -> list[dict]:
+SPATIAL_KINDS = {"all": ("yes_no", "choice"), "yes_no": ("yes_no",), "choice": ("choice",)}
+
+
+def spatial_rows(world: datasets.Dataset, limit: int | None, kind: str = "all") -> list[dict]:
     """The world's spatial questions of a split, one row per question (at most `limit`): `image`, `question`,
-    `answer` and `values`, the closed answer set (yes/no, or the two objects a choice question names)."""
+    `answer` and `values`, the closed answer set (yes/no, or the two objects a choice question names).
+    `kind` keeps one form only: "yes_no" ("Is the red circle left of the blue square?") or "choice" ("Which is
+    further left, the red circle or the blue square?")."""
+    if kind not in SPATIAL_KINDS:
+        raise ValueError(f"kind must be one of {list(SPATIAL_KINDS)}, got {kind!r}")
     rows = []
     for row in world:
         for record in json.loads(row["questions"]):
-            if record["category"] != "spatial":
+            if record["category"] != "spatial" or record["answer_type"] not in SPATIAL_KINDS[kind]:
                 continue
             values = tuple(record["choices"]) if record["answer_type"] == "choice" else SPATIAL_VALUES
             rows.append({"image": row["images"][0], "question": record["question"], "answer": record["answer"],
@@ -642,6 +649,9 @@ def main(argv=None) -> dict:
                          help="Ask about the object of single-object images, about an object named by a unique "
                          "attribute in scenes of two or more (multi_object_rows), or the world's spatial questions "
                          "(spatial_rows; --attribute is then unused and --images counts questions).")
+    readout.add_argument("--spatial_kind", choices=tuple(SPATIAL_KINDS), default="all",
+                         help="With --scenes spatial: every spatial question, or only the yes/no ones or only the "
+                         "choice ones (which of two named objects is further left, higher, ...).")
     readout.add_argument("--token_positions", choices=("none", "sincos"), default="none",
                          help="Add fixed 2-D sine-cosine codes of each visual token's row and column to the projected "
                          "tokens (add_token_positions).")
@@ -658,6 +668,8 @@ def main(argv=None) -> dict:
         parser.error(f"--llm_lr needs --readout and a positive value, got {args.llm_lr}")
     if args.readout and (args.llm or args.encoder or args.load_in_4bit):
         parser.error("--readout trains a full VLM's adapters: give --model a VLM folder (not --llm or --encoder, no --load_in_4bit)")
+    if args.spatial_kind != "all" and args.scenes != "spatial":
+        parser.error("--spatial_kind picks among spatial questions: it needs --scenes spatial")
     if (args.scenes != "single" or args.token_positions != "none") and not args.readout:
         parser.error("--scenes multi/spatial and --token_positions are read-out probe settings (with --readout)")
     for name in ("steps", "eval_every", "batch_size"):
@@ -690,7 +702,7 @@ def main(argv=None) -> dict:
     model, processor = load_run(args.model, quantization_config=quantization)
     attribute = "spatial" if args.scenes == "spatial" else args.attribute
     if args.scenes == "spatial":
-        rows = spatial_rows(world[split], args.images or 1000)
+        rows = spatial_rows(world[split], args.images or 1000, args.spatial_kind)
     elif args.scenes == "multi":
         rows = multi_object_rows(world[split], args.images or 1000, args.attribute)
     else:

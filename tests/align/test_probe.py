@@ -428,6 +428,11 @@ def test_spatial_rows_are_the_worlds_spatial_questions_with_their_closed_sets(se
         assert row["answer"] in row["values"] and len(row["values"]) == 2
         assert row["values"] == (("yes", "no") if record["answer_type"] == "yes_no" else tuple(record["choices"]))
     assert {len(r["values"]) for r in rows} == {2} and len(spatial_rows(world, 3)) == 3
+    yes_no, choice = spatial_rows(world, None, "yes_no"), spatial_rows(world, None, "choice")
+    assert yes_no and choice and len(yes_no) + len(choice) == len(rows)
+    assert {r["values"] for r in yes_no} == {("yes", "no")} and all(r["values"] != ("yes", "no") for r in choice)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        spatial_rows(world, None, "both")
 
 
 def test_sincos_grid_positions_code_row_and_column_apart():
