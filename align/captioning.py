@@ -21,7 +21,7 @@ from align.data import load_dataset_local
 from align.data.world import open_world
 from align.evaluation import generate_answers
 from align.metrics import load_metric
-from align.world import caption_rows, question_rows
+from align.world import ANSWER_TYPES, caption_rows, question_rows
 
 CAPTION_PROMPT = "Describe the image."
 CAPTION_STYLES = ("short", "detailed")
@@ -71,13 +71,13 @@ def load_training_pairs(
     shuffled with `seed`: grounded pretraining, where the LLM trains too and learns to answer from the visual tokens
     (a second stage after adapter pretraining, as Llama 3.2's annealing on grounded data). `question_repeats` weighs
     the mixture: {"spatial": 4} asks every spatial question four times, once among its image's other questions and
-    three times more in conversations of that category alone (a curated annealing mixture, upweighting what lags)."""
-    repeats = dict(question_repeats or {})
-    for category, times in repeats.items():
-        if category not in questions:
-            raise ValueError(f"question_repeats names {category!r}, which is not among the questions {list(questions)}")
+    three times more in conversations of that category alone (a curated annealing mixture, upweighting what lags).
+    A key `category:answer_type` weighs one form of a category's questions: {"spatial:yes_no": 8} asks the yes/no
+    spatial questions eight times and the choice ones once (`align.world.ANSWER_TYPES`)."""
+    repeats = {split_repeat_key(key, questions): times for key, times in (question_repeats or {}).items()}
+    for (category, form), times in repeats.items():
         if times < 1:
-            raise ValueError(f"question_repeats for {category!r} must be at least 1, got {times}")
+            raise ValueError(f"question_repeats for {category + (':' + form if form else '')!r} must be at least 1, got {times}")
     if dataset_path is None:
         world = open_world(world_path, split, hint="give world_path")
         captions = caption_training_rows(world, style=style, limit=limit)
@@ -85,9 +85,11 @@ def load_training_pairs(
             return captions
         images = world if limit is None else world.select(range(min(limit, len(world))))
         answered = [question_rows(images, categories=questions, max_turns=question_turns)]
-        for category, times in repeats.items():
+        for (category, form), times in repeats.items():
             if times > 1:
-                answered += [question_rows(images, categories=[category], max_turns=question_turns)] * (times - 1)
+                extra = question_rows(images, categories=[category], max_turns=question_turns,
+                                      answer_types=[form] if form else None)
+                answered += [extra] * (times - 1)
         answered = [rows.select_columns(["images", "messages"]) for rows in answered]
         return datasets.concatenate_datasets([captions, *answered]).shuffle(seed=seed)
     if questions:
@@ -113,6 +115,17 @@ def load_training_pairs(
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset
+
+
+def split_repeat_key(key: str, questions: Sequence[str]) -> tuple[str, str | None]:
+    """A `question_repeats` key, `category` or `category:answer_type`, as (category, answer_type or None); raises
+    ValueError naming the key when the category is not among `questions` or the answer type is not the world's."""
+    category, _, form = key.partition(":")
+    if category not in questions:
+        raise ValueError(f"question_repeats names {category!r}, which is not among the questions {list(questions)}")
+    if form and form not in ANSWER_TYPES:
+        raise ValueError(f"question_repeats names the answer type {form!r} in {key!r}; the world's: {list(ANSWER_TYPES)}")
+    return category, form or None
 
 
 @torch.no_grad()
@@ -181,4 +194,5 @@ __all__ = [
     "evaluate_captions",
     "generate_captions",
     "load_training_pairs",
+    "split_repeat_key",
 ]

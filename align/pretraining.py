@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from align.captioning import CAPTION_STYLES
+from align.captioning import CAPTION_STYLES, split_repeat_key
 from align.runs import RunArguments
 from align.world import CATEGORIES
 from model import FUSIONS, PROJECTORS, STAGES
@@ -85,7 +85,8 @@ class PretrainScriptArguments(RunArguments):
         default_factory=list,
         metadata={"help": "Weigh the world_questions mixture, as `category=N`: each question of the category is asked N "
                   "times (once among its image's other questions, N-1 times in conversations of that category "
-                  "alone). E.g. `spatial=4`.", "nargs": "*"},
+                  "alone). E.g. `spatial=4`; `category:answer_type=N` weighs one form of the category's questions, "
+                  "e.g. `spatial:yes_no=8` (align.world.ANSWER_TYPES).", "nargs": "*"},
     )
     eval_captions: int = field(
         default=0,
@@ -131,16 +132,16 @@ class PretrainScriptArguments(RunArguments):
             raise ValueError(f"eval_captions must be >= 0 (0 skips the evaluation), got {self.eval_captions}")
 
     def question_repeat_counts(self) -> dict[str, int]:
-        """`question_repeats` as {category: times}; raises ValueError naming a malformed or unknown entry."""
+        """`question_repeats` as {key: times}, a key `category` or `category:answer_type`; raises ValueError naming
+        a malformed or unknown entry."""
         counts = {}
         for entry in self.question_repeats:
-            category, sep, times = entry.partition("=")
+            key, sep, times = entry.partition("=")
             if not sep or not times.strip().isdigit():
-                raise ValueError(f"question_repeats entries are category=N (e.g. spatial=4), got {entry!r}")
-            if category not in self.world_questions:
-                raise ValueError(f"question_repeats names {category!r}, which is not among world_questions "
-                                 f"{self.world_questions}")
+                raise ValueError(f"question_repeats entries are category=N or category:answer_type=N (e.g. spatial=4, "
+                                 f"spatial:yes_no=8), got {entry!r}")
+            split_repeat_key(key, self.world_questions)
             if int(times) < 1:
-                raise ValueError(f"question_repeats for {category!r} must be at least 1, got {entry!r}")
-            counts[category] = int(times)
+                raise ValueError(f"question_repeats for {key!r} must be at least 1, got {entry!r}")
+            counts[key] = int(times)
         return counts

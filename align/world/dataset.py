@@ -11,6 +11,7 @@ import datasets
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
 
 from .language import (
+    ANSWER_TYPES,
     CATEGORIES,
     COLOR_TEMPLATES,
     SHAPE_TEMPLATES,
@@ -127,10 +128,14 @@ def caption_rows(ds: Dataset, detailed: bool = True) -> Dataset:
 
 
 @_per_split
-def question_rows(ds: Dataset, categories: Iterable[str] | None = None, max_turns: int = 4) -> Dataset:
+def question_rows(
+    ds: Dataset, categories: Iterable[str] | None = None, max_turns: int = 4, answer_types: Iterable[str] | None = None
+) -> Dataset:
     """Every question of every image as conversations: `images`, `messages`, `image_id`.
 
-    Each image's questions of `categories` (default: all) are shuffled (seeded by the image id) and cut into
+    Each image's questions of `categories` (default: all), and of `answer_types` (default: all; e.g. ["yes_no"] keeps
+    "Is the red circle left of the blue square?" and drops "Which is further left, ...?"), are shuffled (seeded by the
+    image id) and cut into
     conversations of at most `max_turns` question-answer turns, the image in the first user turn, answered with the
     short canonical answers. Where `messages` holds one 2-4 turn conversation per image, this view uses all of its
     6-12 questions: the grounded data of a second pretraining stage, which needs many more answered questions per
@@ -142,9 +147,12 @@ def question_rows(ds: Dataset, categories: Iterable[str] | None = None, max_turn
     unknown = wanted - set(CATEGORIES)
     if unknown:
         raise ValueError(f"categories has unknown names {sorted(unknown)}; supported: {list(CATEGORIES)}")
+    forms = set(ANSWER_TYPES if answer_types is None else answer_types)
+    if forms - set(ANSWER_TYPES):
+        raise ValueError(f"answer_types has unknown names {sorted(forms - set(ANSWER_TYPES))}; supported: {list(ANSWER_TYPES)}")
     indices, conversations, ids = [], [], []
     for row, (image_id, questions) in enumerate(zip(ds["image_id"], ds["questions"])):
-        records = [record for record in json.loads(questions) if record["category"] in wanted]
+        records = [r for r in json.loads(questions) if r["category"] in wanted and r["answer_type"] in forms]
         random.Random(f"questions:{image_id}").shuffle(records)
         for start in range(0, len(records), max_turns):
             indices.append(row)

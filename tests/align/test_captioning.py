@@ -73,6 +73,20 @@ def test_question_repeats_weigh_a_category_of_the_mixture(world):
     categories = {r["question"]: r["category"] for q in built["train"]["questions"] for r in json.loads(q)}
     for text, times in before.items():
         assert counts[text] == times * (3 if categories.get(text) == "count" else 1), text
+    # One form of a category: the yes/no spatial questions three times, the choice ones once.
+    forms = load_training_pairs(world_path=path, style="detailed", questions=["spatial"], question_turns=12,
+                                question_repeats={"spatial:yes_no": 3})
+    once = answered(load_training_pairs(world_path=path, style="detailed", questions=["spatial"], question_turns=12))
+    kinds = {r["question"]: r["answer_type"] for q in built["train"]["questions"] for r in json.loads(q)}
+    assert {kinds.get(text) for text in once} == {"yes_no", "choice", None}  # None: the caption requests
+    for text, times in answered(forms).items():
+        assert times == once[text] * (3 if kinds.get(text) == "yes_no" else 1), text
+    yes_no = question_rows(built["train"], categories=["spatial"], max_turns=12, answer_types=["yes_no"])
+    assert {kinds[t] for t in answered(yes_no)} == {"yes_no"}
+    with pytest.raises(ValueError, match="answer_types has unknown names \\['which'\\]"):
+        question_rows(built["train"], categories=["spatial"], answer_types=["which"])
+    with pytest.raises(ValueError, match="the answer type 'which'"):
+        load_training_pairs(world_path=path, questions=["spatial"], question_repeats={"spatial:which": 2})
     with pytest.raises(ValueError, match="'spatial', which is not among the questions"):
         load_training_pairs(world_path=path, questions=["color"], question_repeats={"spatial": 2})
     with pytest.raises(ValueError, match="at least 1"):

@@ -240,10 +240,14 @@ def test_the_recipe_names_bad_world_questions():
         parser.parse_args_and_config([*config, "--world_questions", "count", "--dataset_path", "x"])
     args = parser.parse_args_and_config([*config, "--world_questions", "count", "spatial", "--question_repeats", "spatial=4"])
     assert args[0].question_repeat_counts() == {"spatial": 4}
+    args = parser.parse_args_and_config([*config, "--world_questions", "spatial", "--question_repeats", "spatial:yes_no=8"])
+    assert args[0].question_repeat_counts() == {"spatial:yes_no": 8}
     with pytest.raises(ValueError, match="category=N"):
         parser.parse_args_and_config([*config, "--world_questions", "count", "--question_repeats", "count:2"])
-    with pytest.raises(ValueError, match="'spatial', which is not among world_questions"):
+    with pytest.raises(ValueError, match="'spatial', which is not among the questions"):
         parser.parse_args_and_config([*config, "--world_questions", "count", "--question_repeats", "spatial=2"])
+    with pytest.raises(ValueError, match="the answer type 'which' in 'spatial:which'"):
+        parser.parse_args_and_config([*config, "--world_questions", "spatial", "--question_repeats", "spatial:which=2"])
 
 
 def test_the_recipe_refuses_the_cache_for_a_stage_that_trains_the_towers():
