@@ -424,16 +424,41 @@ def paired_difference(a: Sequence[dict], b: Sequence[dict]) -> dict:
 
 
 def prediction_rows(questions: Dataset, predictions: Sequence[str]) -> list[dict]:
-    """One record per question for `predictions.jsonl`: question, answer, prediction, correct, category, image_id."""
+    """One record per question for `predictions.jsonl`: question, answer, prediction, correct, category, answer_type
+    (the question's form, `align.world.ANSWER_TYPES`), image_id."""
     rows = []
     image_ids = questions["image_id"] if "image_id" in questions.column_names else [None] * len(questions)
     for record, prediction, image_id in zip(questions["record"], predictions, image_ids):
         record = json.loads(record) if isinstance(record, str) else record
         rows.append({
             "question": record["question"], "answer": str(record["answer"]), "prediction": prediction,
-            "correct": bool(verify(record, prediction)), "category": record["category"], "image_id": image_id,
+            "correct": bool(verify(record, prediction)), "category": record["category"],
+            "answer_type": record.get("answer_type"), "image_id": image_id,
         })
     return rows
+
+
+def form_table(evaluations: dict[str, Sequence[dict]]) -> str:
+    """Accuracy per question form within each category asked in more than one form (spatial: "yes_no", "Is A left of
+    B?", and "choice", "Which is further left, A or B?"), one row per named evaluation, as a Markdown table.
+    Each cell is `accuracy (questions)`. Raises ValueError naming an evaluation whose rows carry no `answer_type`
+    (written before prediction rows had it: evaluate again)."""
+    forms: dict[str, set] = {}
+    for name, rows in evaluations.items():
+        for row in rows:
+            if row.get("answer_type") is None:
+                raise ValueError(f"{name}: prediction rows without `answer_type` (an older evaluation): evaluate again")
+            forms.setdefault(row["category"], set()).add(row["answer_type"])
+    columns = [(category, form) for category in sorted(forms) if len(forms[category]) > 1 for form in sorted(forms[category])]
+    lines = ["| evaluation | " + " | ".join(f"{category}: {form}" for category, form in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, rows in evaluations.items():
+        cells = []
+        for category, form in columns:
+            picked = [row["correct"] for row in rows if row["category"] == category and row["answer_type"] == form]
+            cells.append(f"{100 * sum(picked) / len(picked):.1f}% ({len(picked)})" if picked else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def evaluate_qa(
@@ -688,6 +713,7 @@ __all__ = [
     "sampled_table",
     "score_answers",
     "scoreboard",
+    "form_table",
     "standard_error",
     "stop_token_ids",
     "text_regression",
@@ -697,13 +723,22 @@ __all__ = [
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m align.evaluation BASELINE OTHER [OTHER ...]`: each evaluation folder (as `recipes/evaluate.py`
-    writes it) minus the first, paired on the questions both answered, as a Markdown table."""
+    writes it) minus the first, paired on the questions both answered, as a Markdown table. With `--forms`, each
+    folder's accuracy per question form instead (`form_table`; one folder is enough)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("baseline", help="Evaluation folder the others are compared with (its predictions.jsonl).")
-    parser.add_argument("others", nargs="+", help="Evaluation folders to compare with the baseline.")
+    parser.add_argument("others", nargs="*", help="Evaluation folders to compare with the baseline.")
+    parser.add_argument("--forms", action="store_true",
+                        help="Print each folder's accuracy per question form (yes/no vs choice spatial questions).")
     args = parser.parse_args(argv)
+    if args.forms:
+        folders = [args.baseline, *args.others]
+        print(form_table({folder: read_predictions(Path(folder) / PREDICTIONS) for folder in folders}))
+        return
+    if not args.others:
+        parser.error("give at least one evaluation folder to compare with the baseline (or --forms)")
     baseline = read_predictions(Path(args.baseline) / PREDICTIONS)
     print(paired_table({
         f"{other} − {args.baseline}": paired_difference(read_predictions(Path(other) / PREDICTIONS), baseline)

@@ -235,6 +235,25 @@ def test_command_line_compares_evaluations_with_a_baseline(tmp_path, capsys):
         main([str(tmp_path / "sft")])
 
 
+def test_form_table_splits_a_category_by_question_form(tmp_path, capsys):
+    """`--forms`: accuracy per form of the categories asked in several forms; older rows without a form are refused."""
+    from align.evaluation import form_table, main
+
+    rows = [{"question": f"Q{i}?", "category": category, "answer_type": form, "correct": correct, "image_id": "a"}
+            for i, (category, form, correct) in enumerate([
+                ("spatial", "yes_no", True), ("spatial", "yes_no", False), ("spatial", "choice", True),
+                ("color", "color", False), ("spatial", "yes_no", False), ("spatial", "choice", True)])]
+    table = form_table({"sft": rows})
+    assert table.splitlines()[0] == "| evaluation | spatial: choice | spatial: yes_no |"  # color has one form
+    assert table.splitlines()[2] == "| sft | 100.0% (2) | 33.3% (3) |"
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    main([str(tmp_path / "sft"), "--forms"])
+    assert "| 100.0% (2) | 33.3% (3) |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="old: prediction rows without `answer_type`"):
+        form_table({"old": [{k: v for k, v in row.items() if k != "answer_type"} for row in rows]})
+
+
 def test_demo_compares_dpo_and_rounds_with_sft(tmp_path):
     from align.demo import paired_against_sft
 
