@@ -447,7 +447,8 @@ def form_table(evaluations: dict[str, Sequence[dict]]) -> str:
     for name, rows in evaluations.items():
         for row in rows:
             if row.get("answer_type") is None:
-                raise ValueError(f"{name}: prediction rows without `answer_type` (an older evaluation): evaluate again")
+                raise ValueError(f"{name}: prediction rows without `answer_type` (written before evaluation recorded "
+                                 "it, or of records that name no form): no forms to split by; evaluate again")
             forms.setdefault(row["category"], set()).add(row["answer_type"])
     columns = [(category, form) for category in sorted(forms) if len(forms[category]) > 1 for form in sorted(forms[category])]
     lines = ["| evaluation | " + " | ".join(f"{category}: {form}" for category, form in columns) + " |",

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from align.loading import load_run
 from align.world.geometry import object_patch  # the zoo's SigLIP build imports it from here, too
+from align.world.language import SPATIAL_YES_NO_WORDS
 from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
 
 logger = logging.getLogger(__name__)
@@ -107,14 +108,28 @@ def multi_object_rows(world: datasets.Dataset, limit: int | None, attribute: str
 SPATIAL_VALUES = ("yes", "no")
 
 
-SPATIAL_KINDS = {"all": ("yes_no", "choice"), "yes_no": ("yes_no",), "choice": ("choice",)}
+SPATIAL_KINDS = {
+    "all": ("yes_no", "choice"), "yes_no": ("yes_no",), "choice": ("choice",), "yes_no_winner": ("yes_no",),
+}
+
+
+def yes_no_winner(record: dict) -> tuple[str, tuple[str, str]]:
+    """A yes/no spatial record ("Is the red circle to the left of the blue square?") answered by the object the
+    relation favours instead of yes or no: ("the red circle", ("the red circle", "the blue square")) when it holds,
+    the other object when it does not (the world asks only when one of the two holds beyond doubt)."""
+    words = SPATIAL_YES_NO_WORDS[record["relation"]]
+    subject, other = record["question"].removeprefix("Is the ").removesuffix("?").split(f" {words} the ")
+    values = (f"the {subject}", f"the {other}")
+    return values[0] if record["answer"] == "yes" else values[1], values
 
 
 def spatial_rows(world: datasets.Dataset, limit: int | None, kind: str = "all") -> list[dict]:
     """The world's spatial questions of a split, one row per question (at most `limit`): `image`, `question`,
     `answer` and `values`, the closed answer set (yes/no, or the two objects a choice question names).
     `kind` keeps one form only: "yes_no" ("Is the red circle left of the blue square?") or "choice" ("Which is
-    further left, the red circle or the blue square?")."""
+    further left, the red circle or the blue square?"); "yes_no_winner" asks the yes/no questions but takes the
+    object the relation favours as the answer (`yes_no_winner`): the choice form's answer under the yes/no form's
+    wording, which tells finding the winner apart from comparing it with the question's subject."""
     if kind not in SPATIAL_KINDS:
         raise ValueError(f"kind must be one of {list(SPATIAL_KINDS)}, got {kind!r}")
     rows = []
@@ -122,8 +137,11 @@ def spatial_rows(world: datasets.Dataset, limit: int | None, kind: str = "all") 
         for record in json.loads(row["questions"]):
             if record["category"] != "spatial" or record["answer_type"] not in SPATIAL_KINDS[kind]:
                 continue
+            answer = record["answer"]
             values = tuple(record["choices"]) if record["answer_type"] == "choice" else SPATIAL_VALUES
-            rows.append({"image": row["images"][0], "question": record["question"], "answer": record["answer"],
+            if kind == "yes_no_winner":
+                answer, values = yes_no_winner(record)
+            rows.append({"image": row["images"][0], "question": record["question"], "answer": answer,
                          "values": values})
             if limit is not None and len(rows) >= limit:
                 return rows
@@ -493,12 +511,15 @@ def readout_curve(
     vlm, processor, rows: list[dict], attribute: str, steps: int = 300, eval_every: int = 100, lr: float = 1e-3,
     batch_size: int = 16, holdout: float = 0.3, seed: int = 0, reset: bool = False, llm_lr: float | None = None,
     scenes: str = "single", question_first: bool = False, token_positions: str = "none",
+    held_out: list[dict] | None = None,
 ) -> dict:
     """Train only the adapters of `vlm` to answer the `attribute` question of the first `1 - holdout` share of
     `rows` (`single_object_rows`, or `multi_object_rows` with `scenes="multi"`: named in the result; or rows that
     carry their own `question`, `answer` and closed set `values`, `spatial_rows` with `scenes="spatial"`), and
     measure the closed-set accuracy on the rest every `eval_every` steps. `token_positions="sincos"` adds
     `add_token_positions` to the visual tokens for the whole run (the hook is removed at the end).
+    With `held_out` (rows of the same kind, e.g. from another split or another world), the probe trains on every
+    row of `rows` and is scored on `held_out`, images it has never seen, instead (`holdout` is then unused).
     With `llm_lr`, the LLM (decoder and head) trains too, in full at that learning rate: whether the whole VLM
     learns to read the image when the LLM can adapt to the visual tokens.
 
@@ -516,10 +537,15 @@ def readout_curve(
     if token_positions not in ("none", "sincos"):
         raise ValueError(f"token_positions must be 'none' or 'sincos', got {token_positions!r}")
     rows = _as_questions(rows, attribute)
-    cut = int(len(rows) * (1 - holdout))
-    if cut < 2 or cut >= len(rows):
-        raise ValueError(f"need {scenes}-object images on both sides of the holdout split, got {len(rows)} images")
-    train, test = rows[:cut], rows[cut:]
+    if held_out is not None:
+        train, test = rows, _as_questions(held_out, attribute)
+        if len(train) < 2 or not test:
+            raise ValueError(f"need at least 2 training rows and 1 held-out row, got {len(train)} and {len(test)}")
+    else:
+        cut = int(len(rows) * (1 - holdout))
+        if cut < 2 or cut >= len(rows):
+            raise ValueError(f"need {scenes}-object images on both sides of the holdout split, got {len(rows)} images")
+        train, test = rows[:cut], rows[cut:]
     torch.manual_seed(seed)
     if reset:
         reset_adapters(vlm)
@@ -586,7 +612,8 @@ def readout_curve(
         "chance": sum(1 / len(row["values"]) for row in test) / len(test),
         "trainable_parameters": sum(p.numel() for group in groups for p in group["params"]), "reset": reset,
         "llm_lr": llm_lr, "standardized": bool(vlm.model.projectors.standardized), "scenes": scenes,
-        "question_first": question_first, "token_positions": token_positions, "curve": curve,
+        "question_first": question_first, "token_positions": token_positions,
+        "held_out": "given" if held_out is not None else "tail", "curve": curve,
     }
     if all("objects" in row for row in test):
         # A guess made uniformly among the attribute's values present in the scene: what seeing the image without
@@ -604,6 +631,7 @@ def format_readout(result: dict) -> str:
         f"{', freshly initialised' if result['reset'] else ''}; {standardized}"
         f"{'; 2-D sine-cosine positions on the visual tokens' if result.get('token_positions') == 'sincos' else ''}), "
         f"{result['train_images']} training / {result['test_images']} held-out "
+        + ("(another split's images) " if result.get("held_out") == "given" else "")
         + ("questions" if result.get("scenes") == "spatial" else f"{result.get('scenes', 'single')}-object images")
         + f"; majority {result['majority']:.1%}"
         + (f"; chance {result['chance']:.1%}" if "chance" in result else "")
@@ -658,6 +686,14 @@ def main(argv=None) -> dict:
     readout.add_argument("--question_first", action="store_true",
                          help="Put the question before the image in the user turn, so the visual tokens can attend "
                          "to it (the LLM is causal), instead of after it.")
+    readout.add_argument("--eval_split", default=None,
+                         help="Score the probe on this split's questions (images no training row shows) and train on "
+                         "every row of --split, instead of holding out the last --holdout share of --split.")
+    readout.add_argument("--eval_world", default=None,
+                         help="The world folder --eval_split is read from (default: --world), e.g. one generated "
+                         "with another seed by `python -m align.world`.")
+    readout.add_argument("--eval_images", type=int, default=None,
+                         help="Held-out rows taken from --eval_split, at most (default: as many as --images allows).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 < args.holdout < 1:
@@ -676,12 +712,21 @@ def main(argv=None) -> dict:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     split = args.split or ("test" if args.llm else "train")
-
+    if (args.eval_world or args.eval_images) and not args.eval_split:
+        parser.error("--eval_world and --eval_images choose the held-out rows of --eval_split: give --eval_split")
+    if args.eval_split and not args.readout:
+        parser.error("--eval_split scores the read-out probe: it needs --readout")
+    if args.eval_images is not None and args.eval_images < 1:
+        parser.error(f"--eval_images must be positive, got {args.eval_images}")
+    if args.eval_split and args.eval_world is None and args.eval_split == split:
+        parser.error(f"--eval_split {args.eval_split} is the training split: the held-out images would be trained on")
 
     from align.data.world import open_world
 
     try:
         world = {split: open_world(args.world, split, hint="set --world")}
+        held_out_world = None if not args.eval_split else open_world(
+            args.eval_world or args.world, args.eval_split, hint="set --eval_world" if args.eval_world else "set --world")
     except ValueError as error:
         parser.error(str(error))
     if args.llm:
@@ -701,12 +746,16 @@ def main(argv=None) -> dict:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     model, processor = load_run(args.model, quantization_config=quantization)
     attribute = "spatial" if args.scenes == "spatial" else args.attribute
-    if args.scenes == "spatial":
-        rows = spatial_rows(world[split], args.images or 1000, args.spatial_kind)
-    elif args.scenes == "multi":
-        rows = multi_object_rows(world[split], args.images or 1000, args.attribute)
-    else:
-        rows = single_object_rows(world[split], args.images or 1000)
+
+    def question_rows(source: datasets.Dataset, limit: int) -> list[dict]:
+        if args.scenes == "spatial":
+            return spatial_rows(source, limit, args.spatial_kind)
+        if args.scenes == "multi":
+            return multi_object_rows(source, limit, args.attribute)
+        return single_object_rows(source, limit)
+
+    rows = question_rows(world[split], args.images or 1000)
+    held_out = None if held_out_world is None else question_rows(held_out_world, args.eval_images or args.images or 1000)
     if args.readout:
         if hasattr(model, "peft_config"):
             raise SystemExit(f"--readout: {args.model} is an adapter; give a full VLM folder (a stage-1 output or a "
@@ -715,7 +764,7 @@ def main(argv=None) -> dict:
             model, processor, rows, attribute, steps=args.steps, eval_every=args.eval_every, lr=args.lr,
             batch_size=args.batch_size, holdout=args.holdout, seed=args.seed, reset=args.reset_projector,
             llm_lr=args.llm_lr, scenes=args.scenes, question_first=args.question_first,
-            token_positions=args.token_positions,
+            token_positions=args.token_positions, held_out=held_out,
         )}
         print(format_readout(result))
     else:

@@ -65,6 +65,8 @@ _SPATIAL_YES_NO = {
     "above": ("above", "below"),
     "below": ("below", "above"),
 }
+# yes/no relation -> its phrase in the question
+SPATIAL_YES_NO_WORDS = {relation: words for relation, (words, _) in _SPATIAL_YES_NO.items()}
 # "which" relation -> (phrase, predicate the winner satisfies towards the other object)
 _SPATIAL_CHOICE = {
     "further_left": ("further left", "left_of"),

@@ -1,6 +1,7 @@
 """align.probe: the linear probe on a case with a known answer, and the probe command on a tiny VLM."""
 
 import json
+import re
 from collections import Counter
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from align.probe import (
     sincos_grid_positions,
     single_object_rows,
     spatial_rows,
+    yes_no_winner,
 )
 from tests.align.training_helpers import tiny_vlm, tiny_world
 
@@ -433,6 +435,55 @@ def test_spatial_rows_are_the_worlds_spatial_questions_with_their_closed_sets(se
     assert {r["values"] for r in yes_no} == {("yes", "no")} and all(r["values"] != ("yes", "no") for r in choice)
     with pytest.raises(ValueError, match="kind must be one of"):
         spatial_rows(world, None, "both")
+
+
+def test_yes_no_winner_names_the_object_the_relation_favours(setup):
+    import datasets
+
+    from align.world.scene import Scene, relation_holds
+
+    world = datasets.load_from_disk(setup["world"])["train"]
+    winners = spatial_rows(world, None, "yes_no_winner")
+    assert len(winners) == len(spatial_rows(world, None, "yes_no")) > 0
+    checked = 0
+    for row in world:
+        scene = Scene.from_json(row["scene"])
+        for record in json.loads(row["questions"]):
+            if record["category"] != "spatial" or record["answer_type"] != "yes_no":
+                continue
+            winner, values = yes_no_winner(record)
+            assert values == tuple(f"the {ref}" for ref in re.match(r"Is the (.+) (?:to the left of|to the right of|above|below) the (.+)\?", record["question"]).groups())
+            subject, other = (next(o for o in scene.objects if o.id == i) for i in record["objects"])
+            holds = relation_holds(subject, other, record["relation"], scene.spatial_px)
+            assert winner == values[0 if holds else 1] and (record["answer"] == "yes") == holds
+            checked += 1
+    assert checked == len(winners)
+    assert all(row["answer"] in row["values"] and row["values"] != ("yes", "no") for row in winners)
+
+
+def test_readout_scored_on_another_worlds_images(setup, tmp_path, capsys):
+    import datasets
+
+    from align.world import WorldConfig, build_world
+    from tests.align.training_helpers import IMAGE_SIZE
+
+    other = tmp_path / "other"
+    build_world(str(other), sizes={"validation": 30}, config=WorldConfig(image_size=IMAGE_SIZE), seed=1)
+    result = main(["--readout", "--model", setup["vlm"], "--world", setup["world"], "--images", "12", "--steps", "2",
+                   "--eval_every", "2", "--scenes", "spatial", "--spatial_kind", "yes_no_winner",
+                   "--eval_split", "validation", "--eval_world", str(other), "--eval_images", "5"])
+    # Every training row trains (no tail held out); the held-out rows are the other world's.
+    assert result["train_images"] == 12 and result["test_images"] == 5 and result["held_out"] == "given"
+    held_out = spatial_rows(datasets.load_from_disk(str(other))["validation"], 5, "yes_no_winner")
+    assert result["chance"] == 0.5 and result["majority"] == pytest.approx(
+        sum(row["answer"] == Counter(r["answer"] for r in spatial_rows(
+            datasets.load_from_disk(setup["world"])["train"], 12, "yes_no_winner")).most_common(1)[0][0]
+            for row in held_out) / 5)
+    assert "(another split's images)" in capsys.readouterr().out
+    for bad in (["--eval_split", "train"], ["--eval_world", str(other)], ["--eval_split", "validation"],
+                ["--eval_split", "validation", "--eval_world", str(other), "--eval_images", "0"]):
+        with pytest.raises(SystemExit):  # the training split, no split, a split the world lacks, no rows
+            main(["--readout", "--model", setup["vlm"], "--world", setup["world"], "--scenes", "spatial", *bad])
 
 
 def test_sincos_grid_positions_code_row_and_column_apart():
