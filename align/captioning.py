@@ -59,6 +59,7 @@ def load_training_pairs(
     question_turns: int = 4,
     seed: int = 0,
     question_repeats: Mapping[str, int] | None = None,
+    spatial_reasoning: bool = False,
 ) -> Dataset:
     """The image-caption rows of adapter pretraining: the world's captions of `split` by default, or any dataset in
     TRL's internal format (`images` + `messages`) saved with `save_to_disk` at `dataset_path` (a `Dataset`, or a
@@ -73,7 +74,8 @@ def load_training_pairs(
     the mixture: {"spatial": 4} asks every spatial question four times, once among its image's other questions and
     three times more in conversations of that category alone (a curated annealing mixture, upweighting what lags).
     A key `category:answer_type` weighs one form of a category's questions: {"spatial:yes_no": 8} asks the yes/no
-    spatial questions eight times and the choice ones once (`align.world.ANSWER_TYPES`)."""
+    spatial questions eight times and the choice ones once (`align.world.ANSWER_TYPES`). With `spatial_reasoning`
+    the yes/no spatial questions are answered with their reason first (`align.world.reasoned_answer`)."""
     repeats = {split_repeat_key(key, questions): times for key, times in (question_repeats or {}).items()}
     for (category, form), times in repeats.items():
         if times < 1:
@@ -84,16 +86,16 @@ def load_training_pairs(
         if not questions:
             return captions
         images = world if limit is None else world.select(range(min(limit, len(world))))
-        answered = [question_rows(images, categories=questions, max_turns=question_turns)]
+        answered = [question_rows(images, categories=questions, max_turns=question_turns, reasoned=spatial_reasoning)]
         for (category, form), times in repeats.items():
             if times > 1:
                 extra = question_rows(images, categories=[category], max_turns=question_turns,
-                                      answer_types=[form] if form else None)
+                                      answer_types=[form] if form else None, reasoned=spatial_reasoning)
                 answered += [extra] * (times - 1)
         answered = [rows.select_columns(["images", "messages"]) for rows in answered]
         return datasets.concatenate_datasets([captions, *answered]).shuffle(seed=seed)
-    if questions:
-        raise ValueError("questions are drawn from the shapes world: give no dataset_path with them")
+    if questions or spatial_reasoning:
+        raise ValueError("questions (and spatial_reasoning) are the shapes world's: give no dataset_path with them")
     if os.path.isfile(dataset_path):
         dataset, _ = load_dataset_local(dataset_path, kind="sft", rejects_path=rejects_path)
         return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset

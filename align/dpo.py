@@ -66,7 +66,7 @@ def preference_dataset(args: DPOScriptArguments, output_dir: str, seed: int, mai
     if args.datasets:
         return build_mixture(args, rejects_dir=output_dir if main_process else None, kind="preference")
     world = args.load_world_split()
-    pairs = world_preference_rows(world, seed=seed, per_image=args.pairs_per_image)
+    pairs = world_preference_rows(world, seed=seed, per_image=args.pairs_per_image, reasoned=args.spatial_reasoning)
     return checked(pairs, "preference", "shapes world preference pairs", output_dir, main_process)
 
 

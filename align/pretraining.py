@@ -88,6 +88,12 @@ class PretrainScriptArguments(RunArguments):
                   "alone). E.g. `spatial=4`; `category:answer_type=N` weighs one form of the category's questions, "
                   "e.g. `spatial:yes_no=8` (align.world.ANSWER_TYPES).", "nargs": "*"},
     )
+    spatial_reasoning: bool = field(
+        default=False,
+        metadata={"help": "Answer the world's yes/no spatial questions with their reason first: the object the "
+                  "relation favours, then yes or no (\"The red circle is further left, so yes.\"; "
+                  "align.world.reasoned_answer). Needs world_questions."},
+    )
     eval_captions: int = field(
         default=0,
         metadata={"help": "Caption this many held-out world images before and after training and write the "
@@ -128,6 +134,8 @@ class PretrainScriptArguments(RunArguments):
         if self.question_turns < 1:
             raise ValueError(f"question_turns must be >= 1, got {self.question_turns}")
         self.question_repeat_counts()  # a malformed or unknown entry is refused here, before any work
+        if self.spatial_reasoning and "spatial" not in self.world_questions:
+            raise ValueError("spatial_reasoning answers the world's spatial questions: add spatial to world_questions")
         if self.eval_captions < 0:
             raise ValueError(f"eval_captions must be >= 0 (0 skips the evaluation), got {self.eval_captions}")
 

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from align.loading import load_run
 from align.world.geometry import object_patch  # the zoo's SigLIP build imports it from here, too
-from align.world.language import SPATIAL_YES_NO_WORDS
+from align.world.language import yes_no_objects
 from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,7 @@ def yes_no_winner(record: dict) -> tuple[str, tuple[str, str]]:
     """A yes/no spatial record ("Is the red circle to the left of the blue square?") answered by the object the
     relation favours instead of yes or no: ("the red circle", ("the red circle", "the blue square")) when it holds,
     the other object when it does not (the world asks only when one of the two holds beyond doubt)."""
-    words = SPATIAL_YES_NO_WORDS[record["relation"]]
-    subject, other = record["question"].removeprefix("Is the ").removesuffix("?").split(f" {words} the ")
+    subject, other = yes_no_objects(record)
     values = (f"the {subject}", f"the {other}")
     return values[0] if record["answer"] == "yes" else values[1], values
 

@@ -233,7 +233,7 @@ def held_out_pairs(args: RewardScriptArguments, seed: int) -> Dataset | None:
         rows = world[split]
         if args.eval_images is not None:
             rows = rows.select(range(min(args.eval_images, len(rows))))
-        pairs = world_preference_rows(rows, seed=seed, per_image=args.pairs_per_image)
+        pairs = world_preference_rows(rows, seed=seed, per_image=args.pairs_per_image, reasoned=args.spatial_reasoning)
         source = f"shapes world {split}"
         pairs, report = validate_rows(pairs, "preference", source=source)
         if report.rejects:

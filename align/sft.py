@@ -102,7 +102,7 @@ def mix(parts: dict[str, tuple[Dataset, float]], size: int, seed: int) -> Datase
 def world_sft_mixture(args: SFTScriptArguments, seed: int) -> Dataset:
     """The default SFT data: the world's conversations, refusals and (optionally) captioning turns by weight."""
     world = args.load_world_split()
-    conversations = world_sft_rows(world)
+    conversations = world_sft_rows(world, reasoned=args.spatial_reasoning)
     size = args.mixture_size or round(len(conversations) * (1 + args.refusal_weight + args.caption_weight))
     counts = mixture_counts([1.0, args.refusal_weight, args.caption_weight], size)
     parts = {"conversations": (conversations, 1.0)}

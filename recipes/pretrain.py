@@ -83,7 +83,7 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
         script_args.caption_style, script_args.train_samples,
         rejects_path=os.path.join(training_args.output_dir, "rejects_conversion.jsonl"),
         questions=script_args.world_questions, question_turns=script_args.question_turns, seed=training_args.seed,
-        question_repeats=script_args.question_repeat_counts(),
+        question_repeats=script_args.question_repeat_counts(), spatial_reasoning=script_args.spatial_reasoning,
     )
     with training_args.main_process_first(desc="checking the images and caching their vision features"):
         data = prepare_stage_data(

@@ -140,6 +140,12 @@ class WorldDataArguments(MixtureConfig, DatasetNameArgument):
     world_images: int | None = field(
         default=None, metadata={"help": "Use only the first N images of the split (default: all)."}
     )
+    spatial_reasoning: bool = field(
+        default=False,
+        metadata={"help": "Answer the world's yes/no spatial questions with their reason first: the object the "
+                  "relation favours, then yes or no (\"The red circle is further left, so yes.\"; "
+                  "align.world.reasoned_answer), in SFT conversations and preference pairs alike."},
+    )
     # One dataset on the command line, as TRL's scripts take it (kept out of `MixtureConfig`, which composes with
     # TRL's `ScriptArguments` and its own `dataset_name`).
     dataset_path: str | None = field(

@@ -18,7 +18,14 @@ from datasets import Dataset, DatasetDict, Features, Value
 from align.paths import default_cache_dir
 from align.world import verify
 from align.world.dataset import MESSAGES_FEATURE
-from align.world.language import article, count_sentence, phrase
+from align.world.language import (
+    article,
+    count_sentence,
+    is_spatial_yes_no,
+    phrase,
+    reasoned_answer,
+    reasoned_messages,
+)
 from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
 
 logger = logging.getLogger(__name__)
@@ -93,9 +100,15 @@ def with_images(source: Dataset, indices: list[int], columns: dict, features: Fe
     return datasets.concatenate_datasets([images, Dataset.from_dict(columns, features=features)], axis=1)
 
 
-def world_sft_rows(world_split: Dataset) -> Dataset:
-    """The world's conversations as SFT rows: `images`, `messages` (TRL conversational format)."""
-    return world_split.select_columns(["images", "messages"])
+def world_sft_rows(world_split: Dataset, reasoned: bool = False) -> Dataset:
+    """The world's conversations as SFT rows: `images`, `messages` (TRL conversational format). With `reasoned`, each
+    yes/no spatial question is answered with its reason first (`align.world.reasoned_answer`: "The red circle is
+    further left, so yes.")."""
+    if not reasoned:
+        return world_split.select_columns(["images", "messages"])
+    messages = [reasoned_messages(m, json.loads(q)) for m, q in zip(world_split["messages"], world_split["questions"])]
+    return with_images(world_split, list(range(len(world_split))), {"messages": messages},
+                       Features({"messages": MESSAGES_FEATURE}))
 
 
 def refusal_rows(world_split: Dataset, n: int, seed: int = 0) -> Dataset:
@@ -182,7 +195,9 @@ def wrong_answer(record: dict, scene: dict, rng: random.Random, long: bool) -> s
     raise ValueError(f"unknown answer_type {answer_type!r} in record {record['question']!r}")
 
 
-def world_preference_rows(world_split: Dataset, seed: int = 0, per_image: int = 2, long_fraction: float = 0.0) -> Dataset:
+def world_preference_rows(
+    world_split: Dataset, seed: int = 0, per_image: int = 2, long_fraction: float = 0.0, reasoned: bool = False
+) -> Dataset:
     """Preference pairs from the world's questions: `images`, `prompt`, `chosen`, `rejected`, `category`,
     `record` (JSON question record) and `image_id`.
 
@@ -191,7 +206,9 @@ def world_preference_rows(world_split: Dataset, seed: int = 0, per_image: int = 
     rejected is `wrong_answer` in the same form, so the pair differs in content, not in length. A pair is
     kept only if chosen verifies and rejected does not. The default is short answers only, the form of the
     world's SFT conversations: pairs in a form the policy was not tuned on pull a small policy towards
-    that form, and on the tiny default its generations degenerated (measured with `make demo`).
+    that form, and on the tiny default its generations degenerated (measured with `make demo`). With `reasoned`,
+    a yes/no spatial pair is the `reasoned_answer` against the wrong answer reasoned the same way ("The blue square
+    is further left, so no."), the form the policy's SFT data then has.
     """
     if per_image < 1:
         raise ValueError(f"per_image must be >= 1, got {per_image}")
@@ -214,6 +231,8 @@ def world_preference_rows(world_split: Dataset, seed: int = 0, per_image: int = 
             long = rng.random() < long_fraction
             good = record["answer_long"] if long else record["answer"]
             bad = wrong_answer(record, scene, rng, long)
+            if reasoned and is_spatial_yes_no(record):
+                good, bad = reasoned_answer(record), reasoned_answer(record, correct=False)
             if not verify(record, good) or verify(record, bad):
                 dropped += 1
                 continue

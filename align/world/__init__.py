@@ -26,6 +26,9 @@ from .language import (
     make_captions,
     make_conversation,
     make_questions,
+    reasoned_answer,
+    reasoned_messages,
+    yes_no_objects,
 )
 from .parse import question_category, record_for_question
 from .render import render
@@ -70,10 +73,13 @@ __all__ = [
     "prompt_rows",
     "question_category",
     "question_rows",
+    "reasoned_answer",
+    "reasoned_messages",
     "record_for_question",
     "relation_holds",
     "render",
     "text_corpus",
     "verify",
     "well_formed",
+    "yes_no_objects",
 ]

@@ -129,7 +129,8 @@ def caption_rows(ds: Dataset, detailed: bool = True) -> Dataset:
 
 @_per_split
 def question_rows(
-    ds: Dataset, categories: Iterable[str] | None = None, max_turns: int = 4, answer_types: Iterable[str] | None = None
+    ds: Dataset, categories: Iterable[str] | None = None, max_turns: int = 4, answer_types: Iterable[str] | None = None,
+    reasoned: bool = False,
 ) -> Dataset:
     """Every question of every image as conversations: `images`, `messages`, `image_id`.
 
@@ -137,7 +138,7 @@ def question_rows(
     "Is the red circle left of the blue square?" and drops "Which is further left, ...?"), are shuffled (seeded by the
     image id) and cut into
     conversations of at most `max_turns` question-answer turns, the image in the first user turn, answered with the
-    short canonical answers. Where `messages` holds one 2-4 turn conversation per image, this view uses all of its
+    short canonical answers (with `reasoned`, the yes/no spatial ones with their reason first: `reasoned_answer`). Where `messages` holds one 2-4 turn conversation per image, this view uses all of its
     6-12 questions: the grounded data of a second pretraining stage, which needs many more answered questions per
     image than the conversations give.
     """
@@ -156,7 +157,7 @@ def question_rows(
         random.Random(f"questions:{image_id}").shuffle(records)
         for start in range(0, len(records), max_turns):
             indices.append(row)
-            conversations.append(conversation_messages(records[start : start + max_turns]))
+            conversations.append(conversation_messages(records[start : start + max_turns], reasoned))
             ids.append(image_id)
     features = Features({"messages": MESSAGES_FEATURE, "image_id": Value("string")})
     return _with_columns(ds.select_columns(["images"]), indices, {"messages": conversations, "image_id": ids}, features)

@@ -74,6 +74,8 @@ _SPATIAL_CHOICE = {
     "higher": ("higher", "above"),
     "lower": ("lower", "below"),
 }
+# yes/no relation -> the "which" phrase of the object it favours, said first in a reasoned answer
+_REASON_WORDS = {predicate: words for words, predicate in _SPATIAL_CHOICE.values()}
 _UNANSWERABLE_ABOUT_OBJECT = (
     "What is written on the {ref}?",
     "What is the {ref} made of?",
@@ -389,15 +391,61 @@ def make_conversation(
     return conversation_messages(picked)
 
 
-def conversation_messages(records: list[dict]) -> list[dict]:
+def is_spatial_yes_no(record: dict) -> bool:
+    """Whether the record is a yes/no spatial question ("Is the red circle to the left of the blue square?")."""
+    return record["category"] == "spatial" and record["answer_type"] == "yes_no"
+
+
+def yes_no_objects(record: dict) -> tuple[str, str]:
+    """The two objects a yes/no spatial record names, as the question names them: (subject, other)."""
+    if not is_spatial_yes_no(record):
+        raise ValueError(f"not a yes/no spatial question: {record['question']!r}")
+    words = SPATIAL_YES_NO_WORDS[record["relation"]]
+    subject, other = record["question"].removeprefix("Is the ").removesuffix("?").split(f" {words} the ")
+    return subject, other
+
+
+def reasoned_answer(record: dict, correct: bool = True) -> str:
+    """A yes/no spatial record's answer with its reason first: the object the relation favours, then yes or no
+    ("Is the red circle to the left of the blue square?" -> "The red circle is further left, so yes."; the world asks
+    only when one of the two is clearly further). The yes/no is then a comparison of two names in the text, and
+    finding the object further left is the choice form's skill. `correct=False` gives the wrong answer reasoned the
+    same way (the other object, the other word): the rejected side of a preference pair. `verify` reads the yes/no.
+    """
+    subject, other = yes_no_objects(record)
+    holds = (record["answer"] == "yes") == correct
+    return f"The {subject if holds else other} is {_REASON_WORDS[record['relation']]}, so {'yes' if holds else 'no'}."
+
+
+def answer_text(record: dict, reasoned: bool = False) -> str:
+    """The answer a conversation gives to `record`: its short canonical answer, or with `reasoned` the
+    `reasoned_answer` for a yes/no spatial question."""
+    return reasoned_answer(record) if reasoned and is_spatial_yes_no(record) else record["answer"]
+
+
+def conversation_messages(records: list[dict], reasoned: bool = False) -> list[dict]:
     """The question records as turns of one conversation, the image in the first user turn, each answered with its
-    short canonical answer."""
+    short canonical answer (`answer_text`: with `reasoned`, the yes/no spatial ones with their reason first)."""
     messages = []
     for turn, record in enumerate(records):
         content = [IMAGE_ITEM.copy(), _text(record["question"])] if turn == 0 else [_text(record["question"])]
         messages.append({"role": "user", "content": content})
-        messages.append({"role": "assistant", "content": [_text(record["answer"])]})
+        messages.append({"role": "assistant", "content": [_text(answer_text(record, reasoned))]})
     return messages
+
+
+def reasoned_messages(messages: list[dict], records: list[dict]) -> list[dict]:
+    """A world conversation (`messages`) with each yes/no spatial question's answer replaced by `reasoned_answer`
+    (`records`: the image's question records); other turns unchanged."""
+    by_question = {record["question"]: record for record in records if is_spatial_yes_no(record)}
+    out, question = [], None
+    for message in messages:
+        if message["role"] == "user":
+            question = next((item["text"] for item in message["content"] if item.get("type") == "text"), None)
+        elif message["role"] == "assistant" and question in by_question:
+            message = {**message, "content": [_text(reasoned_answer(by_question[question]))]}
+        out.append(message)
+    return out
 
 
 def caption_messages(caption: str, rng: random.Random) -> list[dict]:

@@ -137,3 +137,27 @@ def test_perfect_captions_score_one_and_wrong_ones_zero(world, tiny_parts):
     )
     assert wrong["caption_match"] == 0.0 and wrong["mention_precision"] == 0.0 and wrong["num_captions"] == 3
     assert CAPTION_PROMPT == "Describe the image."
+
+
+def test_spatial_reasoning_answers_the_yes_no_spatial_questions_with_their_reason(world):
+    import json
+
+    from align.world import reasoned_answer
+
+    path, built = world
+    plain = load_training_pairs(world_path=path, questions=["spatial", "color"], question_turns=12, seed=0)
+    reasoned = load_training_pairs(world_path=path, questions=["spatial", "color"], question_turns=12, seed=0,
+                                   spatial_reasoning=True)
+    records = {r["question"]: r for q in built["train"]["questions"] for r in json.loads(q)}
+    assert len(plain) == len(reasoned)
+    answers = {}
+    for messages in reasoned["messages"]:
+        for turn, reply in zip(messages[::2], messages[1::2]):
+            question = next(c["text"] for c in turn["content"] if c["type"] == "text")
+            if question in records:
+                answers[question] = reply["content"][0]["text"]
+    yes_no = [q for q, r in records.items() if r["category"] == "spatial" and r["answer_type"] == "yes_no"]
+    assert yes_no and all(answers[q] == reasoned_answer(records[q]) for q in yes_no)
+    assert all(answers[q] == r["answer"] for q, r in records.items() if q in answers and q not in yes_no)
+    with pytest.raises(ValueError, match="shapes world's"):
+        load_training_pairs(dataset_path=path, spatial_reasoning=True)

@@ -132,3 +132,58 @@ def test_preference_rows_are_deterministic_and_valid(world):
     assert world_preference_rows(world, seed=6)["record"] != a["record"]
     clean, report = validate_rows(a, "preference")
     assert len(clean) == len(a) and report.rejects == []
+
+
+def _turns(messages):
+    """(question, answer) pairs of a conversation."""
+    questions = [next(c["text"] for c in m["content"] if c["type"] == "text") for m in messages if m["role"] == "user"]
+    return list(zip(questions, [m["content"][0]["text"] for m in messages if m["role"] == "assistant"]))
+
+
+def test_reasoned_answers_name_the_favoured_object_then_verify(world):
+    from align.world import Scene, reasoned_answer, relation_holds, yes_no_objects
+
+    checked = 0
+    for scene_json, questions in zip(world["scene"], world["questions"]):
+        scene = Scene.from_json(scene_json)
+        for record in json.loads(questions):
+            if record["category"] != "spatial" or record["answer_type"] != "yes_no":
+                with pytest.raises(ValueError, match="not a yes/no spatial question"):
+                    reasoned_answer(record)
+                continue
+            subject, other = yes_no_objects(record)
+            assert record["question"].startswith(f"Is the {subject} ") and record["question"].endswith(f" the {other}?")
+            a, b = (next(o for o in scene.objects if o.id == i) for i in record["objects"])
+            holds = relation_holds(a, b, record["relation"], scene.spatial_px)
+            good, bad = reasoned_answer(record), reasoned_answer(record, correct=False)
+            # The object the relation favours comes first, the yes/no follows from it, and verify reads it.
+            assert good.startswith(f"The {subject if holds else other} is ") and good.endswith("yes." if holds else "no.")
+            assert bad.startswith(f"The {other if holds else subject} is ") and bad.endswith("no." if holds else "yes.")
+            assert verify(record, good) and not verify(record, bad)
+            checked += 1
+    assert checked > 10
+
+
+def test_reasoned_sft_rows_and_pairs_change_only_the_yes_no_spatial_answers(world):
+    plain, reasoned = world_sft_rows(world), world_sft_rows(world, reasoned=True)
+    assert reasoned.column_names == ["images", "messages"] and len(reasoned) == len(plain)
+    assert reasoned["images"] == plain["images"]
+    changed = 0
+    for before, after, questions in zip(plain["messages"], reasoned["messages"], world["questions"]):
+        records = {r["question"]: r for r in json.loads(questions)}
+        for (question, short), (same, answer) in zip(_turns(before), _turns(after)):
+            record = records[question]
+            assert same == question and verify(record, answer)
+            if record["category"] == "spatial" and record["answer_type"] == "yes_no":
+                assert answer != short and answer.endswith(f", so {short}.")
+                changed += 1
+            else:
+                assert answer == short
+    assert changed > 0
+    assert validate_rows(reasoned, "sft")[1].rejects == []
+
+    pairs = world_preference_rows(world, seed=1, per_image=4, reasoned=True)
+    assert len(pairs) == len(world_preference_rows(world, seed=1, per_image=4))
+    spatial = [(json.loads(r), answer_text(c), answer_text(j)) for r, c, j in zip(pairs["record"], pairs["chosen"], pairs["rejected"])
+               if json.loads(r)["answer_type"] == "yes_no" and json.loads(r)["category"] == "spatial"]
+    assert spatial and all(c.startswith("The ") and ", so " in j and verify(r, c) and not verify(r, j) for r, c, j in spatial)

@@ -244,6 +244,18 @@ def test_default_sft_data_mixes_world_conversations_and_refusals(world, tmp_path
     assert (tmp_path / REJECTS_FILE).read_text() == ""
 
 
+def test_spatial_reasoning_reaches_the_sft_conversations_and_the_preference_pairs(world, tmp_path):
+    texts = lambda rows, key: [m["content"][0]["text"] for ms in rows[key] for m in ms if m["role"] == "assistant"]  # noqa: E731
+    plain = sft_dataset(SFTScriptArguments(world_path=world, refusal_weight=0.0), str(tmp_path / "a"), seed=0)
+    reasoned = sft_dataset(SFTScriptArguments(world_path=world, refusal_weight=0.0, spatial_reasoning=True),
+                           str(tmp_path / "b"), seed=0)
+    changed = [(a, b) for a, b in zip(texts(plain, "messages"), texts(reasoned, "messages")) if a != b]
+    assert changed and all(b.endswith(f", so {a}.") for a, b in changed)
+    pairs = preference_dataset(DPOScriptArguments(world_path=world, pairs_per_image=8, spatial_reasoning=True),
+                               str(tmp_path / "c"), seed=0)
+    assert any(", so " in text for text in texts(pairs, "chosen"))
+
+
 def test_bad_rows_are_skipped_counted_and_written(tmp_path, caplog):
     path, expected = sft_rows_with_bad_ones(tmp_path / "sft")
     args = SFTScriptArguments(datasets=[{"path": path, "format": "trl"}])

@@ -248,6 +248,10 @@ def test_the_recipe_names_bad_world_questions():
         parser.parse_args_and_config([*config, "--world_questions", "count", "--question_repeats", "spatial=2"])
     with pytest.raises(ValueError, match="the answer type 'which' in 'spatial:which'"):
         parser.parse_args_and_config([*config, "--world_questions", "spatial", "--question_repeats", "spatial:which=2"])
+    args = parser.parse_args_and_config([*config, "--world_questions", "spatial", "--spatial_reasoning", "true"])
+    assert args[0].spatial_reasoning is True
+    with pytest.raises(ValueError, match="add spatial to world_questions"):
+        parser.parse_args_and_config([*config, "--world_questions", "count", "--spatial_reasoning", "true"])
 
 
 def test_the_recipe_refuses_the_cache_for_a_stage_that_trains_the_towers():
