@@ -60,6 +60,7 @@ BASE_STAGES = (
     ("grounded", RECIPES / "configs" / "tiny" / "pretrain_grounded.yaml"),
     ("anneal", RECIPES / "configs" / "tiny" / "pretrain_anneal.yaml"),
     ("spatial", RECIPES / "configs" / "tiny" / "pretrain_spatial.yaml"),
+    ("reasoning", RECIPES / "configs" / "tiny" / "pretrain_reasoning.yaml"),
 )
 
 
