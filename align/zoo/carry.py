@@ -1,7 +1,7 @@
 """Carry the shipped parts' fingerprints across a change of their code that does not change what the code builds.
 
 A shipped part's fingerprint covers the code that builds it, so any change to that code, a pure refactor too, marks
-the part as built by other code until it is rebuilt and shipped again (the base VLM: about three hours on 2 CPU cores).
+the part as built by other code until it is rebuilt and shipped again (the base VLM: about three and a half hours on 2 CPU cores).
 A change that keeps behaviour needs no rebuild, and this command shows that it keeps it:
 
     python -m align.zoo.carry            # after changing a part's code: check, then carry the fingerprints
