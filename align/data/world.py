@@ -19,12 +19,14 @@ from align.paths import default_cache_dir
 from align.world import verify
 from align.world.dataset import MESSAGES_FEATURE
 from align.world.language import (
+    SPATIAL_YES_NO_WORDS,
     article,
     count_sentence,
     is_spatial_yes_no,
     phrase,
     reasoned_answer,
     reasoned_messages,
+    yes_no_objects,
 )
 from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
 
@@ -176,8 +178,8 @@ def wrong_answer(record: dict, scene: dict, rng: random.Random, long: bool) -> s
     if answer_type == "yes_no":  # spatial: "Is the {a} {relation} the {b}?"
         if not long:
             return "no" if answer == "yes" else "yes"
-        relation = next(r for r in _OPPOSITE_RELATION if f" {r} the " in record["question"])
-        a, b = record["question"].removeprefix("Is the ").removesuffix("?").split(f" {relation} the ", 1)
+        relation = SPATIAL_YES_NO_WORDS[record["relation"]]
+        a, b = yes_no_objects(record)
         if answer == "yes":
             return f"No, the {a} is {_OPPOSITE_RELATION[relation]} the {b}."
         return f"Yes, the {a} is {relation} the {b}."
