@@ -25,8 +25,8 @@ from align.families import FAMILIES, family_of, known_family
 from align.loading import is_adapter_dir
 from align.metrics import load_metric
 from align.sampling import generate_groups, generate_sharing_images, without_peft
-from align.world import CATEGORIES, prompt_rows, verify
-from align.world.verify import normalize
+from align.world import CATEGORIES, prompt_rows, verify, yes_no_objects
+from align.world.verify import conclusion_follows, normalize, reason_holds, stated_reason
 from model.chat_template import end_of_turn_token
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ QUESTION_COLUMNS = ("images", "prompt", "answer", "category", "record")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def question_rows(split_dataset: Dataset, n: int | None = None) -> Dataset:
+def question_rows(split_dataset: Dataset, n: int | None = None, categories: Sequence[str] | None = None) -> Dataset:
     """The questions of a held-out split, one row per question (`images`, `prompt`, `answer`, `category`,
     `record`, ...), the first `n` of them when `n` is set.
 
@@ -46,6 +46,7 @@ def question_rows(split_dataset: Dataset, n: int | None = None) -> Dataset:
         split_dataset: a world split (`questions` column, expanded with `align.world.prompt_rows`) or prompt rows
             that already carry a `record` column (JSON question records).
         n: keep the first `n` questions (all when None or larger than the split).
+        categories: keep only the questions of these categories (before the first `n` are taken).
     """
     if "record" not in split_dataset.column_names:
         if "questions" not in split_dataset.column_names:
@@ -57,6 +58,14 @@ def question_rows(split_dataset: Dataset, n: int | None = None) -> Dataset:
     missing = [c for c in ("images", "prompt") if c not in split_dataset.column_names]
     if missing:
         raise ValueError(f"the questions lack the columns {missing}; got {split_dataset.column_names}")
+    if categories:
+        if "category" not in split_dataset.column_names:
+            raise ValueError(f"categories {list(categories)} given, but the questions have no `category` column")
+        present = set(split_dataset["category"])
+        if not present & set(categories):
+            raise ValueError(f"no questions of the categories {list(categories)}; the questions have {sorted(present)}")
+        wanted = set(categories)
+        split_dataset = split_dataset.filter(lambda category: category in wanted, input_columns="category")
     if n is not None:
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
@@ -71,7 +80,9 @@ def _record_json(record) -> str:
     return record if isinstance(record, str) else json.dumps(record)
 
 
-def load_eval_questions(path: str | os.PathLike, split: str = "test", n: int | None = None) -> Dataset:
+def load_eval_questions(
+    path: str | os.PathLike, split: str = "test", n: int | None = None, categories: Sequence[str] | None = None
+) -> Dataset:
     """Held-out questions from disk, as `question_rows`.
 
     Args:
@@ -81,6 +92,7 @@ def load_eval_questions(path: str | os.PathLike, split: str = "test", n: int | N
             with unreadable images or mismatched image counts are skipped by `align.data`'s checks.
         split: the split of a `DatasetDict`.
         n: keep the first `n` questions.
+        categories: keep only the questions of these categories (`question_rows`).
     """
     from align.data import load_dataset_local, validate_rows
     from align.data.world import open_world
@@ -90,7 +102,7 @@ def load_eval_questions(path: str | os.PathLike, split: str = "test", n: int | N
         data = open_world(path, split)
         if "record" in data.column_names:
             data, _ = validate_rows(data, "prompt", source=str(path))
-        return question_rows(data, n)
+        return question_rows(data, n, categories)
     if not path.is_file():
         raise ValueError(f"evaluation data {path} does not exist")
     with open(path, encoding="utf-8") as f:
@@ -104,7 +116,7 @@ def load_eval_questions(path: str | os.PathLike, split: str = "test", n: int | N
     rows = rows.add_column("record", records)
     rows = rows.add_column("answer", [str(r["answer"]) for r in parsed])
     rows = rows.add_column("category", [r["category"] for r in parsed])
-    return question_rows(rows, n)
+    return question_rows(rows, n, categories)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,7 +437,7 @@ def paired_difference(a: Sequence[dict], b: Sequence[dict]) -> dict:
 
 def prediction_rows(questions: Dataset, predictions: Sequence[str]) -> list[dict]:
     """One record per question for `predictions.jsonl`: question, answer, prediction, correct, category, answer_type
-    (the question's form, `align.world.ANSWER_TYPES`), image_id."""
+    (the question's form, `align.world.ANSWER_TYPES`), relation (a spatial question's, else None), image_id."""
     rows = []
     image_ids = questions["image_id"] if "image_id" in questions.column_names else [None] * len(questions)
     for record, prediction, image_id in zip(questions["record"], predictions, image_ids):
@@ -433,7 +445,7 @@ def prediction_rows(questions: Dataset, predictions: Sequence[str]) -> list[dict
         rows.append({
             "question": record["question"], "answer": str(record["answer"]), "prediction": prediction,
             "correct": bool(verify(record, prediction)), "category": record["category"],
-            "answer_type": record.get("answer_type"), "image_id": image_id,
+            "answer_type": record.get("answer_type"), "relation": record.get("relation"), "image_id": image_id,
         })
     return rows
 
@@ -459,6 +471,50 @@ def form_table(evaluations: dict[str, Sequence[dict]]) -> str:
             picked = [row["correct"] for row in rows if row["category"] == category and row["answer_type"] == form]
             cells.append(f"{100 * sum(picked) / len(picked):.1f}% ({len(picked)})" if picked else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _reasoned_record(row: dict) -> dict | None:
+    """The question record a yes/no spatial prediction row was asked from, as far as reasons need it."""
+    if row.get("category") != "spatial" or row.get("answer_type") != "yes_no":
+        return None
+    if row.get("relation") is None:
+        raise ValueError("a yes/no spatial prediction row without `relation` (written before evaluation recorded it): "
+                         "evaluate again")
+    return {key: row[key] for key in ("question", "answer", "category", "answer_type", "relation")}
+
+
+def reasons_table(evaluations: dict[str, Sequence[dict]]) -> str:
+    """How the yes/no spatial answers that state their reason first ("The red circle is further left, so yes.",
+    `align.world.reasoned_answer`) go wrong, one row per named evaluation, as a Markdown table: how many state a
+    reason, how often the reason is true (`reason_holds`), how often the yes/no follows from it, true or false
+    (`conclusion_follows`), that split by whether the question's two objects are of one shape ("the red square ...
+    the orange square": the names differ only in color or size) or of two, and how many answers are right with a
+    false reason. Percentages of the reasoned answers (of the split, for the split columns)."""
+    lines = [
+        "| evaluation | yes/no spatial | reasoned | reason true | yes/no follows the reason | follows: one shape "
+        "| follows: two shapes | right, reason false |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def percent(hits: int, total: int) -> str:
+        return f"{100 * hits / total:.1f}% ({total})" if total else "—"
+
+    for name, rows in evaluations.items():
+        records = [(record, row) for row in rows if (record := _reasoned_record(row)) is not None]
+        reasoned = [(record, row) for record, row in records if stated_reason(row["prediction"]) is not None]
+        true = sum(reason_holds(record, row["prediction"]) for record, row in reasoned)
+        follows = {}
+        for record, row in reasoned:
+            subject, other = (normalize(n)[-1] for n in yes_no_objects(record))
+            follows.setdefault(subject == other, []).append(conclusion_follows(record, row["prediction"]))
+        lucky = sum(row["correct"] and not reason_holds(record, row["prediction"]) for record, row in reasoned)
+        everything = follows.get(True, []) + follows.get(False, [])
+        lines.append(
+            f"| {name} | {len(records)} | {len(reasoned)} | {percent(true, len(reasoned))} "
+            f"| {percent(sum(everything), len(everything))} | {percent(sum(follows.get(True, [])), len(follows.get(True, [])))} "
+            f"| {percent(sum(follows.get(False, [])), len(follows.get(False, [])))} | {percent(lucky, len(reasoned))} |"
+        )
     return "\n".join(lines)
 
 
@@ -708,6 +764,7 @@ __all__ = [
     "pass_at_k",
     "question_rows",
     "read_predictions",
+    "reasons_table",
     "sample_answers",
     "sample_batch",
     "sampled_metrics",
@@ -725,7 +782,8 @@ __all__ = [
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m align.evaluation BASELINE OTHER [OTHER ...]`: each evaluation folder (as `recipes/evaluate.py`
     writes it) minus the first, paired on the questions both answered, as a Markdown table. With `--forms`, each
-    folder's accuracy per question form instead (`form_table`; one folder is enough)."""
+    folder's accuracy per question form instead (`form_table`; one folder is enough); with `--reasons`, how its
+    reasoned yes/no spatial answers go wrong (`reasons_table`)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -733,10 +791,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("others", nargs="*", help="Evaluation folders to compare with the baseline.")
     parser.add_argument("--forms", action="store_true",
                         help="Print each folder's accuracy per question form (yes/no vs choice spatial questions).")
+    parser.add_argument("--reasons", action="store_true",
+                        help="Print how each folder's reasoned yes/no spatial answers go wrong (`reasons_table`).")
     args = parser.parse_args(argv)
-    if args.forms:
+    if args.forms or args.reasons:
         folders = [args.baseline, *args.others]
-        print(form_table({folder: read_predictions(Path(folder) / PREDICTIONS) for folder in folders}))
+        evaluations = {folder: read_predictions(Path(folder) / PREDICTIONS) for folder in folders}
+        print(form_table(evaluations) if args.forms else reasons_table(evaluations))
         return
     if not args.others:
         parser.error("give at least one evaluation folder to compare with the baseline (or --forms)")

@@ -5,6 +5,7 @@ Rewards are TRL reward functions `f(prompts, completions, **columns) -> list[flo
 (`record`, `images`, ...) arrive as keyword arguments. Several are summed with `GRPOConfig.reward_weights`:
 
 - `verifier`: 1 for an answer the world's verifier accepts (`align.world.verify`), 0 otherwise (Tülu 3's RLVR);
+  with `verify_reasons`, a reasoned answer ("The red circle is further left, so yes.") also needs a true reason;
 - `format`: 1 for a short answer that commits to one value of the asked type or declines (`well_formed`), right
   or wrong; a shaping term that keeps answers checkable;
 - `reward_model`: the Bradley-Terry score of a VLM reward model from `recipes/reward.py` (`align.scoring`).
@@ -73,10 +74,14 @@ def _records(record, count: int, reward: str) -> list[dict]:
     return [json.loads(r) if isinstance(r, str) else r for r in record]
 
 
-def verifier_reward(prompts, completions, record=None, **kwargs) -> list[float]:
-    """1.0 for an answer the world's verifier accepts, 0.0 otherwise."""
+def verifier_reward(prompts, completions, record=None, reasons: bool = False, **kwargs) -> list[float]:
+    """1.0 for an answer the world's verifier accepts, 0.0 otherwise; with `reasons` an answer that states its
+    reason first ("The red circle is further left, so yes.") must state a true one (`verify(reasons=True)`): a right
+    yes/no after a false reason is a guess that landed, not a skill to reinforce."""
     records = _records(record, len(completions), "verifier")
-    return [1.0 if verify(r, completion_text(c)) else 0.0 for r, c in zip(records, completions, strict=True)]
+    return [
+        1.0 if verify(r, completion_text(c), reasons=reasons) else 0.0 for r, c in zip(records, completions, strict=True)
+    ]
 
 
 def format_reward(prompts, completions, record=None, max_words: int = 12, **kwargs) -> list[float]:
@@ -121,16 +126,18 @@ def _named(name: str, func: Callable) -> Callable:
 
 
 def reward_functions(
-    names: Sequence[str], reward_model_name_or_path: str | None = None, max_words: int = 12, device=None
+    names: Sequence[str], reward_model_name_or_path: str | None = None, max_words: int = 12, device=None,
+    verify_reasons: bool = False,
 ) -> list[Callable]:
-    """The named reward functions, in order (their weights are `GRPOConfig.reward_weights`)."""
+    """The named reward functions, in order (their weights are `GRPOConfig.reward_weights`); `verify_reasons`: the
+    verifier reward checks an answer's stated reason too (`verifier_reward`)."""
     unknown = [n for n in names if n not in REWARDS]
     if unknown or not names:
         raise ValueError(f"reward_funcs must name one or more of {list(REWARDS)}, got {list(names)}")
     funcs = []
     for name in names:
         if name == "verifier":
-            funcs.append(_named("verifier", verifier_reward))
+            funcs.append(_named("verifier", functools.partial(verifier_reward, reasons=verify_reasons)))
         elif name == "format":
             funcs.append(_named("format", functools.partial(format_reward, max_words=max_words)))
         else:
@@ -288,6 +295,11 @@ class GRPOScriptArguments(PromptArguments, RunArguments):
         default=None, metadata={"help": "The reward model (recipes/reward.py output) of the reward_model reward."}
     )
     format_max_words: int = field(default=12, metadata={"help": "`format` reward: the longest well-formed answer."})
+    verify_reasons: bool = field(
+        default=False,
+        metadata={"help": "`verifier` reward: an answer that states its reason first (\"The red circle is further left, "
+                  "so yes.\") scores 1 only when the reason is true too (`align.world.verify(reasons=True)`)."},
+    )
     filter_samples: int = field(
         default=0,
         metadata={"help": "Before training, sample this many answers to each prompt with the starting policy and keep "

@@ -75,6 +75,11 @@ class EvaluateArguments(RunArguments, DatasetNameArgument):
     )
     dataset_split: str = field(default="test", metadata={"help": "Split of the world / DatasetDict to evaluate on."})
     num_questions: int | None = field(default=None, metadata={"help": "Evaluate the first N questions (default: all)."})
+    categories: list[str] | None = field(
+        default=None,
+        metadata={"help": "Evaluate only the questions of these categories (before num_questions is taken), e.g. "
+                  "`--categories spatial` for many spatial questions without the rest (default: all)."},
+    )
     batch_size: int = field(default=16, metadata={"help": "Prompts per generate call (per process)."})
     share_images: bool = field(
         default=True,
@@ -154,7 +159,8 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
     # ----- data -------------------------------------------------------------------------------------------------
     world_path = Path(script_args.world_path) if script_args.world_path else default_cache_dir() / "world"
     questions = load_eval_questions(
-        script_args.dataset_path or world_path, split=script_args.dataset_split, n=script_args.num_questions
+        script_args.dataset_path or world_path, split=script_args.dataset_split, n=script_args.num_questions,
+        categories=script_args.categories,
     )
     logger.info("%d held-out questions from %s", len(questions), script_args.dataset_path or world_path)
 

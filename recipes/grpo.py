@@ -56,7 +56,7 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
     ref_model = load_reference(model_args.model_name_or_path, model_args) if not peft_config and training_args.beta else None
     rewards = reward_functions(
         script_args.reward_funcs, script_args.reward_model_name_or_path, script_args.format_max_words,
-        device=training_args.device,
+        device=training_args.device, verify_reasons=script_args.verify_reasons,
     )
     logger.info("rewards: %s, weights %s", script_args.reward_funcs, training_args.reward_weights or "all 1")
 

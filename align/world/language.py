@@ -75,7 +75,7 @@ _SPATIAL_CHOICE = {
     "lower": ("lower", "below"),
 }
 # yes/no relation -> the "which" phrase of the object it favours, said first in a reasoned answer
-_REASON_WORDS = {predicate: words for words, predicate in _SPATIAL_CHOICE.values()}
+REASON_WORDS = {predicate: words for words, predicate in _SPATIAL_CHOICE.values()}
 _UNANSWERABLE_ABOUT_OBJECT = (
     "What is written on the {ref}?",
     "What is the {ref} made of?",
@@ -414,7 +414,7 @@ def reasoned_answer(record: dict, correct: bool = True) -> str:
     """
     subject, other = yes_no_objects(record)
     holds = (record["answer"] == "yes") == correct
-    return f"The {subject if holds else other} is {_REASON_WORDS[record['relation']]}, so {'yes' if holds else 'no'}."
+    return f"The {subject if holds else other} is {REASON_WORDS[record['relation']]}, so {'yes' if holds else 'no'}."
 
 
 def answer_text(record: dict, reasoned: bool = False) -> str:

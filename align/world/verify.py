@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .language import NUMBER_WORDS
+from .language import NUMBER_WORDS, REASON_WORDS, is_spatial_yes_no, yes_no_objects
 from .scene import COLORS, SHAPES
 
 # Colors and shapes outside the world still count as a commitment: "It is pink" is a wrong color.
@@ -82,14 +82,59 @@ def _numbers(tokens: list[str]) -> set[int]:
     return found
 
 
-def verify(record: dict, answer_text: str) -> bool:
+# A stated reason, as `reasoned_answer` words it: "The red circle is further left, so yes."
+_STATED_REASON = re.compile(r"^\W*the (.+?) is (" + "|".join(REASON_WORDS.values()) + r")\b")
+
+
+def stated_reason(answer_text: str) -> tuple[str, str] | None:
+    """The reason an answer states first, as (object, relation words): "The red circle is further left, so yes." ->
+    ("red circle", "further left"); None when it states none."""
+    found = _STATED_REASON.match(" ".join(normalize(answer_text)))
+    return (found.group(1), found.group(2)) if found else None
+
+
+def reason_holds(record: dict, answer_text: str) -> bool:
+    """Whether the reason `answer_text` states is true of the image: for a yes/no spatial question answered with its
+    reason first (`reasoned_answer`), the object it names is the one the question's relation favours, in the
+    relation's words. An answer that states no reason, or to another question, has none to be false."""
+    if not isinstance(answer_text, str) or not is_spatial_yes_no(record):
+        return True
+    reason = stated_reason(answer_text)
+    if reason is None:
+        return True
+    subject, other = yes_no_objects(record)
+    favoured = subject if str(record["answer"]).strip().lower() == "yes" else other
+    return reason == (" ".join(normalize(favoured)), REASON_WORDS[record["relation"]])
+
+
+def conclusion_follows(record: dict, answer_text: str) -> bool | None:
+    """Whether the yes or no of a reasoned answer follows from the reason it states, true or false: yes after naming
+    the question's subject ("Is the red circle left of the blue square?" -> "The red circle is further left, so
+    yes."), no after naming the other object. None when the record is not a yes/no spatial question or the answer
+    states no reason; False when the reason names neither object or the answer commits to no yes/no."""
+    if not isinstance(answer_text, str) or not is_spatial_yes_no(record):
+        return None
+    reason = stated_reason(answer_text)
+    if reason is None:
+        return None
+    subject, other = (" ".join(normalize(name)) for name in yes_no_objects(record))
+    said = _yes_no(answer_text, normalize(answer_text))
+    return (reason[0] == subject and said == "yes") or (reason[0] == other and said == "no")
+
+
+def verify(record: dict, answer_text: str, reasons: bool = False) -> bool:
     """Whether `answer_text` is a right answer to the question `record` (from `make_questions`).
 
     Short and sentence answers both count: "2", "two", "There are two circles." for 2; "Yes, there is."
     for yes; "The circle is red." for red. For a "which" question the answer must name exactly one of
-    the two candidates. For an unanswerable question only a refusal is right.
+    the two candidates. For an unanswerable question only a refusal is right. With `reasons`, an answer that states
+    its reason first must state a true one too (`reason_holds`): "The blue square is further left, so yes." is then
+    wrong when the blue square is not further left, even if the answer is yes. Training picks and rewards answers
+    with it, so that a lucky yes/no after a false reason is not learned; evaluation reads the answer alone.
     """
     if not isinstance(answer_text, str):
+        return False
+    if reasons and not reason_holds(record, answer_text):
         return False
     answer_type = record["answer_type"]
     tokens = normalize(answer_text)

@@ -254,6 +254,39 @@ def test_form_table_splits_a_category_by_question_form(tmp_path, capsys):
         form_table({"old": [{k: v for k, v in row.items() if k != "answer_type"} for row in rows]})
 
 
+def test_reasons_table_splits_reasoned_answers_by_what_went_wrong(tmp_path, capsys):
+    """`--reasons`: of the reasoned yes/no spatial answers, how many state a true reason and how many conclude what
+    their reason says, split by whether the two objects share their shape."""
+    from datasets import Dataset
+
+    from align.evaluation import main, prediction_rows, reasons_table
+
+    one_shape = {"category": "spatial", "question": "Is the red square above the orange square?", "answer": "no",
+                 "answer_type": "yes_no", "choices": [], "relation": "above"}
+    two_shapes = {"category": "spatial", "question": "Is the red circle to the left of the blue square?",
+                  "answer": "yes", "answer_type": "yes_no", "choices": [], "relation": "left_of"}
+    color = {"category": "color", "question": "What color is the circle?", "answer": "red", "answer_type": "color",
+             "choices": []}
+    records = [one_shape, one_shape, two_shapes, two_shapes, color]
+    answers = ["The red square is higher, so no.",  # false reason, not followed: right by luck
+               "The orange square is higher, so no.",  # true, followed
+               "The red circle is further left, so yes.",  # true, followed
+               "yes",  # states no reason
+               "red"]
+    questions = Dataset.from_dict({"record": [json.dumps(r) for r in records], "image_id": [f"i{n}" for n in range(5)]})
+    rows = prediction_rows(questions, answers)
+    assert [row["relation"] for row in rows] == ["above", "above", "left_of", "left_of", None]
+    table = reasons_table({"sft": rows}).splitlines()
+    assert table[0].startswith("| evaluation | yes/no spatial | reasoned | reason true | yes/no follows the reason |")
+    assert table[2] == "| sft | 4 | 3 | 66.7% (3) | 66.7% (3) | 50.0% (2) | 100.0% (1) | 33.3% (3) |"
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    main([str(tmp_path / "sft"), "--reasons"])
+    assert table[2].removeprefix("| sft ") in capsys.readouterr().out
+    with pytest.raises(ValueError, match="without `relation`"):
+        reasons_table({"old": [{k: v for k, v in row.items() if k != "relation"} for row in rows]})
+
+
 def test_demo_compares_dpo_and_rounds_with_sft(tmp_path):
     from align.demo import paired_against_sft
 
@@ -323,6 +356,14 @@ def test_load_eval_questions_from_a_world_and_from_jsonl(tmp_path, world_split):
     loaded = load_eval_questions(tmp_path / "questions.jsonl")
     assert loaded["record"] == [rows["record"][0], rows["record"][2]]
     assert loaded["category"] == [rows["category"][0], rows["category"][2]]
+
+    # `categories` keeps the questions of those categories, before the first n are taken.
+    every = load_eval_questions(tmp_path / "world", split="test")
+    counts = load_eval_questions(tmp_path / "world", split="test", categories=["count"])
+    assert counts["record"] == [r for r, c in zip(every["record"], every["category"]) if c == "count"]
+    assert load_eval_questions(tmp_path / "world", split="test", n=2, categories=["count"])["record"] == counts["record"][:2]
+    with pytest.raises(ValueError, match=r"no questions of the categories \['weather'\]"):
+        load_eval_questions(tmp_path / "world", split="test", categories=["weather"])
 
 
 def _metrics(correct: dict[str, tuple[int, int]]) -> dict:

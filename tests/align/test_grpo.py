@@ -60,6 +60,18 @@ def test_verifier_and_format_rewards_on_fixed_answers(record, answer, right, for
     assert format_reward(None, [_messages(answer)], **rows) == [1.0 if formed else 0.0]
 
 
+def test_verifier_reward_checks_stated_reasons_when_asked():
+    """`verify_reasons`: a right yes/no after a false reason scores 0, as if wrong; by default the yes/no alone counts."""
+    record = {"category": "spatial", "question": "Is the red square above the orange square?", "answer": "no",
+              "answer_type": "yes_no", "choices": [], "relation": "above"}
+    answers = [_messages(a) for a in ("The orange square is higher, so no.", "The red square is higher, so no.", "no")]
+    rows = {"record": [json.dumps(record)] * 3}
+    assert verifier_reward(None, answers, **rows) == [1.0, 1.0, 1.0]
+    assert verifier_reward(None, answers, reasons=True, **rows) == [1.0, 0.0, 1.0]
+    strict, plain = reward_functions(["verifier"], verify_reasons=True)[0], reward_functions(["verifier"])[0]
+    assert strict(None, answers, **rows) == [1.0, 0.0, 1.0] and plain(None, answers, **rows) == [1.0, 1.0, 1.0]
+
+
 def test_format_reward_length_and_plain_prompts():
     long = "The square in the picture is red and it sits near the top left corner of the image."
     assert format_reward(None, [long], record=[COLOR]) == [0.0]

@@ -420,3 +420,37 @@ def test_placement_gives_up_clearly():
     config.small_frac, config.large_frac = 0.4, 0.45
     with pytest.raises(ValueError, match="could not place 6 objects.*max_objects"):
         generate_scene(config, random.Random(0))
+
+
+# A yes/no spatial question whose two objects share their shape: the names differ only in color.
+ABOVE_Q = {"category": "spatial", "question": "Is the red square above the orange square?", "answer": "no",
+           "answer_type": "yes_no", "choices": [], "relation": "above"}
+
+
+@pytest.mark.parametrize("answer, holds, follows, right, strict", [
+    ("The orange square is higher, so no.", True, True, True, True),  # the reasoned answer itself
+    ("The red square is higher, so yes.", False, True, False, False),  # false reason, followed
+    ("The red square is higher, so no.", False, False, True, False),  # a lucky no after a false reason
+    ("The orange square is higher, so yes.", True, False, False, False),  # a true reason, not followed
+    ("The orange square is lower, so no.", False, True, True, False),  # the relation's words wrong
+    ("The blue circle is higher, so no.", False, False, True, False),  # names neither object
+    ("no", True, None, True, True),  # states no reason: nothing to check
+])
+def test_verifier_checks_a_stated_reason_when_asked(answer, holds, follows, right, strict):
+    from align.world import reasoned_answer
+    from align.world.verify import conclusion_follows, reason_holds, stated_reason
+
+    assert reasoned_answer(ABOVE_Q) == "The orange square is higher, so no."
+    assert reason_holds(ABOVE_Q, answer) is holds
+    assert conclusion_follows(ABOVE_Q, answer) is follows
+    assert verify(ABOVE_Q, answer) is right  # evaluation reads the yes/no alone
+    assert verify(ABOVE_Q, answer, reasons=True) is strict
+    assert (stated_reason(answer) is None) == (follows is None)
+
+
+def test_reasons_are_checked_only_where_a_question_has_them():
+    from align.world.verify import conclusion_follows, reason_holds
+
+    # "The red circle is higher." answers a "which" question; there is no yes/no reason to hold it to.
+    assert verify(WHICH_Q, "The red circle is higher.", reasons=True)
+    assert reason_holds(YES_Q, "The red circle is higher, so yes.") and conclusion_follows(YES_Q, "yes") is None
