@@ -226,7 +226,6 @@ def prepare_image_rows(
     chunk_size: int = 1024,
     encode_batch_size: int = 64,
     id_column: str = "image_id",
-    keep_columns: Sequence[str] | None = None,
 ) -> PreparedImages:
     """Decode every image of an `images` + `messages` dataset once: set aside rows with a missing or corrupt image
     (or with more or fewer images than image placeholders), add each image's content hash, and encode the images
@@ -239,9 +238,6 @@ def prepare_image_rows(
         chunk_size: images decoded before they are encoded into one cache shard.
         encode_batch_size: images per encoder forward.
         id_column: column reported as the row's `id` in the rejects, when the dataset has it.
-        keep_columns: the columns the prepared rows keep besides `image_hashes` (default: all). The cached path keeps
-            `messages` alone: adding the hashes to a shuffled or selected dataset rewrites every row it keeps, and
-            with the images that took minutes on a pretraining mixture of tens of thousands of rows.
 
     Returns:
         A `PreparedImages`.
@@ -310,8 +306,6 @@ def prepare_image_rows(
         reasons = ", ".join(f"{n} {reason}" for reason, n in Counter(r["reason"] for r in rejects).items())
         raise ValueError(f"no usable rows: all {row} rows were set aside ({reasons})")
     prepared = dataset.select(kept) if len(kept) < len(dataset) else dataset
-    if keep_columns is not None:
-        prepared = prepared.select_columns([c for c in keep_columns if c != "image_hashes"])
     if "image_hashes" in prepared.column_names:
         prepared = prepared.remove_columns("image_hashes")
     prepared = prepared.add_column("image_hashes", hashes, feature=List(Value("string")))
@@ -459,9 +453,7 @@ def prepare_stage_data(
     if cache_dir is None:
         raise ValueError("training on cached features needs a feature_cache_dir")
     cache = open_feature_cache(model, processor, cache_dir)
-    prepared = prepare_image_rows(
-        dataset, cache=cache, encode=lambda images: encode_images(model, processor, images), keep_columns=["messages"]
-    )
+    prepared = prepare_image_rows(dataset, cache=cache, encode=lambda images: encode_images(model, processor, images))
     logger.info(
         "feature cache %s: %d images encoded now, %d cached in all", cache.dir, prepared.encoded, len(cache)
     )
