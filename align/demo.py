@@ -244,6 +244,7 @@ GRPO_VS_ROUNDS = "Online RL (GRPO, from the SFT policy) against the offline roun
 REWARD_MODEL = "Reward model (LoRA on the SFT policy): held-out pairwise accuracy on world pairs (validation split)"
 
 
+REASONS = "Reasoned yes/no spatial answers: is the stated reason true, does the yes or no follow from it"
 GATES = "Gates of the default (the issue's targets), as this run measured them"
 SFT_FLOORS = {"color": 0.85, "shape": 0.85, "existence": 0.90, "count": 0.60, "unanswerable": 0.95}
 STUDENT_SHARE = 0.90  # the 3/8 student's overall accuracy against the teacher's
@@ -344,6 +345,21 @@ def paired_against_sft(run_dir: Path, rounds: dict) -> str:
     return "Accuracy minus SFT's, in points (± the paired standard error):\n\n" + table
 
 
+def reasons_section(run_dir: Path, rounds: dict) -> str:
+    """How the base's, SFT's, DPO's, the last round's and GRPO's reasoned yes/no spatial answers go wrong
+    (`align.evaluation.reasons_table`): what is left of the spatial errors, and what post-training does about it."""
+    from align.evaluation import PREDICTIONS, read_predictions, reasons_table
+
+    last = rounds["rounds"][-1]["round"]
+    folders = {"base": run_dir / "eval-base", "SFT (LoRA)": run_dir / "eval-sft", "DPO (LoRA)": run_dir / "eval-dpo",
+               f"round {last}": run_dir / "rounds" / f"round{last}" / "eval", "GRPO": run_dir / "eval-grpo"}
+    table = reasons_table({name: read_predictions(folder / PREDICTIONS) for name, folder in folders.items()
+                           if (folder / PREDICTIONS).is_file()})
+    return (table + "\n\nThe reason names the object the relation favours; the yes or no should then say whether that "
+            "object is the question's subject. After two objects of one shape (names that differ only in color or "
+            "size) the models conclude at about chance (README: what the reasoned answers still get wrong).")
+
+
 def grpo_against_rounds(run_dir: Path, results: dict, threads: dict[str, int | None]) -> str:
     """GRPO (from the SFT policy) and the rounds (from the DPO policy): the wall-clock each took on this machine with
     the CPU threads it had (`threads` by step name, None: all), and GRPO minus the last round on the same questions."""
@@ -438,12 +454,15 @@ def main(argv=None):
     print(f"\n## {AGAINST_SFT}\n\n{against_sft}")
     versus = grpo_against_rounds(run_dir, results, threads)
     print(f"\n## {GRPO_VS_ROUNDS}\n\n{versus}")
+    reasons = reasons_section(run_dir, results["rounds"])
+    print(f"\n## {REASONS}\n\n{reasons}")
     heading = "Students of the final policy: distilled vs labels only, same steps (seed 0)"
     students = (run_dir / "students" / "students.md").read_text().rstrip()
     print(f"\n## {heading}\n\n{students}")
     gates = gates_table(run_dir, results)
     print(f"\n## {GATES}\n\n{gates}")
-    sections = {GATES: gates, AGAINST_SFT: against_sft, GRPO_VS_ROUNDS: versus, OTHER_WORLD: seeds, REWARD_MODEL: reward, heading: students}
+    sections = {GATES: gates, AGAINST_SFT: against_sft, GRPO_VS_ROUNDS: versus, REASONS: reasons, OTHER_WORLD: seeds,
+                REWARD_MODEL: reward, heading: students}
     paths = write_report(run_dir, board, curves, sections=sections)
     print(f"\nreport: {paths['report']} and {paths['plot']}")
     print(f"make demo finished in {time.time() - t0:.0f} s")

@@ -111,3 +111,26 @@ def test_smoke_runs_every_step_of_the_demo_shrunk(tmp_path, monkeypatch):
     rounds = {"rounds": [{"round": 1}], "final_policy": str(run_dir / "rounds" / "round1" / "dpo")}
     assert students_step(run_dir, rounds, 10, smoke=True).overrides["max_steps"] == SMOKE["students.py"]["max_steps"]
     assert "max_steps" not in students_step(run_dir, rounds, 10).overrides
+
+
+def test_reasons_section_reads_each_stage_s_reasoned_answers(tmp_path):
+    """The report's reasons table: one row per stage whose evaluation exists, from its prediction rows."""
+    from datasets import Dataset
+
+    from align.demo import reasons_section
+    from align.evaluation import prediction_rows
+
+    record = {"category": "spatial", "question": "Is the red square above the orange square?", "answer": "no",
+              "answer_type": "yes_no", "choices": [], "relation": "above"}
+    questions = Dataset.from_dict({"record": [json.dumps(record)], "image_id": ["test-0"]})
+    answers = {"eval-base": "The orange square is higher, so no.", "eval-sft": "The orange square is higher, so yes.",
+               "rounds/round2/eval": "The red square is higher, so no."}  # no DPO or GRPO evaluation: no row
+    for folder, answer in answers.items():
+        (tmp_path / folder).mkdir(parents=True)
+        rows = prediction_rows(questions, [answer])
+        (tmp_path / folder / PREDICTIONS).write_text(json.dumps(rows[0]) + "\n")
+    rows = reasons_section(tmp_path, {"rounds": [{"round": 1}, {"round": 2}]}).splitlines()
+    assert rows[2] == "| base | 1 | 1 | 100.0% (1) | 100.0% (1) | 100.0% (1) | — | 0.0% (1) |"
+    assert rows[3] == "| SFT (LoRA) | 1 | 1 | 100.0% (1) | 0.0% (1) | 0.0% (1) | — | 0.0% (1) |"
+    assert rows[4] == "| round 2 | 1 | 1 | 0.0% (1) | 0.0% (1) | 0.0% (1) | — | 100.0% (1) |"
+    assert rows[5] == "" and "chance" in rows[6]
