@@ -204,6 +204,16 @@ def test_bad_rows_are_set_aside_and_listed(tmp_path):
         (2, "img-2", MISSING_IMAGE), (3, "img-3", CORRUPT_IMAGE), (4, "img-4", MISSING_IMAGE), (5, "img-5", IMAGE_COUNT),
     ]
     assert "skipped 4 of 8 rows" in prepared.summary()
+    # A shuffled dataset (an indices mapping, as every training mixture): the same rows and hashes as add_column
+    # after flatten_indices gives, gathered without rewriting each row.
+    shuffled = dataset.shuffle(seed=0)
+    fast = prepare_image_rows(shuffled).dataset
+    usable = set(prepared.dataset["image_id"])
+    slow = shuffled.select([i for i, image_id in enumerate(shuffled["image_id"]) if image_id in usable]).flatten_indices()
+    slow = slow.add_column("image_hashes", fast["image_hashes"], feature=fast.features["image_hashes"])
+    assert fast.features == slow.features and fast.with_format("arrow")[:].equals(slow.with_format("arrow")[:])
+    by_id = dict(zip(prepared.dataset["image_id"], prepared.dataset["image_hashes"]))
+    assert fast["image_hashes"] == [by_id[image_id] for image_id in fast["image_id"]]
     RejectReport("images", prepared.total, prepared.rejects).write(tmp_path / "out" / "rejects.jsonl")
     lines = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
     assert [json.loads(line)["reason"] for line in lines] == [r["reason"] for r in prepared.rejects]
