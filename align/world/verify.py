@@ -83,7 +83,7 @@ def _numbers(tokens: list[str]) -> set[int]:
 
 
 # A stated reason, as `reasoned_answer` words it: "The red circle is further left, so yes."
-_STATED_REASON = re.compile(r"^\W*the (.+?) is (" + "|".join(REASON_WORDS.values()) + r")\b")
+_STATED_REASON = re.compile(r"^the (.+?) is (" + "|".join(REASON_WORDS.values()) + r")\b")
 
 
 def stated_reason(answer_text: str) -> tuple[str, str] | None:
@@ -129,8 +129,8 @@ def verify(record: dict, answer_text: str, reasons: bool = False) -> bool:
     for yes; "The circle is red." for red. For a "which" question the answer must name exactly one of
     the two candidates. For an unanswerable question only a refusal is right. With `reasons`, an answer that states
     its reason first must state a true one too (`reason_holds`): "The blue square is further left, so yes." is then
-    wrong when the blue square is not further left, even if the answer is yes. Training picks and rewards answers
-    with it, so that a lucky yes/no after a false reason is not learned; evaluation reads the answer alone.
+    wrong when the blue square is not further left, even if the answer is yes. GRPO's `verify_reasons` rewards
+    answers with it, so that a lucky yes/no after a false reason is not reinforced; evaluation reads the answer alone.
     """
     if not isinstance(answer_text, str):
         return False
