@@ -21,7 +21,7 @@ from align.data import load_dataset_local
 from align.data.world import open_world
 from align.evaluation import generate_answers
 from align.metrics import load_metric
-from align.world import ANSWER_TYPES, caption_rows, question_rows
+from align.world import ANSWER_TYPES, SPATIAL_PAIRS, caption_rows, question_rows
 
 CAPTION_PROMPT = "Describe the image."
 CAPTION_STYLES = ("short", "detailed")
@@ -74,12 +74,14 @@ def load_training_pairs(
     the mixture: {"spatial": 4} asks every spatial question four times, once among its image's other questions and
     three times more in conversations of that category alone (a curated annealing mixture, upweighting what lags).
     A key `category:answer_type` weighs one form of a category's questions: {"spatial:yes_no": 8} asks the yes/no
-    spatial questions eight times and the choice ones once (`align.world.ANSWER_TYPES`). With `spatial_reasoning`
+    spatial questions eight times and the choice ones once (`align.world.ANSWER_TYPES`), and
+    `spatial:yes_no:one_shape` those of them that name two objects of one shape ("Is the red square above the orange
+    square?"; `align.world.SPATIAL_PAIRS`). With `spatial_reasoning`
     the yes/no spatial questions are answered with their reason first (`align.world.reasoned_answer`)."""
-    repeats = {split_repeat_key(key, questions): times for key, times in (question_repeats or {}).items()}
-    for (category, form), times in repeats.items():
+    repeats = {key: (split_repeat_key(key, questions), times) for key, times in (question_repeats or {}).items()}
+    for key, (_, times) in repeats.items():
         if times < 1:
-            raise ValueError(f"question_repeats for {category + (':' + form if form else '')!r} must be at least 1, got {times}")
+            raise ValueError(f"question_repeats for {key!r} must be at least 1, got {times}")
     if dataset_path is None:
         world = open_world(world_path, split, hint="give world_path")
         captions = caption_training_rows(world, style=style, limit=limit)
@@ -87,10 +89,11 @@ def load_training_pairs(
             return captions
         images = world if limit is None else world.select(range(min(limit, len(world))))
         answered = [question_rows(images, categories=questions, max_turns=question_turns, reasoned=spatial_reasoning)]
-        for (category, form), times in repeats.items():
+        for (category, form, pair), times in repeats.values():
             if times > 1:
                 extra = question_rows(images, categories=[category], max_turns=question_turns,
-                                      answer_types=[form] if form else None, reasoned=spatial_reasoning)
+                                      answer_types=[form] if form else None, reasoned=spatial_reasoning,
+                                      spatial_pairs=[pair] if pair else None)
                 answered += [extra] * (times - 1)
         answered = [rows.select_columns(["images", "messages"]) for rows in answered]
         return datasets.concatenate_datasets([captions, *answered]).shuffle(seed=seed)
@@ -119,15 +122,20 @@ def load_training_pairs(
     return dataset
 
 
-def split_repeat_key(key: str, questions: Sequence[str]) -> tuple[str, str | None]:
-    """A `question_repeats` key, `category` or `category:answer_type`, as (category, answer_type or None); raises
-    ValueError naming the key when the category is not among `questions` or the answer type is not the world's."""
-    category, _, form = key.partition(":")
+def split_repeat_key(key: str, questions: Sequence[str]) -> tuple[str, str | None, str | None]:
+    """A `question_repeats` key, `category`, `category:answer_type` or `spatial:yes_no:<pair>`, as (category,
+    answer_type or None, pair or None); raises ValueError naming the key when the category is not among `questions`,
+    the answer type is not the world's, or a pair (`align.world.SPATIAL_PAIRS`) follows anything but spatial:yes_no."""
+    category, _, rest = key.partition(":")
+    form, _, pair = rest.partition(":")
     if category not in questions:
         raise ValueError(f"question_repeats names {category!r}, which is not among the questions {list(questions)}")
     if form and form not in ANSWER_TYPES:
         raise ValueError(f"question_repeats names the answer type {form!r} in {key!r}; the world's: {list(ANSWER_TYPES)}")
-    return category, form or None
+    if pair and (category, form, pair not in SPATIAL_PAIRS) != ("spatial", "yes_no", False):
+        raise ValueError(f"question_repeats names the pair {pair!r} in {key!r}: only spatial:yes_no questions are "
+                         f"split by the objects they name, as {list(SPATIAL_PAIRS)}")
+    return category, form or None, pair or None
 
 
 @torch.no_grad()

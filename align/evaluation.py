@@ -25,7 +25,7 @@ from align.families import FAMILIES, family_of, known_family
 from align.loading import is_adapter_dir
 from align.metrics import load_metric
 from align.sampling import generate_groups, generate_sharing_images, without_peft
-from align.world import CATEGORIES, prompt_rows, verify, yes_no_objects
+from align.world import CATEGORIES, prompt_rows, spatial_pair, verify
 from align.world.verify import conclusion_follows, normalize, reason_holds, stated_reason
 from model.chat_template import end_of_turn_token
 
@@ -506,8 +506,7 @@ def reasons_table(evaluations: dict[str, Sequence[dict]]) -> str:
         true = sum(reason_holds(record, row["prediction"]) for record, row in reasoned)
         follows = {}
         for record, row in reasoned:
-            subject, other = (normalize(n)[-1] for n in yes_no_objects(record))
-            follows.setdefault(subject == other, []).append(conclusion_follows(record, row["prediction"]))
+            follows.setdefault(spatial_pair(record) == "one_shape", []).append(conclusion_follows(record, row["prediction"]))
         lucky = sum(row["correct"] and not reason_holds(record, row["prediction"]) for record, row in reasoned)
         everything = follows.get(True, []) + follows.get(False, [])
         lines.append(

@@ -86,7 +86,8 @@ class PretrainScriptArguments(RunArguments):
         metadata={"help": "Weigh the world_questions mixture, as `category=N`: each question of the category is asked N "
                   "times (once among its image's other questions, N-1 times in conversations of that category "
                   "alone). E.g. `spatial=4`; `category:answer_type=N` weighs one form of the category's questions, "
-                  "e.g. `spatial:yes_no=8` (align.world.ANSWER_TYPES).", "nargs": "*"},
+                  "e.g. `spatial:yes_no=8` (align.world.ANSWER_TYPES); `spatial:yes_no:one_shape=N` the yes/no spatial "
+                  "questions naming two objects of one shape (align.world.SPATIAL_PAIRS).", "nargs": "*"},
     )
     spatial_reasoning: bool = field(
         default=False,
@@ -140,8 +141,8 @@ class PretrainScriptArguments(RunArguments):
             raise ValueError(f"eval_captions must be >= 0 (0 skips the evaluation), got {self.eval_captions}")
 
     def question_repeat_counts(self) -> dict[str, int]:
-        """`question_repeats` as {key: times}, a key `category` or `category:answer_type`; raises ValueError naming
-        a malformed or unknown entry."""
+        """`question_repeats` as {key: times}, a key `category`, `category:answer_type` or `spatial:yes_no:<pair>`;
+        raises ValueError naming a malformed or unknown entry."""
         counts = {}
         for entry in self.question_repeats:
             key, sep, times = entry.partition("=")

@@ -405,6 +405,19 @@ def yes_no_objects(record: dict) -> tuple[str, str]:
     return subject, other
 
 
+# The yes/no spatial questions by the two objects they name: of one shape ("the red square ... the orange square": the
+# names differ only in the words before the shape) or of two shapes.
+SPATIAL_PAIRS = ("one_shape", "two_shapes")
+
+
+def spatial_pair(record: dict) -> str:
+    """Whether a yes/no spatial record names two objects of one shape or of two (`SPATIAL_PAIRS`). After one-shape
+    names the reasoned answer's yes/no turns on the words before the shape ("Is the red square above the orange
+    square?" -> "The orange square is higher, so no."), after two shapes the shape word alone settles it."""
+    subject, other = yes_no_objects(record)
+    return "one_shape" if subject.split()[-1] == other.split()[-1] else "two_shapes"
+
+
 def reasoned_answer(record: dict, correct: bool = True) -> str:
     """A yes/no spatial record's answer with its reason first: the object the relation favours, then yes or no
     ("Is the red circle to the left of the blue square?" -> "The red circle is further left, so yes."; the world asks

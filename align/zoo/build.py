@@ -61,6 +61,7 @@ BASE_STAGES = (
     ("anneal", RECIPES / "configs" / "tiny" / "pretrain_anneal.yaml"),
     ("spatial", RECIPES / "configs" / "tiny" / "pretrain_spatial.yaml"),
     ("reasoning", RECIPES / "configs" / "tiny" / "pretrain_reasoning.yaml"),
+    ("conclusions", RECIPES / "configs" / "tiny" / "pretrain_conclusions.yaml"),
 )
 
 

@@ -51,7 +51,8 @@ def test_question_repeats_weigh_a_category_of_the_mixture(world):
     in conversations of that category alone; the other categories and the captions keep their counts."""
     import json
 
-    from align.world import question_rows
+    from align.world import question_rows, spatial_pair
+    from align.world.language import is_spatial_yes_no
 
     path, built = world
 
@@ -83,6 +84,20 @@ def test_question_repeats_weigh_a_category_of_the_mixture(world):
         assert times == once[text] * (3 if kinds.get(text) == "yes_no" else 1), text
     yes_no = question_rows(built["train"], categories=["spatial"], max_turns=12, answer_types=["yes_no"])
     assert {kinds[t] for t in answered(yes_no)} == {"yes_no"}
+    # One kind of yes/no spatial pair: those naming two objects of one shape four times, every other question once.
+    pairs = {r["question"]: spatial_pair(r) for q in built["train"]["questions"] for r in json.loads(q) if is_spatial_yes_no(r)}
+    assert "one_shape" in pairs.values()
+    one_shape = load_training_pairs(world_path=path, style="detailed", questions=["spatial"], question_turns=12,
+                                    question_repeats={"spatial:yes_no:one_shape": 4})
+    for text, times in answered(one_shape).items():
+        assert times == once[text] * (4 if pairs.get(text) == "one_shape" else 1), text
+    only = answered(question_rows(built["train"], max_turns=1, spatial_pairs=["one_shape"]))
+    assert only and all(pairs[t] == "one_shape" for t in only)
+    with pytest.raises(ValueError, match="spatial_pairs must name some of"):
+        question_rows(built["train"], spatial_pairs=["one_color"])
+    for key in ("spatial:choice:one_shape", "spatial:yes_no:one_color", "spatial::one_shape"):
+        with pytest.raises(ValueError, match=f"the pair '.*' in '{key}'"):
+            load_training_pairs(world_path=path, questions=["spatial"], question_repeats={key: 2})
     with pytest.raises(ValueError, match="answer_types has unknown names \\['which'\\]"):
         question_rows(built["train"], categories=["spatial"], answer_types=["which"])
     with pytest.raises(ValueError, match="the answer type 'which'"):

@@ -164,6 +164,19 @@ def test_reasoned_answers_name_the_favoured_object_then_verify(world):
     assert checked > 10
 
 
+def test_spatial_pair_tells_one_shape_names_from_two_shapes():
+    from align.world import spatial_pair
+
+    def record(question, relation):
+        return {"category": "spatial", "answer_type": "yes_no", "question": question, "relation": relation, "answer": "no"}
+
+    assert spatial_pair(record("Is the red square above the orange square?", "above")) == "one_shape"
+    assert spatial_pair(record("Is the large green triangle to the left of the small green triangle?", "left_of")) == "one_shape"
+    assert spatial_pair(record("Is the red square below the circle?", "below")) == "two_shapes"
+    with pytest.raises(ValueError, match="not a yes/no spatial question"):
+        spatial_pair({"category": "spatial", "answer_type": "choice", "question": "Which is higher, the a or the b?"})
+
+
 def test_reasoned_sft_rows_and_pairs_change_only_the_yes_no_spatial_answers(world):
     plain, reasoned = world_sft_rows(world), world_sft_rows(world, reasoned=True)
     assert reasoned.column_names == ["images", "messages"] and len(reasoned) == len(plain)
