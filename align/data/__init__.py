@@ -15,7 +15,14 @@ from .formats import (
     validate_rows,
 )
 from .mixture import MixtureConfig, MixtureSource, build_mixture
-from .world import REFUSALS, refusal_rows, world_preference_rows, world_sft_rows, wrong_answer
+from .world import (
+    REFUSALS,
+    refusal_rows,
+    world_preference_rows,
+    world_sft_rows,
+    wrong_answer,
+    wrong_conclusion,
+)
 
 __all__ = [
     "FORMATS",
@@ -37,4 +44,5 @@ __all__ = [
     "world_preference_rows",
     "world_sft_rows",
     "wrong_answer",
+    "wrong_conclusion",
 ]

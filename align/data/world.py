@@ -19,6 +19,7 @@ from align.paths import default_cache_dir
 from align.world import verify
 from align.world.dataset import MESSAGES_FEATURE
 from align.world.language import (
+    CATEGORIES,
     SPATIAL_YES_NO_WORDS,
     article,
     count_sentence,
@@ -197,8 +198,18 @@ def wrong_answer(record: dict, scene: dict, rng: random.Random, long: bool) -> s
     raise ValueError(f"unknown answer_type {answer_type!r} in record {record['question']!r}")
 
 
+def wrong_conclusion(record: dict) -> str:
+    """A yes/no spatial record's reasoned answer with its reason right and its yes or no wrong ("The blue square is
+    further left, so yes." where the reason says no): against `reasoned_answer(record)`, a pair that differs in the
+    conclusion alone."""
+    good = reasoned_answer(record)
+    stem, _, answer = good.rstrip(".").rpartition(" ")
+    return f"{stem} {'no' if answer == 'yes' else 'yes'}."
+
+
 def world_preference_rows(
-    world_split: Dataset, seed: int = 0, per_image: int = 2, long_fraction: float = 0.0, reasoned: bool = False
+    world_split: Dataset, seed: int = 0, per_image: int = 2, long_fraction: float = 0.0, reasoned: bool = False,
+    conclusion_fraction: float = 0.0, categories: list[str] | None = None,
 ) -> Dataset:
     """Preference pairs from the world's questions: `images`, `prompt`, `chosen`, `rejected`, `category`,
     `record` (JSON question record) and `image_id`.
@@ -210,18 +221,31 @@ def world_preference_rows(
     world's SFT conversations: pairs in a form the policy was not tuned on pull a small policy towards
     that form, and on the tiny default its generations degenerated (measured with `make demo`). With `reasoned`,
     a yes/no spatial pair is the `reasoned_answer` against the wrong answer reasoned the same way ("The blue square
-    is further left, so no."), the form the policy's SFT data then has.
+    is further left, so no."), the form the policy's SFT data then has; and with `conclusion_fraction`, that fraction
+    of them rejects the right reason with the wrong yes or no instead (`wrong_conclusion`), a pair that differs in the
+    conclusion alone: the step a policy that names the right object can still get wrong (README: spatial).
+    `categories` keeps the questions of those categories only (default: all).
     """
     if per_image < 1:
         raise ValueError(f"per_image must be >= 1, got {per_image}")
     if not 0.0 <= long_fraction <= 1.0:
         raise ValueError(f"long_fraction must be in [0, 1], got {long_fraction}")
+    if not 0.0 <= conclusion_fraction <= 1.0:
+        raise ValueError(f"conclusion_fraction must be in [0, 1], got {conclusion_fraction}")
+    if conclusion_fraction and not reasoned:
+        raise ValueError("conclusion_fraction rejects a reasoned answer's yes or no: it needs reasoned=True")
+    wanted = set(CATEGORIES if categories is None else categories)
+    if not wanted or wanted - set(CATEGORIES):
+        raise ValueError(f"categories must name some of {list(CATEGORIES)}, got {categories}")
     rng = random.Random(seed)
-    indices, prompts, chosen, rejected, categories, records, ids = [], [], [], [], [], [], []
+    conclusions = random.Random(f"conclusions:{seed}")  # its own draws: every other pair is the same at any fraction
+    indices, prompts, chosen, rejected, kinds, records, ids = [], [], [], [], [], [], []
     dropped = 0
     world = zip(world_split["questions"], world_split["scene"], world_split["image_id"])
     for row, (questions, scene, image_id) in enumerate(world):
         scene, questions = json.loads(scene), json.loads(questions)
+        if categories is not None:
+            questions = [q for q in questions if q["category"] in wanted]
         shuffled = rng.sample(questions, len(questions))
         picked, seen = [], set()
         for record in shuffled:  # one per category first, then any
@@ -235,6 +259,8 @@ def world_preference_rows(
             bad = wrong_answer(record, scene, rng, long)
             if reasoned and is_spatial_yes_no(record):
                 good, bad = reasoned_answer(record), reasoned_answer(record, correct=False)
+                if conclusion_fraction and conclusions.random() < conclusion_fraction:
+                    bad = wrong_conclusion(record)
             if not verify(record, good) or verify(record, bad):
                 dropped += 1
                 continue
@@ -242,7 +268,7 @@ def world_preference_rows(
             prompts.append([_user(record["question"])])
             chosen.append([_assistant(good)])
             rejected.append([_assistant(bad)])
-            categories.append(record["category"])
+            kinds.append(record["category"])
             records.append(json.dumps(record))
             ids.append(image_id)
     if dropped:
@@ -258,7 +284,7 @@ def world_preference_rows(
         }
     )
     columns = {
-        "prompt": prompts, "chosen": chosen, "rejected": rejected, "category": categories, "record": records,
+        "prompt": prompts, "chosen": chosen, "rejected": rejected, "category": kinds, "record": records,
         "image_id": ids,
     }
     return with_images(world_split, indices, columns, features)

@@ -177,6 +177,44 @@ def test_spatial_pair_tells_one_shape_names_from_two_shapes():
         spatial_pair({"category": "spatial", "answer_type": "choice", "question": "Which is higher, the a or the b?"})
 
 
+def test_conclusion_pairs_differ_in_the_yes_or_no_alone(world):
+    """`conclusion_fraction` of the reasoned yes/no spatial pairs reject the right reason with the wrong yes or no;
+    at 0 the pairs are those of before (no random draw moves them), and `categories` keeps those categories."""
+    from align.data import wrong_conclusion
+    from align.world import reasoned_answer
+
+    record = {"category": "spatial", "answer_type": "yes_no", "relation": "above", "answer": "no",
+              "question": "Is the red square above the orange square?"}
+    assert reasoned_answer(record) == "The orange square is higher, so no."
+    assert wrong_conclusion(record) == "The orange square is higher, so yes."
+    assert wrong_conclusion({**record, "answer": "yes"}) == "The red square is higher, so no."
+
+    before = world_preference_rows(world, seed=1, per_image=4, reasoned=True)
+    texts = ["record", "chosen", "rejected"]
+    same = world_preference_rows(world, seed=1, per_image=4, reasoned=True, conclusion_fraction=0.0)
+    assert same.select_columns(texts)[:] == before.select_columns(texts)[:]
+    every = world_preference_rows(world, seed=1, per_image=4, reasoned=True, conclusion_fraction=1.0)
+    spatial = 0
+    for record, chosen, rejected, old in zip(every["record"], every["chosen"], every["rejected"], before["rejected"]):
+        record, chosen, rejected = json.loads(record), answer_text(chosen), answer_text(rejected)
+        if record["category"] == "spatial" and record["answer_type"] == "yes_no":
+            # The same words up to the conclusion, then the other yes or no.
+            assert rejected.rpartition(" ")[0] == chosen.rpartition(" ")[0] and rejected != chosen
+            assert verify(record, chosen) and not verify(record, rejected)
+            spatial += 1
+        else:
+            assert rejected == answer_text(old)
+    assert spatial > 0
+    only = world_preference_rows(world, seed=1, per_image=4, categories=["spatial"])
+    assert set(only["category"]) == {"spatial"}
+    with pytest.raises(ValueError, match="needs reasoned=True"):
+        world_preference_rows(world, conclusion_fraction=0.5)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        world_preference_rows(world, reasoned=True, conclusion_fraction=1.5)
+    with pytest.raises(ValueError, match="categories must name some of"):
+        world_preference_rows(world, categories=["colour"])
+
+
 def test_reasoned_sft_rows_and_pairs_change_only_the_yes_no_spatial_answers(world):
     plain, reasoned = world_sft_rows(world), world_sft_rows(world, reasoned=True)
     assert reasoned.column_names == ["images", "messages"] and len(reasoned) == len(plain)

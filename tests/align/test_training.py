@@ -254,6 +254,16 @@ def test_spatial_reasoning_reaches_the_sft_conversations_and_the_preference_pair
     pairs = preference_dataset(DPOScriptArguments(world_path=world, pairs_per_image=8, spatial_reasoning=True),
                                str(tmp_path / "c"), seed=0)
     assert any(", so " in text for text in texts(pairs, "chosen"))
+    aimed = preference_dataset(DPOScriptArguments(world_path=world, pairs_per_image=8, spatial_reasoning=True,
+                                                  conclusion_pairs=1.0, pair_categories=["spatial"]),
+                               str(tmp_path / "d"), seed=0)
+    assert set(aimed["category"]) == {"spatial"}
+    flipped = [(c, r) for c, r in zip(texts(aimed, "chosen"), texts(aimed, "rejected")) if ", so " in c]
+    assert flipped and all(c.rpartition(" ")[0] == r.rpartition(" ")[0] for c, r in flipped)
+    with pytest.raises(ValueError, match="set spatial_reasoning true"):
+        DPOScriptArguments(world_path=world, conclusion_pairs=0.5)
+    with pytest.raises(ValueError, match="pair_categories must name some of"):
+        DPOScriptArguments(world_path=world, pair_categories=["colour"])
 
 
 def test_bad_rows_are_skipped_counted_and_written(tmp_path, caplog):
