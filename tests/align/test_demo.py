@@ -133,4 +133,4 @@ def test_reasons_section_reads_each_stage_s_reasoned_answers(tmp_path):
     assert rows[2] == "| base | 1 | 1 | 100.0% (1) | 100.0% (1) | 100.0% (1) | — | 0.0% (1) |"
     assert rows[3] == "| SFT (LoRA) | 1 | 1 | 100.0% (1) | 0.0% (1) | 0.0% (1) | — | 0.0% (1) |"
     assert rows[4] == "| round 2 | 1 | 1 | 0.0% (1) | 0.0% (1) | 0.0% (1) | — | 100.0% (1) |"
-    assert rows[5] == "" and "chance" in rows[6]
+    assert rows[5] == "" and "one shape" in rows[6]
