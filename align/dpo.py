@@ -20,12 +20,12 @@ from datasets import Dataset, Value
 from torch.utils.data import DataLoader
 from trl import DPOConfig, DPOTrainer
 
-from align.data import build_mixture, world_preference_rows
+from align.data import build_mixture
+from align.data.mixture import WorldPairArguments
 from align.families import family_of
 from align.runs import RunArguments
 from align.sft import CachedFeatureDataArguments, checked
 from align.towers import TowerMemo, memoize_stock_towers, vlm_models
-from align.world import CATEGORIES
 
 logger = logging.getLogger(__name__)
 
@@ -33,25 +33,9 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
-class DPOScriptArguments(CachedFeatureDataArguments, RunArguments):
+class DPOScriptArguments(WorldPairArguments, CachedFeatureDataArguments, RunArguments):
     """Data and reference model of the DPO recipe."""
 
-    pairs_per_image: int = field(
-        default=2,
-        metadata={"help": "Default data: preference pairs drawn per world image (questions of different categories)."},
-    )
-    conclusion_pairs: float = field(
-        default=0.0,
-        metadata={"help": "Default data, with spatial_reasoning: the fraction of the yes/no spatial pairs whose rejected "
-                  "answer keeps the right reason and says the wrong yes or no (\"The blue square is further left, so "
-                  "yes.\" against \"..., so no.\"): pairs that differ in the conclusion alone "
-                  "(align.data.world_preference_rows)."},
-    )
-    pair_categories: list[str] | None = field(
-        default=None,
-        metadata={"help": "Default data: draw the pairs from the questions of these world categories only (default: "
-                  "every category).", "nargs": "*"},
-    )
     ref_model_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -59,18 +43,6 @@ class DPOScriptArguments(CachedFeatureDataArguments, RunArguments):
             "disabled; without, a frozen copy of --model_name_or_path."
         },
     )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.pairs_per_image < 1:
-            raise ValueError(f"pairs_per_image must be >= 1, got {self.pairs_per_image}")
-        if not 0.0 <= self.conclusion_pairs <= 1.0:
-            raise ValueError(f"conclusion_pairs must be in [0, 1], got {self.conclusion_pairs}")
-        if self.conclusion_pairs and not self.spatial_reasoning:
-            raise ValueError("conclusion_pairs rejects a reasoned answer's yes or no: set spatial_reasoning true")
-        unknown = set(self.pair_categories or ()) - set(CATEGORIES)
-        if unknown or self.pair_categories == []:
-            raise ValueError(f"pair_categories must name some of {list(CATEGORIES)}, got {self.pair_categories}")
 
 
 def preference_dataset(args: DPOScriptArguments, output_dir: str, seed: int, main_process: bool = True) -> Dataset:
@@ -85,10 +57,7 @@ def preference_dataset(args: DPOScriptArguments, output_dir: str, seed: int, mai
     """
     if args.datasets:
         return build_mixture(args, rejects_dir=output_dir if main_process else None, kind="preference")
-    world = args.load_world_split()
-    pairs = world_preference_rows(world, seed=seed, per_image=args.pairs_per_image, reasoned=args.spatial_reasoning,
-                                  conclusion_fraction=args.conclusion_pairs, categories=args.pair_categories)
-    return checked(pairs, "preference", "shapes world preference pairs", output_dir, main_process)
+    return checked(args.world_pairs(seed), "preference", "shapes world preference pairs", output_dir, main_process)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from trl import ModelConfig, RewardConfig
 from trl.trainer.utils import disable_dropout_in_model
 
 from align.data import load_dataset_local, validate_rows, world_preference_rows
-from align.data.mixture import WorldDataArguments
+from align.data.mixture import WorldDataArguments, WorldPairArguments
 from align.data.world import open_world
 from align.families import FAMILIES, family_of, freeze_components
 from align.loading import is_adapter_dir, load_pretrained, load_processor, load_run
@@ -104,14 +104,10 @@ def pairwise_accuracy(chosen_scores, rejected_scores) -> float:
 
 
 @dataclass
-class RewardScriptArguments(WorldDataArguments, RunArguments):
+class RewardScriptArguments(WorldPairArguments, WorldDataArguments, RunArguments):
     """Data of the reward recipe: training pairs (the world's, or a `datasets:` mixture of local preference sets) and
     held-out pairs for the pairwise accuracy before and after training."""
 
-    pairs_per_image: int = field(
-        default=2,
-        metadata={"help": "World pairs: preference pairs drawn per world image (questions of different categories)."},
-    )
     eval_split: str | None = field(
         default=None,
         metadata={
@@ -150,8 +146,6 @@ class RewardScriptArguments(WorldDataArguments, RunArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.pairs_per_image < 1:
-            raise ValueError(f"pairs_per_image must be >= 1, got {self.pairs_per_image}")
         if self.eval_images is not None and self.eval_images < 0:
             raise ValueError(f"eval_images must be >= 0 (0: no held-out evaluation) or unset, got {self.eval_images}")
         if self.eval_path is None and not self.datasets and self.eval_split == self.world_split:

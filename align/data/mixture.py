@@ -32,8 +32,10 @@ import datasets
 import numpy as np
 from datasets import Dataset, Value
 
+from align.world import CATEGORIES
+
 from .formats import FORMATS, KIND_COLUMNS, KINDS, REJECTS_FILE, load_dataset_local
-from .world import open_world
+from .world import open_world, world_preference_rows
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +191,45 @@ class WorldDataArguments(MixtureConfig, DatasetNameArgument):
             world = world.select(range(min(self.world_images, len(world))))
         logger.info("shapes world: %d images of %s/%s", len(world), self.world_path or "the zoo's world", self.world_split)
         return world
+
+
+@dataclass
+class WorldPairArguments:
+    """How the default data draws preference pairs from the world (`align.data.world_preference_rows`), for DPO and
+    the reward model alike; mixed into their script arguments before a `WorldDataArguments`."""
+
+    pairs_per_image: int = field(
+        default=2,
+        metadata={"help": "World pairs: preference pairs drawn per world image (questions of different categories)."},
+    )
+    conclusion_pairs: float = field(
+        default=0.0,
+        metadata={"help": "World pairs, with spatial_reasoning: the fraction of the yes/no spatial pairs whose rejected "
+                  "answer keeps the right reason and says the wrong yes or no (\"The blue square is further left, so "
+                  "yes.\" against \"..., so no.\"): pairs that differ in the conclusion alone."},
+    )
+    pair_categories: list[str] | None = field(
+        default=None,
+        metadata={"help": "World pairs: draw them from the questions of these categories only (default: every "
+                  "category).", "nargs": "*"},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pairs_per_image < 1:
+            raise ValueError(f"pairs_per_image must be >= 1, got {self.pairs_per_image}")
+        if not 0.0 <= self.conclusion_pairs <= 1.0:
+            raise ValueError(f"conclusion_pairs must be in [0, 1], got {self.conclusion_pairs}")
+        if self.conclusion_pairs and not self.spatial_reasoning:
+            raise ValueError("conclusion_pairs rejects a reasoned answer's yes or no: set spatial_reasoning true")
+        if self.pair_categories is not None and (not self.pair_categories or set(self.pair_categories) - set(CATEGORIES)):
+            raise ValueError(f"pair_categories must name some of {list(CATEGORIES)}, got {self.pair_categories}")
+
+    def world_pairs(self, seed: int) -> Dataset:
+        """The preference pairs of the world split these arguments name."""
+        return world_preference_rows(self.load_world_split(), seed=seed, per_image=self.pairs_per_image,
+                                     reasoned=self.spatial_reasoning, conclusion_fraction=self.conclusion_pairs,
+                                     categories=self.pair_categories)
 
 
 def mixture_counts(weights: list[float], total: int) -> list[int]:
