@@ -132,7 +132,7 @@ def split_repeat_key(key: str, questions: Sequence[str]) -> tuple[str, str | Non
         raise ValueError(f"question_repeats names {category!r}, which is not among the questions {list(questions)}")
     if form and form not in ANSWER_TYPES:
         raise ValueError(f"question_repeats names the answer type {form!r} in {key!r}; the world's: {list(ANSWER_TYPES)}")
-    if pair and (category, form, pair not in SPATIAL_PAIRS) != ("spatial", "yes_no", False):
+    if pair and (category != "spatial" or form != "yes_no" or pair not in SPATIAL_PAIRS):
         raise ValueError(f"question_repeats names the pair {pair!r} in {key!r}: only spatial:yes_no questions are "
                          f"split by the objects they name, as {list(SPATIAL_PAIRS)}")
     return category, form or None, pair or None
