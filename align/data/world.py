@@ -6,6 +6,7 @@ answers do not, so a preference pair is right or wrong beyond doubt.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import random
@@ -145,19 +146,40 @@ def _other(rng: random.Random, preferred, fallback, exclude: str) -> str:
     return rng.choice(candidates)
 
 
-def _wrong_count(rng: random.Random, n: int) -> int:
+# A balanced count rejects a number two away once both neighbours are this far ahead of it (rejected minus chosen):
+# about one count pair in eight on the world's answers, and each number then rejected within a few percent of as often
+# as it is chosen (off by one alone cannot: 1 is chosen more often than 0 and 2 can reject it).
+_OFF_BY_TWO_COST = 10
+
+
+def _wrong_count(rng: random.Random, n: int, balance: collections.Counter | None = None) -> int:
+    if balance is not None:  # the number rejected least so far against how often it was chosen; off by two costs more
+        balance[n] -= 1
+        candidates = [v for v in (n - 2, n - 1, n + 1, n + 2) if v >= 0]
+        rng.shuffle(candidates)  # ties go either way
+        wrong = min(candidates, key=lambda v: balance[v] + _OFF_BY_TWO_COST * (abs(v - n) - 1))
+        balance[wrong] += 1
+        return wrong
     if n == 0 or rng.random() < 0.5:
         return n + (1 if rng.random() < 0.85 else 2)
     return n - (1 if rng.random() < 0.85 or n < 2 else 2)
 
 
-def wrong_answer(record: dict, scene: dict, rng: random.Random, long: bool) -> str:
+def wrong_answer(
+    record: dict, scene: dict, rng: random.Random, long: bool, count_balance: collections.Counter | None = None
+) -> str:
     """A plausible wrong answer of the record's own category, as a short answer or a sentence.
 
     color: another color of the palette, preferably one of another object in the image (the likelier
     mix-up); shape: likewise;
     count: off by one mostly (by two sometimes); yes/no: the opposite; "which": the other candidate;
     unanswerable: a made-up answer instead of a refusal.
+
+    With `count_balance` (a `Counter` shared across calls: per number, times rejected minus times chosen), a count
+    is off by one (by two sometimes) towards the number rejected least so far, and the counter is updated: over many
+    pairs each number is then rejected about as often as it is chosen, so the pairs carry no preference for small or
+    large numbers regardless of the image (the plain draw, always up from 0, rejects the larger number in some 60% of
+    the world's count pairs, and DPO on them learned to undercount: README, DPO).
     """
     answer, category, answer_type = record["answer"], record["category"], record["answer_type"]
     if answer_type == "color":
@@ -169,7 +191,7 @@ def wrong_answer(record: dict, scene: dict, rng: random.Random, long: bool) -> s
             return wrong
         return re.sub(rf"\b(a|an) {answer}\.$", f"{article(wrong)} {wrong}.", record["answer_long"])
     if answer_type == "number":
-        wrong = _wrong_count(rng, int(answer))
+        wrong = _wrong_count(rng, int(answer), count_balance)
         return count_sentence(wrong, phrase(record["query"] or {})) if long else str(wrong)
     if answer_type == "yes_no" and category == "existence":
         noun = phrase(record["query"])
@@ -216,7 +238,8 @@ def world_preference_rows(
 
     Up to `per_image` questions per image, of different categories where possible. Chosen is the
     verified answer, in the long (sentence) form for a `long_fraction` of the pairs and short otherwise;
-    rejected is `wrong_answer` in the same form, so the pair differs in content, not in length. A pair is
+    rejected is `wrong_answer` in the same form, so the pair differs in content, not in length, its counts balanced
+    across the pairs (`count_balance`: each number rejected about as often as it is chosen). A pair is
     kept only if chosen verifies and rejected does not. The default is short answers only, the form of the
     world's SFT conversations: pairs in a form the policy was not tuned on pull a small policy towards
     that form, and on the tiny default its generations degenerated (measured with `make demo`). With `reasoned`,
@@ -239,6 +262,7 @@ def world_preference_rows(
         raise ValueError(f"categories must name some of {list(CATEGORIES)}, got {categories}")
     rng = random.Random(seed)
     conclusions = random.Random(f"conclusions:{seed}")  # its own draws: every other pair is the same at any fraction
+    count_balance = collections.Counter()
     indices, prompts, chosen, rejected, kinds, records, ids = [], [], [], [], [], [], []
     dropped = 0
     world = zip(world_split["questions"], world_split["scene"], world_split["image_id"])
@@ -256,7 +280,7 @@ def world_preference_rows(
         for record in picked:
             long = rng.random() < long_fraction
             good = record["answer_long"] if long else record["answer"]
-            bad = wrong_answer(record, scene, rng, long)
+            bad = wrong_answer(record, scene, rng, long, count_balance)
             if reasoned and is_spatial_yes_no(record):
                 good, bad = reasoned_answer(record), reasoned_answer(record, correct=False)
                 if conclusion_fraction and conclusions.random() < conclusion_fraction:

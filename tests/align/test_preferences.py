@@ -1,12 +1,20 @@
 """Post-training sets from the shapes world: SFT rows, refusals and verified preference pairs."""
 
 import json
+import random
 import re
 from collections import Counter
 
 import pytest
 
-from align.data import REFUSALS, refusal_rows, validate_rows, world_preference_rows, world_sft_rows
+from align.data import (
+    REFUSALS,
+    refusal_rows,
+    validate_rows,
+    world_preference_rows,
+    world_sft_rows,
+    wrong_answer,
+)
 from align.world import CATEGORIES, COLORS, SHAPES, build_world, is_refusal, normalize, verify
 from align.world.language import NUMBER_WORDS
 
@@ -108,7 +116,7 @@ def test_preference_pairs_chosen_verifies_rejected_does_not(world):
             assert rejected in (other, f"The {other.removeprefix('the ')} is {re.sub(r'^The .* is ', '', chosen)}")
         else:
             assert kind == "refusal" and not is_refusal(rejected) and rejected.endswith(".")
-        if not long and kind != "refusal":
+        if not long and kind not in ("refusal", "choice"):  # a choice is the other object's name (checked above)
             assert len(rejected.split()) <= 3
     assert forms[True] > 0 and forms[False] > 0
     short_only = world_preference_rows(world, seed=0, per_image=3)
@@ -132,6 +140,30 @@ def test_preference_rows_are_deterministic_and_valid(world):
     assert world_preference_rows(world, seed=6)["record"] != a["record"]
     clean, report = validate_rows(a, "preference")
     assert len(clean) == len(a) and report.rejects == []
+
+
+def test_count_pairs_reject_each_number_about_as_often_as_they_choose_it():
+    rng = random.Random(0)
+    answers = rng.choices(range(7), weights=[18, 42, 18, 10, 5, 4, 3], k=2000)  # the world's count answers, roughly
+    records = [{"answer": str(n), "answer_type": "number", "category": "count", "query": None} for n in answers]
+
+    def draw(balance):
+        draws = random.Random(1)
+        wrong = [int(wrong_answer(r, {"objects": []}, draws, long=False, count_balance=balance)) for r in records]
+        assert all(w >= 0 and w != n and abs(w - n) <= 2 for w, n in zip(wrong, answers))
+        excess = Counter(wrong)
+        excess.subtract(answers)  # per number, times rejected minus times chosen
+        return wrong, excess, sum(w > n for w, n in zip(wrong, answers)) / len(answers)
+
+    balance = Counter()
+    wrong, excess, up = draw(balance)
+    assert +balance == +excess and -balance == -excess  # the counter holds rejected minus chosen
+    _, plain, plain_up = draw(None)
+    # The plain draw (always up from 0, either way otherwise) rejects the larger number in most pairs, and 1 far less
+    # often than it is chosen; balanced, the larger in about half, and every number within 2% of the pairs.
+    assert plain_up > 0.56 and abs(up - 0.5) < 0.03, (plain_up, up)
+    assert max(map(abs, plain.values())) > 0.1 * len(answers) and max(map(abs, excess.values())) < 0.02 * len(answers)
+    assert sum(abs(w - n) == 1 for w, n in zip(wrong, answers)) > 0.8 * len(answers)  # mostly off by one
 
 
 def _turns(messages):
