@@ -268,7 +268,9 @@ class VisionProjectors(nn.Module):
         from transformers import initialization as init
 
         for index in range(len(self)):
-            if self.feature_statistics(index) is not None:
+            # Presence only: a buffer missing from a checkpoint is uninitialised memory here (reading its count could
+            # meet a NaN).
+            if hasattr(self, f"feature_mean_{index}"):
                 init.zeros_(getattr(self, f"feature_mean_{index}"))
                 init.ones_(getattr(self, f"feature_std_{index}"))
                 init.zeros_(getattr(self, f"feature_count_{index}"))

@@ -577,3 +577,13 @@ def test_checkpoint_without_statistics_loads_as_identity(tmp_path, tiny_parts, t
     pixel_values = images(1)
     with torch.no_grad():
         torch.testing.assert_close(loaded.get_image_features(pixel_values), model.get_image_features(pixel_values))
+
+
+def test_resetting_statistics_reads_no_buffer_value(tiny_parts, tiny_tokenizer):
+    # A statistic missing from a checkpoint is uninitialised memory when transformers resets it: NaN must not matter.
+    projectors = build(tiny_parts, tiny_tokenizer).model.projectors
+    for name in ("feature_mean_0", "feature_std_0", "feature_count_0"):
+        getattr(projectors, name).fill_(float("nan"))
+    projectors.reset_feature_statistics()
+    mean, std, count = projectors.feature_statistics(0)
+    assert count == 0 and torch.equal(mean, torch.zeros_like(mean)) and torch.equal(std, torch.ones_like(std))
