@@ -321,8 +321,10 @@ def _shipped_prefix(cfg: ZooConfig, siglip: Part, llama: Part) -> tuple[Path, di
 
 def _build_base(cfg: ZooConfig, part: Part, siglip: Part | None = None, llama: Part | None = None) -> None:
     """The base VLM: `recipes/pretrain.py` with each config of `BASE_STAGES`, each run from the previous one's output
-    and in a process of its own as a user runs them; then `recipes/evaluate.py` on held-out questions. The runs'
-    folders (`base.work/`) are kept until the part is whole, so a killed build continues with the unfinished run.
+    and in a process of its own as a user runs them (forked under `align.pipeline`'s forkserver, as `make demo` runs
+    its steps: the same parts to the bit, `python -m align.zoo.carry`'s check build); then `recipes/evaluate.py` on
+    held-out questions. The runs' folders (`base.work/`) are kept until the part is whole, so a killed build
+    continues with the unfinished run.
 
     With `cfg.base_continue` the runs the shipped base went through are not run again: the later runs start from
     the shipped base, which the same code, settings and parts built (`_shipped_prefix`), so the part is the one the
@@ -338,12 +340,13 @@ def _build_base(cfg: ZooConfig, part: Part, siglip: Part | None = None, llama: P
             continue
         if previous is not None:
             overrides["model_name_or_path"] = previous
-        metrics = run_step(Step(name, "pretrain.py", config, {**overrides, "feature_cache_dir": work / "features"}),
-                           work, tag="zoo")
+        # Forked from one process that imported the libraries once: started in seconds, not a fresh interpreter's ten.
+        run = Step(name, "pretrain.py", config, {**overrides, "feature_cache_dir": work / "features"}, launcher="forkserver")
+        metrics = run_step(run, work, tag="zoo")
         previous, steps[name] = work / name, metrics["global_step"]
     evaluation = run_step(Step("eval", "evaluate.py", RECIPES / "configs" / "tiny" / "evaluate.yaml", {
         "model_name_or_path": previous, "world_path": cfg.root / "world", "num_questions": cfg.base_eval_questions,
-        "base_llm": cfg.root / "llama"}), work, tag="zoo")
+        "base_llm": cfg.root / "llama"}, launcher="forkserver"), work, tag="zoo")
     keep = shutil.ignore_patterns("checkpoint-*", "runs", "rejects*.jsonl", "feature_cache", "README.md")
     shutil.copytree(previous, out, ignore=keep, dirs_exist_ok=True)
     quality = {
