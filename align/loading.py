@@ -107,11 +107,13 @@ def load_run(
     quantization_config=None,
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
+    merge: bool = False,
 ):
     """Load a run folder to use as it is (evaluate, sample, score): a whole model folder (the suite's VLM, a stock
-    checkpoint, a reward model), or a PEFT adapter folder applied, unmerged, to its base. Weights that do not load
-    are an error (`load_pretrained`). Training loads through `align.training.load_model`, which merges an adapter
-    into its base first so that a new adapter can train on top.
+    checkpoint, a reward model), or a PEFT adapter folder applied to its base: unmerged, or with `merge` merged
+    into a full-precision base (PEFT's `merge_and_unload`), which generates faster. Weights that do not load are an
+    error (`load_pretrained`). Training loads through `align.training.load_model`, which merges an adapter into its
+    base first so that a new adapter can train on top.
 
     Args:
         model_name_or_path: a folder saved with `save_pretrained`, or an adapter folder (`adapter_config.json`).
@@ -122,10 +124,12 @@ def load_run(
         quantization_config: e.g. a 4-bit `BitsAndBytesConfig` for a QLoRA adapter's base; only used when given.
         device: where the model goes (ignored for quantized models, which bitsandbytes places itself).
         attn_implementation: e.g. "sdpa", "eager" (default: transformers' choice).
+        merge: merge an adapter into its base, unless the base is quantized (merging into 4-bit weights rounds
+            them): the LoRA layers' extra matmuls and calls weigh on a small model's decoding step.
 
     Returns:
-        `(model, processor)`: the model (a `PeftModel` for an adapter) in eval mode and its processor (the adapter
-        folder's own when it has one, else the base's).
+        `(model, processor)`: the model (a `PeftModel` for an unmerged adapter) in eval mode and its processor (the
+        adapter folder's own when it has one, else the base's).
     """
     path = Path(model_name_or_path)
     if not path.is_dir():
@@ -141,7 +145,10 @@ def load_run(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
-        logger.info("applied the adapter at %s to its base at %s", adapter_path, base_path)
+        if merge and quantization_config is None:
+            model = model.merge_and_unload()
+        logger.info("applied the adapter at %s to its base at %s%s", adapter_path, base_path,
+                    " (merged)" if merge and quantization_config is None else "")
     processor_path = adapter_path if adapter_path is not None and _has_processor(adapter_path) else base_path
     return model.eval(), load_processor(processor_path)
 

@@ -153,6 +153,7 @@ def main(script_args: EvaluateArguments, model_args: ModelConfig):
         quantization_config=get_quantization_config(model_args),
         device=state.device,
         attn_implementation=model_args.attn_implementation,
+        merge=True,  # an adapter merged into a full-precision base: faster decoding, the same model
     )
     logger.info("evaluating %s (%s)", model_args.model_name_or_path, family_of(model).name)
 

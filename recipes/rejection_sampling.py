@@ -66,7 +66,7 @@ def main(script_args: RejectionSamplingArguments, model_args: ModelConfig):
     model, processor = load_run(
         model_args.model_name_or_path, base_model_name_or_path=script_args.base_model_name_or_path,
         dtype=model_args.dtype, quantization_config=get_quantization_config(model_args), device=state.device,
-        attn_implementation=model_args.attn_implementation,
+        attn_implementation=model_args.attn_implementation, merge=True,
     )
     has_records = "record" in prompts.column_names
     verifier = VerifierScorer() if has_records else None

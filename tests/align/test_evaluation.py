@@ -334,6 +334,11 @@ def test_load_model_for_eval_applies_an_adapter(tiny_parts, tmp_path):
         expected, plain, got = wrapped(**batch).logits, base(**batch).logits, loaded(**batch).logits
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, plain)
+    merged, _ = load_run(tmp_path / "adapter", merge=True)  # the same model, merged into its base
+    assert not isinstance(merged, PeftModel) and not merged.training
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="base_model_name_or_path"):
         load_run(tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "missing"))
 
