@@ -9,7 +9,8 @@ in order, each in its own process exactly as a user launches them:
 
     stage 1 (prepend and cross-attention) -> SFT (LoRA) -> DPO (LoRA), and beside it the reward model
     -> GRPO from the SFT policy (recipes/grpo.py), about the rounds' wall-clock
-    -> rounds of rejection sampling -> SFT -> DPO (recipes/rounds.py) -> evaluate after each stage
+    -> rounds of rejection sampling -> SFT -> DPO (recipes/rounds.py) -> evaluate after each stage (and SFT, GRPO
+       and the rounds' final policy on the spatial gates' larger sample, a world generated with another seed)
     -> students of the final policy: pruned to 3/8 of its LLM (width) and ternary, each distilled and trained on
        the labels only (recipes/students.py)
 
@@ -65,10 +66,12 @@ def pipeline(
 
     Post-training starts from the zoo's base VLM (`base`: stage 1, then grounded pretraining, shipped with the
     package); the two short stage-1 runs show adapter pretraining on both fusions (their caption figures). After
-    SFT, one lane runs the reward model, DPO and the evaluations of DPO, the base and the other seed's world, the
-    other SFT's evaluation, GRPO and its evaluation (the two lanes about equally long); the rounds then need all of
-    them (the DPO policy, its evaluation and the reward model). The evaluations the paired gates compare (SFT, DPO, GRPO, the rounds) read `paired_questions`
-    (default `eval_questions`), the others `eval_questions`. With `smoke`, every step is shrunk by `SMOKE`."""
+    SFT, one lane runs SFT's evaluation, the reward model, DPO, the evaluations of DPO and the base and SFT's on the
+    other seed's world (its 1200 questions, then the spatial gates' sample), the other GRPO and its two evaluations
+    (the two lanes about equally long); the rounds then need the first lane (the DPO policy, its evaluation and the
+    reward model). The evaluations the paired gates compare (SFT, DPO, GRPO, the rounds) read `paired_questions`
+    (default `eval_questions`), the spatial gates' `SPATIAL_QUESTIONS` (`rounds_spatial_step` evaluates the rounds'
+    final policy after them), the others `eval_questions`. With `smoke`, every step is shrunk by `SMOKE`."""
     evaluate = {"num_questions": eval_questions}
     paired = {"num_questions": paired_questions or eval_questions}
     spatial = spatial_evaluation(run_dir, eval_questions if smoke else SPATIAL_QUESTIONS, smoke)
