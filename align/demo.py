@@ -10,7 +10,7 @@ in order, each in its own process exactly as a user launches them:
     stage 1 (prepend and cross-attention) -> SFT (LoRA) -> DPO (LoRA), and beside it the reward model
     -> GRPO from the SFT policy (recipes/grpo.py), about the rounds' wall-clock
     -> rounds of rejection sampling -> SFT -> DPO (recipes/rounds.py) -> evaluate after each stage (and SFT, GRPO
-       and the rounds' final policy on the spatial gates' larger sample, a world generated with another seed)
+       and the rounds' final policy on larger count and spatial samples, of a world generated with another seed)
     -> students of the final policy: pruned to 3/8 of its LLM (width) and ternary, each distilled and trained on
        the labels only (recipes/students.py)
 
@@ -67,15 +67,14 @@ def pipeline(
     Post-training starts from the zoo's base VLM (`base`: stage 1, then grounded pretraining, shipped with the
     package); the two short stage-1 runs show adapter pretraining on both fusions (their caption figures). After
     SFT, one lane runs SFT's evaluation, the reward model, DPO, the evaluations of DPO and the base and SFT's on the
-    other seed's world (its 1200 questions, then the spatial gates' sample), the other GRPO and its two evaluations
+    other seed's world (its 1200 questions, then the aimed gates' samples), the other GRPO and its evaluations
     (the two lanes about equally long); the rounds then need the first lane (the DPO policy, its evaluation and the
     reward model). The evaluations the paired gates compare (SFT, DPO, GRPO, the rounds) read `paired_questions`
-    (default `eval_questions`), the spatial gates' `SPATIAL_QUESTIONS` (`rounds_spatial_step` evaluates the rounds'
-    final policy after them), the others `eval_questions`. With `smoke`, every step is shrunk by `SMOKE`."""
+    (default `eval_questions`), the aimed categories' gates `AIMED_QUESTIONS` of each (`rounds_aimed_steps` evaluate
+    the rounds' final policy after them), the others `eval_questions`. With `smoke`, every step is shrunk by `SMOKE`."""
     evaluate = {"num_questions": eval_questions}
     paired = {"num_questions": paired_questions or eval_questions}
-    spatial = spatial_evaluation(run_dir, eval_questions if smoke else SPATIAL_QUESTIONS, smoke)
-    seed_world = other_world(run_dir, SMOKE_WORLD_IMAGES if smoke else SPATIAL_WORLD_IMAGES)
+    seed_world = other_world(run_dir, SMOKE_WORLD_IMAGES if smoke else OTHER_WORLD_IMAGES)
     base = default_cache_dir() / "base"
     groups = [
         # Stage 1 fills the vision-feature cache; the cross-attention run then reads the same features (one writer).
@@ -94,14 +93,14 @@ def pipeline(
                 # The same SFT policy on a world generated with another seed: the figures must not be the seed's.
                 Step(f"eval-sft-seed{OTHER_SEED}", "evaluate.py", CONFIGS / "evaluate.yaml", {
                     "model_name_or_path": run_dir / "sft", "world_path": seed_world, **evaluate}),
-                Step(SPATIAL_EVALS["SFT"], "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "sft", **spatial}),
+                *aimed_steps("sft", run_dir / "sft", run_dir, eval_questions, smoke),
             ],
             [
                 # Online RL from the same SFT policy, its wall-clock about the rounds' (GRPO_STEPS).
                 Step("grpo", "grpo.py", CONFIGS / "grpo.yaml", {
                     "model_name_or_path": run_dir / "sft", "max_steps": GRPO_STEPS, "categories": list(AIMED_CATEGORIES)}),
                 Step("eval-grpo", "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "grpo", **paired}),
-                Step(SPATIAL_EVALS["GRPO"], "evaluate.py", CONFIGS / "evaluate.yaml", {"model_name_or_path": run_dir / "grpo", **spatial}),
+                *aimed_steps("grpo", run_dir / "grpo", run_dir, eval_questions, smoke),
             ],
         ],
         [Step("rounds", "rounds.py", CONFIGS / "rounds.yaml", {
@@ -122,17 +121,19 @@ def pipeline(
     return groups
 
 
-def spatial_evaluation(run_dir: Path, questions: int, smoke: bool = False) -> dict:
-    """The settings of a spatial-gate evaluation: the first `questions` spatial questions of the other seed's world."""
-    images = SMOKE_WORLD_IMAGES if smoke else SPATIAL_WORLD_IMAGES
-    return {"world_path": other_world(run_dir, images), "categories": ["spatial"], "num_questions": questions}
+def aimed_steps(policy: str, model: Path, run_dir: Path, eval_questions: int, smoke: bool = False) -> list[Step]:
+    """`model` on the aimed gates' questions: the first `AIMED_QUESTIONS` of each aimed category of the other seed's
+    world, one evaluation per category (`aimed_eval`), each step named after `policy` ("sft", "grpo", "rounds")."""
+    world = other_world(run_dir, SMOKE_WORLD_IMAGES if smoke else OTHER_WORLD_IMAGES)
+    questions = eval_questions if smoke else AIMED_QUESTIONS
+    return [Step(aimed_eval(policy, category), "evaluate.py", CONFIGS / "evaluate.yaml", {
+        "model_name_or_path": model, "world_path": world, "categories": [category], "num_questions": questions})
+        for category in AIMED_CATEGORIES]
 
 
-def rounds_spatial_step(run_dir: Path, rounds: dict, eval_questions: int, smoke: bool = False) -> Step:
-    """The final policy of the rounds on the spatial gates' questions (`SPATIAL_EVALS`), once the rounds are done."""
-    spatial = spatial_evaluation(run_dir, eval_questions if smoke else SPATIAL_QUESTIONS, smoke)
-    return Step(SPATIAL_EVALS["rounds"], "evaluate.py", CONFIGS / "evaluate.yaml",
-                {"model_name_or_path": Path(rounds["final_policy"]), **spatial})
+def rounds_aimed_steps(run_dir: Path, rounds: dict, eval_questions: int, smoke: bool = False) -> list[Step]:
+    """The final policy of the rounds on the aimed gates' questions (`aimed_steps`), once the rounds are done."""
+    return aimed_steps("rounds", Path(rounds["final_policy"]), run_dir, eval_questions, smoke)
 
 
 # `--smoke`: each recipe's settings on top of the demo's, so that every step runs on a few examples for two steps.
@@ -168,16 +169,15 @@ def shrink(step: Step, run_dir: Path) -> Step:
 
 
 OTHER_SEED = 1
-# The spatial gates (the rounds and GRPO against SFT) read a larger sample than the test split's: spatial questions
-# are an eighth of the paired questions (some 400 of 3000, 709 in the whole test split), a paired standard error of
-# 0.7-0.9 points, while post-training moves spatial by about a point (README: spatial). So SFT, GRPO and the rounds'
-# final policy also answer the first SPATIAL_QUESTIONS spatial questions of the other seed's world, a held-out world
-# generated for the demo (SPATIAL_WORLD_IMAGES test images, some 4200 spatial questions): a paired standard error of
-# about 0.3. The test split's spatial figures stay in the table beside them.
-SPATIAL_WORLD_IMAGES = 3000
-SPATIAL_QUESTIONS = 4000
-SPATIAL_EVALS = {name: f"eval-{key}-spatial-seed{OTHER_SEED}" for name, key in
-                 (("SFT", "sft"), ("GRPO", "grpo"), ("rounds", "rounds"))}
+# The aimed gates (count and spatial after the rounds and after GRPO, against SFT) read larger samples than the test
+# split's: count and spatial are a quarter and an eighth of the paired questions (some 790 and 400 of 3000; 709
+# spatial in the whole test split), paired standard errors of 0.8 and 0.9 points, while post-training moves each by
+# about a point or less (README: what make demo measures). So SFT, GRPO and the rounds' final policy also answer the
+# first AIMED_QUESTIONS count and as many spatial questions of the other seed's world, a held-out world generated for
+# the demo (OTHER_WORLD_IMAGES test images: 9000 count and 4225 spatial questions): a paired standard error of about
+# 0.3 each. The test split's figures stay in the gates table beside them.
+OTHER_WORLD_IMAGES = 3000
+AIMED_QUESTIONS = 4000
 # The ternary student's steps in the demo: the pruned one's (students.yaml's 400). It has the teacher's size, so its
 # steps cost the most: 200 kept make demo within 15 minutes while evaluation did not share images yet (90 s less).
 TERNARY_STEPS = 400
@@ -188,7 +188,12 @@ GRPO_STEPS = 250
 AIMED_CATEGORIES = ("count", "spatial")
 
 
-def other_world(run_dir: Path, images: int = 500) -> Path:
+def aimed_eval(policy: str, category: str) -> str:
+    """The step (and folder) name of `policy`'s evaluation on the aimed gates' questions of `category`."""
+    return f"eval-{policy}-{category}-seed{OTHER_SEED}"
+
+
+def other_world(run_dir: Path, images: int = OTHER_WORLD_IMAGES) -> Path:
     """A test split of `images` images generated with `OTHER_SEED` (`python -m align.world --seed 1`), built once."""
     path = run_dir / f"world-seed{OTHER_SEED}"
     if (path / "dataset_dict.json").exists() and _test_images(path) != images:
@@ -311,21 +316,23 @@ def gates_table(run_dir: Path, results: dict) -> str:
     dpo = paired_difference(read_predictions(run_dir / "eval-dpo" / PREDICTIONS), sft_rows)
     row("DPO − SFT", "not below -2 paired SE", _points(dpo), dpo["difference"] >= -2 * dpo["stderr"])
     last = results["rounds"]["rounds"][-1]["round"]
-    finals = {f"round {last}": (run_dir / "rounds" / f"round{last}" / "eval", "rounds"), "GRPO": (run_dir / "eval-grpo", "GRPO")}
-    spatial = spatial_against_sft(run_dir)
+    finals = {f"round {last}": (run_dir / "rounds" / f"round{last}" / "eval", "rounds"), "GRPO": (run_dir / "eval-grpo", "grpo")}
+    aimed = aimed_against_sft(run_dir)
     for name, (path, key) in finals.items():
         if not (path / PREDICTIONS).is_file():
             row(f"{name} − SFT", "count and spatial above +2 paired SE", "not run", None)
             continue
         final = paired_difference(read_predictions(path / PREDICTIONS), sft_rows)
-        for category in ("count", "spatial"):
+        for category in AIMED_CATEGORIES:
             test_split = final if f"difference_{category}" in final else None  # a short evaluation (`--smoke`) may ask none
-            larger = spatial.get(key) if category == "spatial" else None
-            if larger is not None:  # the spatial gate reads the larger sample; the test split's figure beside it
-                measured = f"{_points(larger)} on {larger['questions']} questions of the seed-{OTHER_SEED} world"
+            larger = aimed.get(key, {})
+            if f"difference_{category}" in larger:  # the gate reads the larger sample; the test split's figure beside it
+                measured = (f"{_points(larger, category)} on {larger[f'questions_{category}']} questions of the "
+                            f"seed-{OTHER_SEED} world")
                 if test_split is not None:
                     measured += f" (test split: {_points(final, category)} on {final[f'questions_{category}']})"
-                row(f"{name} − SFT: {category}", "above +2 paired SE", measured, larger["difference"] > 2 * larger["stderr"])
+                row(f"{name} − SFT: {category}", "above +2 paired SE", measured,
+                    larger[f"difference_{category}"] > 2 * larger[f"stderr_{category}"])
             elif test_split is not None:
                 row(f"{name} − SFT: {category}", "above +2 paired SE", _points(final, category),
                     final[f"difference_{category}"] > 2 * final[f"stderr_{category}"])
@@ -361,17 +368,23 @@ def gates_table(run_dir: Path, results: dict) -> str:
     return "\n".join(rows)
 
 
-def spatial_against_sft(run_dir: Path) -> dict[str, dict]:
-    """The rounds' final policy and GRPO minus SFT on the spatial gates' questions (`SPATIAL_EVALS`), paired, by
-    name ("rounds", "GRPO"); a name whose evaluation (or SFT's) is missing is left out."""
+def aimed_against_sft(run_dir: Path) -> dict[str, dict]:
+    """The rounds' final policy and GRPO minus SFT on the aimed gates' questions (`aimed_steps`), paired, per
+    category, by policy ("rounds", "grpo"); a category whose evaluation (or SFT's) is missing is left out."""
+    return {policy: paired for policy in ("rounds", "grpo") if (paired := _aimed_paired(run_dir, policy, "sft"))}
+
+
+def _aimed_paired(run_dir: Path, first: str, second: str) -> dict | None:
+    """`first` minus `second` on the aimed categories' questions both answered, paired (None if they share none)."""
     from align.evaluation import PREDICTIONS, paired_difference, read_predictions
 
-    sft = run_dir / SPATIAL_EVALS["SFT"] / PREDICTIONS
-    if not sft.is_file():
-        return {}
-    sft_rows = read_predictions(sft)
-    return {name: paired_difference(read_predictions(run_dir / SPATIAL_EVALS[name] / PREDICTIONS), sft_rows)
-            for name in ("rounds", "GRPO") if (run_dir / SPATIAL_EVALS[name] / PREDICTIONS).is_file()}
+    rows = {first: [], second: []}
+    for category in AIMED_CATEGORIES:
+        paths = {policy: run_dir / aimed_eval(policy, category) / PREDICTIONS for policy in rows}
+        if all(path.is_file() for path in paths.values()):
+            for policy, path in paths.items():
+                rows[policy] += read_predictions(path)
+    return paired_difference(rows[first], rows[second]) if rows[first] else None
 
 
 def _in_standard_errors(paired: dict, category: str) -> float:
@@ -402,12 +415,13 @@ def paired_against_sft(run_dir: Path, rounds: dict) -> str:
         for name, path in others.items() if (path / PREDICTIONS).is_file()
     })
     text = "Accuracy minus SFT's, in points (± the paired standard error):\n\n" + table
-    spatial = spatial_against_sft(run_dir)
-    if spatial:
+    aimed = aimed_against_sft(run_dir)
+    if aimed:
         last = rounds["rounds"][-1]["round"]
-        names = {"rounds": f"round {last} − SFT", "GRPO": "GRPO − SFT"}
-        text += (f"\n\nOn the spatial gates' questions (spatial questions of the world of seed {OTHER_SEED}, "
-                 f"`SPATIAL_EVALS`):\n\n" + paired_table({names[name]: paired for name, paired in spatial.items()}))
+        names = {"rounds": f"round {last} − SFT", "grpo": "GRPO − SFT"}
+        text += (f"\n\nOn the aimed gates' questions (the first {AIMED_QUESTIONS} of each of "
+                 f"{' and '.join(AIMED_CATEGORIES)} of the world of seed {OTHER_SEED}):\n\n"
+                 + paired_table({names[name]: paired for name, paired in aimed.items()}))
     return text
 
 
@@ -445,9 +459,9 @@ def grpo_against_rounds(run_dir: Path, results: dict, threads: dict[str, int | N
         read_predictions(run_dir / "eval-grpo" / PREDICTIONS),
         read_predictions(run_dir / "rounds" / f"round{last}" / "eval" / PREDICTIONS),
     )}
-    spatial = [run_dir / SPATIAL_EVALS[name] / PREDICTIONS for name in ("GRPO", "rounds")]
-    if all(path.is_file() for path in spatial):
-        paired[f"GRPO − round {last}, spatial (seed-{OTHER_SEED} world)"] = paired_difference(*map(read_predictions, spatial))
+    aimed = _aimed_paired(run_dir, "grpo", "rounds")
+    if aimed:
+        paired[f"GRPO − round {last}, the aimed gates' questions (seed-{OTHER_SEED} world)"] = aimed
     return "\n".join(lines) + "\n\n" + paired_table(paired)
 
 
@@ -494,8 +508,8 @@ def main(argv=None):
     for group in pipeline(run_dir, eval_questions, args.force, args.launcher, args.smoke, paired_questions):
         results.update(run_group(group, run_dir, args.force, args.launcher))
         threads.update({step.name: step.threads for lane in group for step in lane_steps(lane)})
-    spatial = rounds_spatial_step(run_dir, results["rounds"], eval_questions, args.smoke)
-    results.update(run_group([spatial], run_dir, args.force, args.launcher))
+    aimed = rounds_aimed_steps(run_dir, results["rounds"], eval_questions, args.smoke)
+    results.update(run_group(aimed, run_dir, args.force, args.launcher))
     # The students' distilled − labels-only gate is paired as well: it reads the paired gates' questions.
     students = students_step(run_dir, results["rounds"], paired_questions, args.force, args.launcher, args.smoke)
     results["students"] = run_step(students, run_dir, args.force, tag="demo")

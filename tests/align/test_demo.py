@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import align.demo
-from align.demo import SPATIAL_EVALS, gates_table, lane_steps, pipeline
+from align.demo import aimed_eval, gates_table, lane_steps, pipeline
 from align.evaluation import PREDICTIONS, standard_error
 
 CATEGORIES = ["color", "shape", "count", "existence", "spatial", "unanswerable"]
@@ -65,16 +65,20 @@ def test_gates_table_reports_each_target_against_the_run(tmp_path):
     assert "distilled 60.0%, labels only 55.0%" in rows["ternary student"]
     assert rows["reward model, held-out pairs"].endswith("| yes |")
 
-    # The spatial gates read the larger spatial sample of the other seed's world where it was evaluated, the test
-    # split's figure beside it: round 2 gains 30 of 400 spatial questions there (+7.5 ± 1.3), GRPO none.
-    for name, right in (("SFT", 350), ("rounds", 380), ("GRPO", 350)):
-        _write_eval(tmp_path / SPATIAL_EVALS[name], {"spatial": right}, per_category=400, categories=["spatial"])
+    # The count and spatial gates read the larger samples of the other seed's world where they were evaluated, the
+    # test split's figures beside them: round 2 gains 30 of 400 spatial questions there (+7.5 ± 1.3), GRPO none; on
+    # count round 2 gains 3 of 400 (+0.8 ± 0.4: not twice its standard error), GRPO 40 (+10.0 ± 1.5).
+    for policy, spatial, count in (("sft", 350, 300), ("rounds", 380, 303), ("grpo", 350, 340)):
+        _write_eval(tmp_path / aimed_eval(policy, "spatial"), {"spatial": spatial}, per_category=400, categories=["spatial"])
+        _write_eval(tmp_path / aimed_eval(policy, "count"), {"count": count}, per_category=400, categories=["count"])
     _write_eval(tmp_path / "eval-grpo", {"color": 20, "count": 40, "spatial": 39})
     rows = {line.split(" | ")[0].lstrip("| "): line for line in gates_table(tmp_path, results).splitlines()[2:]}
     assert rows["round 2 − SFT: spatial"].endswith(
         "| +7.5 ± 1.3 on 400 questions of the seed-1 world (test split: +0.0 ± 0.0 on 40) | yes |")
     assert rows["GRPO − SFT: spatial"].endswith("| +0.0 ± 0.0 on 400 questions of the seed-1 world (test split: -2.5 ± 2.5 on 40) | no |")
-    assert rows["round 2 − SFT: count"].endswith("| +25.0 ± 6.8 | yes |")  # count still reads the test split
+    assert rows["round 2 − SFT: count"].endswith("| +0.8 ± 0.4 on 400 questions of the seed-1 world (test split: +25.0 ± 6.8 on 40) | no |")
+    assert rows["GRPO − SFT: count"].endswith("| +10.0 ± 1.5 on 400 questions of the seed-1 world (test split: +25.0 ± 6.8 on 40) | yes |")
+    assert "lowest in paired SEs: shape -50.0" in rows["round 2 − SFT: every category"]  # the test split's
     assert rows["the SFT policy's own likelihood, same pairs"].endswith("| reported | 90.0% | — |")
     assert "80.0% of candidate pairs" in rows["reward model agrees with the verifier"]
 
@@ -107,7 +111,7 @@ def test_pipeline_runs_each_step_after_the_runs_it_reads(tmp_path, monkeypatch):
 def test_smoke_runs_every_step_of_the_demo_shrunk(tmp_path, monkeypatch):
     """`--smoke` is the demo's pipeline, step for step, each recipe with `SMOKE`'s settings over the demo's, and
     stage 1's features cached in the run folder, not the shared cache."""
-    from align.demo import SMOKE, SPATIAL_QUESTIONS, SPATIAL_WORLD_IMAGES, rounds_spatial_step, students_step
+    from align.demo import AIMED_QUESTIONS, OTHER_WORLD_IMAGES, SMOKE, rounds_aimed_steps, students_step
 
     monkeypatch.setattr(align.demo, "other_world", lambda run_dir, images: run_dir / f"world-seed1-{images}")
     run_dir = tmp_path / "demo"
@@ -118,15 +122,15 @@ def test_smoke_runs_every_step_of_the_demo_shrunk(tmp_path, monkeypatch):
         assert small.overrides == {**full.overrides, **SMOKE.get(full.script, {}),
                                    **({"feature_cache_dir": run_dir / "features"} if full.script == "pretrain.py" else {}),
                                    **({"world_path": run_dir / "world-seed1-20"} if "world_path" in full.overrides else {}),
-                                   **({"num_questions": 10} if full.name in SPATIAL_EVALS.values() else {})}
+                                   **({"num_questions": 10} if full.overrides.get("num_questions") == AIMED_QUESTIONS else {})}
     assert {step.script for step in steps[True]} - {"evaluate.py"} <= set(SMOKE)
     rounds = {"rounds": [{"round": 1}], "final_policy": str(run_dir / "rounds" / "round1" / "dpo")}
     assert students_step(run_dir, rounds, 10, smoke=True).overrides["max_steps"] == SMOKE["students.py"]["max_steps"]
-    spatial = {smoke: rounds_spatial_step(run_dir, rounds, 10, smoke=smoke).overrides for smoke in (False, True)}
-    assert spatial[False] == {"model_name_or_path": run_dir / "rounds" / "round1" / "dpo", "categories": ["spatial"],
-                              "world_path": run_dir / f"world-seed1-{SPATIAL_WORLD_IMAGES}", "num_questions": SPATIAL_QUESTIONS}
-    assert spatial[True] == {**spatial[False], "world_path": run_dir / "world-seed1-20", "num_questions": 10}
-    assert "max_steps" not in students_step(run_dir, rounds, 10).overrides
+    aimed = {smoke: [step.overrides for step in rounds_aimed_steps(run_dir, rounds, 10, smoke=smoke)] for smoke in (False, True)}
+    assert aimed[False] == [{"model_name_or_path": run_dir / "rounds" / "round1" / "dpo", "categories": [category],
+                             "world_path": run_dir / f"world-seed1-{OTHER_WORLD_IMAGES}", "num_questions": AIMED_QUESTIONS}
+                            for category in ("count", "spatial")]
+    assert aimed[True] == [{**full, "world_path": run_dir / "world-seed1-20", "num_questions": 10} for full in aimed[False]]
 
 
 def test_reasons_section_reads_each_stage_s_reasoned_answers(tmp_path):
