@@ -145,10 +145,10 @@ def load_run(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
-        if merge and quantization_config is None:
+        merged = merge and quantization_config is None
+        if merged:
             model = model.merge_and_unload()
-        logger.info("applied the adapter at %s to its base at %s%s", adapter_path, base_path,
-                    " (merged)" if merge and quantization_config is None else "")
+        logger.info("applied the adapter at %s to its base at %s%s", adapter_path, base_path, " (merged)" if merged else "")
     processor_path = adapter_path if adapter_path is not None and _has_processor(adapter_path) else base_path
     return model.eval(), load_processor(processor_path)
 

@@ -126,6 +126,7 @@ def test_smoke_runs_every_step_of_the_demo_shrunk(tmp_path, monkeypatch):
     assert {step.script for step in steps[True]} - {"evaluate.py"} <= set(SMOKE)
     rounds = {"rounds": [{"round": 1}], "final_policy": str(run_dir / "rounds" / "round1" / "dpo")}
     assert students_step(run_dir, rounds, 10, smoke=True).overrides["max_steps"] == SMOKE["students.py"]["max_steps"]
+    assert "max_steps" not in students_step(run_dir, rounds, 10).overrides
     aimed = {smoke: [step.overrides for step in rounds_aimed_steps(run_dir, rounds, 10, smoke=smoke)] for smoke in (False, True)}
     assert aimed[False] == [{"model_name_or_path": run_dir / "rounds" / "round1" / "dpo", "categories": [category],
                              "world_path": run_dir / f"world-seed1-{OTHER_WORLD_IMAGES}", "num_questions": AIMED_QUESTIONS}
