@@ -517,6 +517,27 @@ def reasons_table(evaluations: dict[str, Sequence[dict]]) -> str:
     return "\n".join(lines)
 
 
+def count_table(evaluations: dict[str, Sequence[dict]]) -> str:
+    """How the count answers go wrong, one row per named evaluation, as a Markdown table: the accuracy of the count
+    questions by their true number ("How many red objects are there?" -> "3"), and of the wrong answers, how many
+    state a single number one away from the truth. Each cell is `accuracy (questions)`."""
+    numbers = sorted({int(row["answer"]) for rows in evaluations.values() for row in rows if row["category"] == "count"})
+    lines = ["| evaluation | " + " | ".join(f"answer {n}" for n in numbers) + " | wrong answers one away |",
+             "|---|" + "---:|" * (len(numbers) + 1)]
+    for name, rows in evaluations.items():
+        counts = [row for row in rows if row["category"] == "count"]
+        cells = []
+        for number in numbers:
+            picked = [row["correct"] for row in counts if int(row["answer"]) == number]
+            cells.append(f"{100 * sum(picked) / len(picked):.1f}% ({len(picked)})" if picked else "—")
+        wrong = [row for row in counts if not row["correct"]]
+        stated = [{int(token) for token in normalize(row["prediction"]) if token.isdigit()} for row in wrong]
+        near = sum(len(numbers) == 1 and abs(numbers.pop() - int(row["answer"])) == 1 for numbers, row in zip(stated, wrong))
+        cells.append(f"{100 * near / len(wrong):.1f}% ({len(wrong)})" if wrong else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def evaluate_qa(
     model,
     processor,
@@ -771,6 +792,7 @@ __all__ = [
     "score_answers",
     "scoreboard",
     "form_table",
+    "count_table",
     "standard_error",
     "stop_token_ids",
     "text_regression",
@@ -782,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`python -m align.evaluation BASELINE OTHER [OTHER ...]`: each evaluation folder (as `recipes/evaluate.py`
     writes it) minus the first, paired on the questions both answered, as a Markdown table. With `--forms`, each
     folder's accuracy per question form instead (`form_table`; one folder is enough); with `--reasons`, how its
-    reasoned yes/no spatial answers go wrong (`reasons_table`)."""
+    reasoned yes/no spatial answers go wrong (`reasons_table`); with `--counts`, its count answers (`count_table`)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -792,11 +814,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="Print each folder's accuracy per question form (yes/no vs choice spatial questions).")
     parser.add_argument("--reasons", action="store_true",
                         help="Print how each folder's reasoned yes/no spatial answers go wrong (`reasons_table`).")
+    parser.add_argument("--counts", action="store_true",
+                        help="Print each folder's count accuracy by the true number, and how many wrong counts are one "
+                        "away (`count_table`).")
     args = parser.parse_args(argv)
-    if args.forms or args.reasons:
+    tables = {"forms": form_table, "reasons": reasons_table, "counts": count_table}
+    chosen = [table for name, table in tables.items() if getattr(args, name)]
+    if len(chosen) > 1:
+        parser.error("--forms, --reasons and --counts each print their own table: give one")
+    if chosen:
         folders = [args.baseline, *args.others]
         evaluations = {folder: read_predictions(Path(folder) / PREDICTIONS) for folder in folders}
-        print(form_table(evaluations) if args.forms else reasons_table(evaluations))
+        print(chosen[0](evaluations))
         return
     if not args.others:
         parser.error("give at least one evaluation folder to compare with the baseline (or --forms)")

@@ -31,7 +31,8 @@ question of scenes with two or more objects, about an object whose other attribu
 color is the circle?" with one circle among several objects): whether the VLM learns to find an object as well
 as to read it. `--scenes spatial` asks the world's own spatial questions instead ("Is the red circle left of the
 blue square?", "Which is further left, the red circle or the blue square?"; closed sets yes/no and the two named
-objects): two objects to find and their places to compare. `--token_positions sincos` adds a fixed 2-D sine-cosine
+objects): two objects to find and their places to compare; `--scenes count` the world's count questions ("How many
+red objects are there?"; the closed set 0 to 10): how far counting can go on these visual tokens. `--token_positions sincos` adds a fixed 2-D sine-cosine
 code of each visual token's row and column in the patch grid to the projected tokens (MAE's 2-D embedding, at the
 scale of a unit-variance token), so the visual tokens say where they are whatever the tower's features keep of it:
 whether what a spatial question lacks is the place in the tokens or the comparison in the LLM.
@@ -66,7 +67,7 @@ import torch.nn.functional as F
 from align.loading import load_run
 from align.world.geometry import object_patch  # the zoo's SigLIP build imports it from here, too
 from align.world.language import yes_no_objects
-from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES
+from align.world.scene import DEFAULT_COLORS, DEFAULT_SHAPES, MAX_OBJECTS
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +132,39 @@ def spatial_rows(world: datasets.Dataset, limit: int | None, kind: str = "all") 
     wording, which tells finding the winner apart from comparing it with the question's subject."""
     if kind not in SPATIAL_KINDS:
         raise ValueError(f"kind must be one of {list(SPATIAL_KINDS)}, got {kind!r}")
+
+    def pick(record: dict) -> tuple[str, tuple[str, ...]] | None:
+        if record["category"] != "spatial" or record["answer_type"] not in SPATIAL_KINDS[kind]:
+            return None
+        if kind == "yes_no_winner":
+            return yes_no_winner(record)
+        return record["answer"], tuple(record["choices"]) if record["answer_type"] == "choice" else SPATIAL_VALUES
+
+    return _question_rows(world, limit, pick)
+
+
+# The read-out probe's settings that ask the world's own questions of a category (`--scenes`), not an attribute.
+QUESTION_SCENES = ("spatial", "count")
+# A count question's closed set: every number of objects a scene can hold.
+COUNT_VALUES = tuple(str(number) for number in range(MAX_OBJECTS + 1))
+
+
+def count_rows(world: datasets.Dataset, limit: int | None) -> list[dict]:
+    """The world's count questions of a split ("How many red objects are there?", "How many squares can you see?"),
+    one row per question (at most `limit`), as `spatial_rows` gives them; the closed set is `COUNT_VALUES`."""
+    return _question_rows(world, limit, lambda r: (r["answer"], COUNT_VALUES) if r["category"] == "count" else None)
+
+
+def _question_rows(world: datasets.Dataset, limit: int | None, pick) -> list[dict]:
+    """One row per question record of `world` that `pick` answers with (answer, closed set), at most `limit`."""
     rows = []
     for row in world:
         for record in json.loads(row["questions"]):
-            if record["category"] != "spatial" or record["answer_type"] not in SPATIAL_KINDS[kind]:
+            picked = pick(record)
+            if picked is None:
                 continue
-            answer = record["answer"]
-            values = tuple(record["choices"]) if record["answer_type"] == "choice" else SPATIAL_VALUES
-            if kind == "yes_no_winner":
-                answer, values = yes_no_winner(record)
-            rows.append({"image": row["images"][0], "question": record["question"], "answer": answer,
-                         "values": values})
+            answer, values = picked
+            rows.append({"image": row["images"][0], "question": record["question"], "answer": answer, "values": values})
             if limit is not None and len(rows) >= limit:
                 return rows
     return rows
@@ -514,7 +537,8 @@ def readout_curve(
 ) -> dict:
     """Train only the adapters of `vlm` to answer the `attribute` question of the first `1 - holdout` share of
     `rows` (`single_object_rows`, or `multi_object_rows` with `scenes="multi"`: named in the result; or rows that
-    carry their own `question`, `answer` and closed set `values`, `spatial_rows` with `scenes="spatial"`), and
+    carry their own `question`, `answer` and closed set `values`: `spatial_rows` with `scenes="spatial"`, `count_rows`
+    with `scenes="count"`), and
     measure the closed-set accuracy on the rest every `eval_every` steps. `token_positions="sincos"` adds
     `add_token_positions` to the visual tokens for the whole run (the hook is removed at the end).
     With `held_out` (rows of the same kind, e.g. from another split or another world), the probe trains on every
@@ -631,7 +655,7 @@ def format_readout(result: dict) -> str:
         f"{'; 2-D sine-cosine positions on the visual tokens' if result.get('token_positions') == 'sincos' else ''}), "
         f"{result['train_images']} training / {result['test_images']} held-out "
         + ("(another split's images) " if result.get("held_out") == "given" else "")
-        + ("questions" if result.get("scenes") == "spatial" else f"{result.get('scenes', 'single')}-object images")
+        + ("questions" if result.get("scenes") in QUESTION_SCENES else f"{result.get('scenes', 'single')}-object images")
         + f"; majority {result['majority']:.1%}"
         + (f"; chance {result['chance']:.1%}" if "chance" in result else "")
         + (f"; a guess among the values present in the scene {result['present_guess']:.1%}" if "present_guess" in result else ""),
@@ -672,10 +696,10 @@ def main(argv=None) -> dict:
     readout.add_argument("--llm_lr", type=float, default=None,
                          help="Train the LLM too (in full) at this learning rate; by default it stays frozen.")
     readout.add_argument("--seed", type=int, default=0, help="Seed of the initialisation and the batches.")
-    readout.add_argument("--scenes", choices=("single", "multi", "spatial"), default="single",
+    readout.add_argument("--scenes", choices=("single", "multi", *QUESTION_SCENES), default="single",
                          help="Ask about the object of single-object images, about an object named by a unique "
-                         "attribute in scenes of two or more (multi_object_rows), or the world's spatial questions "
-                         "(spatial_rows; --attribute is then unused and --images counts questions).")
+                         "attribute in scenes of two or more (multi_object_rows), or the world's spatial or count "
+                         "questions (spatial_rows, count_rows; --attribute is then unused and --images counts questions).")
     readout.add_argument("--spatial_kind", choices=tuple(SPATIAL_KINDS), default="all",
                          help="With --scenes spatial: every spatial question, or only the yes/no ones or only the "
                          "choice ones (which of two named objects is further left, higher, ...).")
@@ -706,7 +730,7 @@ def main(argv=None) -> dict:
     if args.spatial_kind != "all" and args.scenes != "spatial":
         parser.error("--spatial_kind picks among spatial questions: it needs --scenes spatial")
     if (args.scenes != "single" or args.token_positions != "none") and not args.readout:
-        parser.error("--scenes multi/spatial and --token_positions are read-out probe settings (with --readout)")
+        parser.error("--scenes multi/spatial/count and --token_positions are read-out probe settings (with --readout)")
     for name in ("steps", "eval_every", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
@@ -744,11 +768,13 @@ def main(argv=None) -> dict:
 
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     model, processor = load_run(args.model, quantization_config=quantization)
-    attribute = "spatial" if args.scenes == "spatial" else args.attribute
+    attribute = args.scenes if args.scenes in QUESTION_SCENES else args.attribute
 
     def question_rows(source: datasets.Dataset, limit: int) -> list[dict]:
         if args.scenes == "spatial":
             return spatial_rows(source, limit, args.spatial_kind)
+        if args.scenes == "count":
+            return count_rows(source, limit)
         if args.scenes == "multi":
             return multi_object_rows(source, limit, args.attribute)
         return single_object_rows(source, limit)

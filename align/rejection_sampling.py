@@ -85,7 +85,9 @@ def sample_candidates(model, processor, rows: Sequence[dict], settings: Sampling
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def select(candidates: Sequence[str], scores: Sequence[float], threshold: float, min_margin: float) -> dict:
+def select(
+    candidates: Sequence[str], scores: Sequence[float], threshold: float, min_margin: float, max_pass_rate: float = 1.0
+) -> dict:
     """The best and worst candidate of one prompt and what they are kept for.
 
     Among equal scores (a verifier's 0/1 ties often), the answer sampled most often wins: the best is the policy's
@@ -93,8 +95,8 @@ def select(candidates: Sequence[str], scores: Sequence[float], threshold: float,
     makes, rather than a one-off garbled sample; further ties go to the first sampled.
 
     Returns:
-        `best`, `worst` (candidate indices), `sft` (the best scores >= `threshold`) and `pair` (best - worst >=
-        `min_margin` and the two texts differ).
+        `best`, `worst` (candidate indices), `sft` (the best scores >= `threshold`, and at most a `max_pass_rate`
+        fraction of the candidates do) and `pair` (best - worst >= `min_margin` and the two texts differ).
     """
     if not candidates or len(candidates) != len(scores):
         raise ValueError(f"{len(scores)} scores for {len(candidates)} candidates")
@@ -102,7 +104,8 @@ def select(candidates: Sequence[str], scores: Sequence[float], threshold: float,
     frequency = Counter(texts)
     best = max(range(len(scores)), key=lambda i: (scores[i], frequency[texts[i]], -i))
     worst = min(range(len(scores)), key=lambda i: (scores[i], -frequency[texts[i]], i))
-    keep_sft = scores[best] >= threshold
+    passed = sum(score >= threshold for score in scores)
+    keep_sft = scores[best] >= threshold and passed <= max_pass_rate * len(scores)
     keep_pair = scores[best] - scores[worst] >= min_margin and texts[best] != texts[worst]
     return {"best": best, "worst": worst, "sft": keep_sft, "pair": keep_pair}
 
@@ -118,7 +121,7 @@ def _quantiles(values: list[float]) -> dict:
     }
 
 
-def statistics_of(records: Sequence[dict], threshold: float, min_margin: float) -> dict:
+def statistics_of(records: Sequence[dict], threshold: float, min_margin: float, max_pass_rate: float = 1.0) -> dict:
     """Statistics of a finished run from its `candidates.jsonl` records: prompts, candidates, the score distribution,
     rows kept for SFT and pairs for DPO, and, where the verifier judged the candidates, the fraction of prompts with
     at least one correct candidate, pass@1 and pass@N overall and per category; where a reward model scored them
@@ -126,10 +129,10 @@ def statistics_of(records: Sequence[dict], threshold: float, min_margin: float) 
     stats: dict = {"prompts": len(records), "candidates": sum(len(r["candidates"]) for r in records)}
     scores = [s for r in records for s in r["scores"]]
     stats["score"] = _quantiles(scores)
-    kept = [select(r["candidates"], r["scores"], threshold, min_margin) for r in records]
+    kept = [select(r["candidates"], r["scores"], threshold, min_margin, max_pass_rate) for r in records]
     stats["sft_rows"] = sum(k["sft"] for k in kept)
     stats["dpo_pairs"] = sum(k["pair"] for k in kept)
-    stats["threshold"], stats["min_margin"] = threshold, min_margin
+    stats["threshold"], stats["min_margin"], stats["max_pass_rate"] = threshold, min_margin, max_pass_rate
     judged = [r for r in records if "verifier" in r]
     if judged:
         by_category = defaultdict(list)
@@ -269,8 +272,11 @@ def collect(output_dir: str | os.PathLike, num_prompts: int) -> list[dict]:
     return sorted(records, key=lambda r: r["index"])
 
 
-def build_datasets(prompts: Dataset, records: Sequence[dict], threshold: float, min_margin: float) -> tuple[Dataset, Dataset]:
-    """The SFT rows (the prompt and its best answer, where it scores >= `threshold`) and the DPO pairs (best as
+def build_datasets(
+    prompts: Dataset, records: Sequence[dict], threshold: float, min_margin: float, max_pass_rate: float = 1.0
+) -> tuple[Dataset, Dataset]:
+    """The SFT rows (the prompt and its best answer, where it scores >= `threshold` and at most a `max_pass_rate`
+    fraction of the prompt's candidates do: `select`) and the DPO pairs (best as
     chosen, worst as rejected, where they differ by >= `min_margin`), with the prompt's images, `category`,
     `record` and `image_id` when the prompts carry them, and the scores."""
     extra = [c for c in ("category", "record", "image_id") if c in prompts.column_names]
@@ -279,7 +285,7 @@ def build_datasets(prompts: Dataset, records: Sequence[dict], threshold: float, 
     dpo_idx, dpo_cols = [], defaultdict(list)
     for record in records:
         index = record["index"]
-        choice = select(record["candidates"], record["scores"], threshold, min_margin)
+        choice = select(record["candidates"], record["scores"], threshold, min_margin, max_pass_rate)
         row = meta[index]
         best, worst = record["candidates"][choice["best"]], record["candidates"][choice["worst"]]
         if choice["sft"]:
@@ -344,6 +350,11 @@ class RejectionSamplingArguments(PromptArguments, RunArguments):
     min_margin: float = field(
         default=0.5, metadata={"help": "Keep the (best, worst) pair for DPO when their scores differ by at least this."}
     )
+    sft_max_pass_rate: float = field(
+        default=1.0,
+        metadata={"help": "Keep a prompt for SFT only when at most this fraction of its candidates reach sft_threshold "
+                  "(1.0: every prompt; below 1, the prompts the policy already always answers right are left out)."},
+    )
     reward_batch_size: int = field(default=32, metadata={"help": "Candidates per reward-model forward."})
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base VLM of an adapter policy (default: from adapter_config.json)."}
@@ -365,6 +376,8 @@ class RejectionSamplingArguments(PromptArguments, RunArguments):
         unknown = set(self.categories or []) - set(CATEGORIES)
         if unknown:
             raise ValueError(f"categories has unknown names {sorted(unknown)}; supported: {list(CATEGORIES)}")
+        if not 0.0 < self.sft_max_pass_rate <= 1.0:
+            raise ValueError(f"sft_max_pass_rate must be in (0, 1], got {self.sft_max_pass_rate}")
         if self.min_margin < 0 or self.reward_batch_size < 1:
             raise ValueError(f"min_margin must be >= 0 and reward_batch_size >= 1, got {self.min_margin}, {self.reward_batch_size}")
         self.settings()  # validates the sampling settings

@@ -97,11 +97,13 @@ def main(script_args: RejectionSamplingArguments, model_args: ModelConfig):
 
     # ----- select and save --------------------------------------------------------------------------------------
     records = collect(output_dir, len(prompts))
-    sft, dpo = build_datasets(prompts, records, script_args.sft_threshold, script_args.min_margin)
+    sft, dpo = build_datasets(
+        prompts, records, script_args.sft_threshold, script_args.min_margin, script_args.sft_max_pass_rate
+    )
     for name, data in (("sft", sft), ("dpo", dpo)):
         with staged_dir(output_dir / name) as staging:
             data.save_to_disk(str(staging), num_shards=1 if len(data) == 0 else None)  # an empty one needs a shard to load
-    stats = statistics_of(records, script_args.sft_threshold, script_args.min_margin)
+    stats = statistics_of(records, script_args.sft_threshold, script_args.min_margin, script_args.sft_max_pass_rate)
     stats["model_name_or_path"] = model_args.model_name_or_path
     stats["scorer"] = script_args.scorer
     save_metrics(output_dir / "metrics.json", stats)

@@ -70,6 +70,11 @@ class RoundsArguments:
         metadata={"help": "Sample only questions of these categories (the policy's failure modes, e.g. count spatial), "
                   "as Llama 3 aims each round's prompts at the capabilities that lag; default: the config's."},
     )
+    sft_max_pass_rate: float | None = field(
+        default=None,
+        metadata={"help": "Override the rejection-sampling config's sft_max_pass_rate: the round's SFT keeps only the "
+                  "prompts at most this fraction of whose candidates are right (below 1: not those always answered right)."},
+    )
     sampled_weight: float = field(
         default=1.0, metadata={"help": "SFT mixture: weight of the rejection-sampled answers."}
     )
@@ -157,6 +162,8 @@ def sampling_step(args: RoundsArguments, number: int, policy: str) -> Step:
     }
     if args.num_candidates is not None:
         updates["num_candidates"] = args.num_candidates
+    if args.sft_max_pass_rate is not None:
+        updates["sft_max_pass_rate"] = args.sft_max_pass_rate
     if args.categories:
         updates["categories"] = list(args.categories)
     if args.reward_model_name_or_path:

@@ -287,6 +287,27 @@ def test_reasons_table_splits_reasoned_answers_by_what_went_wrong(tmp_path, caps
         reasons_table({"old": [{k: v for k, v in row.items() if k != "relation"} for row in rows]})
 
 
+def test_count_table_by_true_number_and_near_misses(tmp_path, capsys):
+    """`--counts`: count accuracy by the true number, and the share of wrong counts that state one number one away."""
+    from align.evaluation import count_table, main
+
+    answers = [("2", "2"), ("2", "3"), ("3", "1"), ("0", "0"), ("3", "There are 2."), ("0", "none")]
+    rows = [{"question": f"How many things {i}?", "category": "count", "answer": answer, "prediction": prediction,
+             "correct": answer == prediction, "image_id": "a"} for i, (answer, prediction) in enumerate(answers)]
+    rows.append({"question": "What color?", "category": "color", "answer": "red", "prediction": "blue",
+                 "correct": False, "image_id": "a"})
+    table = count_table({"sft": rows}).splitlines()
+    assert table[0] == "| evaluation | answer 0 | answer 2 | answer 3 | wrong answers one away |"
+    # Wrong: 2 -> 3 (one away), 3 -> 1 (two away), 3 -> "There are 2." (one away), 0 -> "none" (no number).
+    assert table[2] == "| sft | 50.0% (2) | 50.0% (2) | 0.0% (2) | 50.0% (4) |"
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    main([str(tmp_path / "sft"), "--counts"])
+    assert table[2].removeprefix("| sft ") in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "sft"), "--counts", "--forms"])
+
+
 def test_demo_compares_dpo_and_rounds_with_sft(tmp_path):
     from align.demo import paired_against_sft
 

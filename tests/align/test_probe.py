@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from align.probe import (
     CONTEXT_VALUES,
+    COUNT_VALUES,
     VALUES,
     context_probe,
+    count_rows,
     fit_probe,
     format_context_probe,
     format_readout,
@@ -435,6 +437,23 @@ def test_spatial_rows_are_the_worlds_spatial_questions_with_their_closed_sets(se
     assert {r["values"] for r in yes_no} == {("yes", "no")} and all(r["values"] != ("yes", "no") for r in choice)
     with pytest.raises(ValueError, match="kind must be one of"):
         spatial_rows(world, None, "both")
+
+
+def test_count_rows_are_the_worlds_count_questions(setup, capsys):
+    import datasets
+
+    world = datasets.load_from_disk(setup["world"])["train"]
+    records = [r for questions in world["questions"] for r in json.loads(questions) if r["category"] == "count"]
+    rows = count_rows(world, None)
+    assert len(rows) == len(records) > 0 and len(count_rows(world, 3)) == 3
+    for row, record in zip(rows, records):
+        assert (row["question"], row["answer"]) == (record["question"], record["answer"])
+        assert row["values"] == COUNT_VALUES and row["answer"] in row["values"]
+    result = main(["--readout", "--model", setup["vlm"], "--world", setup["world"], "--images", "12", "--steps", "2",
+                   "--eval_every", "2", "--scenes", "count"])
+    assert result["attribute"] == "count" and result["train_images"] + result["test_images"] == 12
+    assert result["chance"] == pytest.approx(1 / len(COUNT_VALUES))
+    assert "held-out questions" in capsys.readouterr().out
 
 
 def test_yes_no_winner_names_the_object_the_relation_favours(setup):

@@ -60,6 +60,11 @@ def test_select_threshold_margin_and_ties():
     assert not select(["red", " red "], [1.0, 0.0], threshold=0.5, min_margin=0.5)["pair"]  # same text
     with pytest.raises(ValueError, match="scores for"):
         select(["a"], [1.0, 0.0], 0.5, 0.5)
+    # max_pass_rate leaves out, for SFT only, the prompts the policy answers right too often; pairs are unaffected.
+    assert select(["a", "b", "c"], [1.0, 1.0, 0.0], 0.5, 0.5, max_pass_rate=0.7)["sft"]  # 2 of 3 right
+    assert not select(["a", "b", "c"], [1.0, 1.0, 0.0], 0.5, 0.5, max_pass_rate=0.6)["sft"]
+    assert not select(["a", "b"], [1.0, 1.0], 0.5, 0.5, max_pass_rate=0.99)["sft"]
+    assert select(["a", "b", "c"], [1.0, 1.0, 0.0], 0.5, 0.5, max_pass_rate=0.6)["pair"]
 
 
 def test_verifier_weighted_scorers_and_agreement():
@@ -98,6 +103,8 @@ def test_statistics_by_hand():
     assert stats["score"]["mean"] == 0.5 and stats["score"]["max"] == 1.0
     # Only prompt 3 has candidates the verifier tells apart; the reward model orders them alike.
     assert stats["reward_verifier_agreement"] == 1.0 and stats["reward_verifier_pairs"] == 1
+    hard = statistics_of(records, threshold=0.5, min_margin=0.5, max_pass_rate=0.99)
+    assert hard["sft_rows"] == 2 and hard["dpo_pairs"] == 2 and hard["max_pass_rate"] == 0.99  # prompt 2 left out
 
 
 def test_sample_candidates_encodes_each_image_once(tiny):

@@ -112,6 +112,7 @@ def test_other_settings_in_the_same_folder_are_refused(setup, tmp_path):
         ({"scorer": "reward"}, "needs reward_model_name_or_path"),
         ({"num_candidates": 1}, "num_candidates must be >= 2"),
         ({"categories": ["colour"]}, "categories has unknown names"),
+        ({"sft_max_pass_rate": 0.0}, r"sft_max_pass_rate must be in \(0, 1\]"),
     ],
 )
 def test_bad_settings_are_named(setup, tmp_path, override, message):
