@@ -532,7 +532,7 @@ def count_table(evaluations: dict[str, Sequence[dict]]) -> str:
             cells.append(f"{100 * sum(picked) / len(picked):.1f}% ({len(picked)})" if picked else "—")
         wrong = [row for row in counts if not row["correct"]]
         stated = [{int(token) for token in normalize(row["prediction"]) if token.isdigit()} for row in wrong]
-        near = sum(len(numbers) == 1 and abs(numbers.pop() - int(row["answer"])) == 1 for numbers, row in zip(stated, wrong))
+        near = sum(len(said) == 1 and abs(min(said) - int(row["answer"])) == 1 for said, row in zip(stated, wrong))
         cells.append(f"{100 * near / len(wrong):.1f}% ({len(wrong)})" if wrong else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

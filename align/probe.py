@@ -32,10 +32,11 @@ color is the circle?" with one circle among several objects): whether the VLM le
 as to read it. `--scenes spatial` asks the world's own spatial questions instead ("Is the red circle left of the
 blue square?", "Which is further left, the red circle or the blue square?"; closed sets yes/no and the two named
 objects): two objects to find and their places to compare; `--scenes count` the world's count questions ("How many
-red objects are there?"; the closed set 0 to 10): how far counting can go on these visual tokens. `--token_positions sincos` adds a fixed 2-D sine-cosine
-code of each visual token's row and column in the patch grid to the projected tokens (MAE's 2-D embedding, at the
-scale of a unit-variance token), so the visual tokens say where they are whatever the tower's features keep of it:
-whether what a spatial question lacks is the place in the tokens or the comparison in the LLM.
+red objects are there?"; the closed set 0 to 10): how far counting can go on these visual tokens.
+`--token_positions sincos` adds a fixed 2-D sine-cosine code of each visual token's row and column in the patch grid
+to the projected tokens (MAE's 2-D embedding, at the scale of a unit-variance token), so the visual tokens say where
+they are whatever the tower's features keep of it: whether what a spatial question lacks is the place in the tokens
+or the comparison in the LLM.
 
     python -m align.probe --encoder .cache/zoo/siglip
 
@@ -538,9 +539,9 @@ def readout_curve(
     """Train only the adapters of `vlm` to answer the `attribute` question of the first `1 - holdout` share of
     `rows` (`single_object_rows`, or `multi_object_rows` with `scenes="multi"`: named in the result; or rows that
     carry their own `question`, `answer` and closed set `values`: `spatial_rows` with `scenes="spatial"`, `count_rows`
-    with `scenes="count"`), and
-    measure the closed-set accuracy on the rest every `eval_every` steps. `token_positions="sincos"` adds
-    `add_token_positions` to the visual tokens for the whole run (the hook is removed at the end).
+    with `scenes="count"`), and measure the closed-set accuracy on the rest every `eval_every` steps.
+    `token_positions="sincos"` adds `add_token_positions` to the visual tokens for the whole run (the hook is removed
+    at the end).
     With `held_out` (rows of the same kind, e.g. from another split or another world), the probe trains on every
     row of `rows` and is scored on `held_out`, images it has never seen, instead (`holdout` is then unused).
     With `llm_lr`, the LLM (decoder and head) trains too, in full at that learning rate: whether the whole VLM
