@@ -828,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(chosen[0](evaluations))
         return
     if not args.others:
-        parser.error("give at least one evaluation folder to compare with the baseline (or --forms)")
+        parser.error("give at least one evaluation folder to compare with the baseline (or --forms, --reasons or --counts)")
     baseline = read_predictions(Path(args.baseline) / PREDICTIONS)
     print(paired_table({
         f"{other} − {args.baseline}": paired_difference(read_predictions(Path(other) / PREDICTIONS), baseline)
