@@ -21,7 +21,8 @@ third pass with the spatial questions weighted eight times (`pretrain_spatial.ya
 mixture with the yes/no spatial questions answered by their reason first (`pretrain_reasoning.yaml`,
 `align.world.reasoned_answer`), then spatial conclusions, one question a conversation with the yes/no spatial ones
 weighted, most of all those naming two objects of one shape, whose yes or no the reasoning run left at chance
-(`pretrain_conclusions.yaml`, `align.world.SPATIAL_PAIRS`). Post-training starts from
+(`pretrain_conclusions.yaml`, `align.world.SPATIAL_PAIRS`), then counting, that mixture with the count questions
+weighted four times (`pretrain_counting.yaml`). Post-training starts from
 `base`. `--base_continue` builds it from the shipped base through the runs appended since (maintainers: refused
 unless the shipped base is what the earlier runs build with this code and these settings). The quality figures (encoder retrieval and object probe, LM perplexity, each against a
 random-init twin; the base VLM's held-out accuracy per question category) are printed and saved to

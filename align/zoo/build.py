@@ -62,6 +62,7 @@ BASE_STAGES = (
     ("spatial", RECIPES / "configs" / "tiny" / "pretrain_spatial.yaml"),
     ("reasoning", RECIPES / "configs" / "tiny" / "pretrain_reasoning.yaml"),
     ("conclusions", RECIPES / "configs" / "tiny" / "pretrain_conclusions.yaml"),
+    ("counting", RECIPES / "configs" / "tiny" / "pretrain_counting.yaml"),
 )
 
 
