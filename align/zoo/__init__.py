@@ -1,7 +1,7 @@
 """Build the embedded default: the shapes world, a tokenizer, tiny pretrained parts and a base VLM that sees.
 
     python -m align.zoo                      # installs the shipped parts into .cache/zoo (or $VLM_ALIGN_CACHE)
-    python -m align.zoo --force              # trains every part here instead (about three and a half hours on 2 CPU cores)
+    python -m align.zoo --force              # trains every part here instead (about four hours on 2 CPU cores)
     python -m align.zoo --force --ship       # ... and ships the result (maintainers, after changing a part's code)
 
 Each part is written to its own folder as an ordinary Hugging Face checkpoint and marked valid by a
