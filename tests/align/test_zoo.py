@@ -319,7 +319,7 @@ def test_shipped_parts_match_this_code_and_settings():
     """The parts shipped in align/default_parts were built by this code with these settings. When this fails, a part's
     code or settings changed: if the change keeps what the code builds, `python -m align.zoo.carry` shows it and
     carries the fingerprints (a minute); otherwise rebuild and ship them (`python -m align.zoo --force --ship`, about
-    about four hours on 2 CPU cores), record the check build (`python -m align.zoo.carry --record`) and re-measure README's
+    four hours on 2 CPU cores), record the check build (`python -m align.zoo.carry --record`) and re-measure README's
     figures."""
     from align.paths import SHIPPED_PARTS
     from align.zoo import SHIPPED, part_fingerprints, read_manifest
