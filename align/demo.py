@@ -438,7 +438,8 @@ def reasons_section(run_dir: Path, rounds: dict) -> str:
     return (table + "\n\nThe reason names the object the relation favours; the yes or no should then say whether that "
             "object is the question's subject. After two objects of one shape (names that differ only in color or "
             "size) the models conclude it far less often than after two shapes: at chance before the base's spatial "
-            "conclusions run, about two times in three after it (README: what the reasoned answers still get wrong).")
+            "conclusions run, about two times in three after it, about three times in four after the counting run "
+            "(README: what the reasoned answers still get wrong, and the seventh run).")
 
 
 def grpo_against_rounds(run_dir: Path, results: dict, threads: dict[str, int | None]) -> str:
