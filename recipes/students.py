@@ -88,6 +88,9 @@ class StudentsArguments:
     alpha: float | None = field(
         default=None, metadata={"help": "Distillation weight of the distilled students (default: the distill config's; must be > 0)."}
     )
+    temperature: float | None = field(
+        default=None, metadata={"help": "Distillation temperature of the distilled students (default: the distill config's)."}
+    )
     calibration_file: str | None = field(
         default=None,
         metadata={"help": "Pruning calibration documents (JSONL or text); default: the shapes world's training text."},
@@ -97,6 +100,17 @@ class StudentsArguments:
     )
     calibration_split: str = field(default="train", metadata={"help": "World split of the default calibration text."})
     num_questions: int | None = field(default=None, metadata={"help": "Held-out questions per evaluation (default: the evaluate config's)."})
+    paired_world_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also evaluate each pruned student, both ways, on this world's test split (a world generated with "
+            "another seed: python -m align.world --seed 1), for a larger sample of the distilled − labels-only "
+            "comparison than the test split's; its paired figure is reported beside the test split's."
+        },
+    )
+    paired_num_questions: int | None = field(
+        default=None, metadata={"help": "Questions of paired_world_path per evaluation (default: num_questions)."}
+    )
     teacher_eval: str | None = field(
         default=None, metadata={"help": "metrics.json of the teacher's evaluation to show in the table (default: evaluate it)."}
     )
@@ -124,6 +138,8 @@ class StudentsArguments:
         for name in ("max_steps", "ternary_max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.alpha is not None and not 0 < self.alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1] (alpha 0 is the labels-only baseline, run anyway), got {self.alpha}")
         for name in ("distill_config", "evaluate_config", "calibration_file", "teacher_eval"):
@@ -174,8 +190,12 @@ def _step(args: StudentsArguments, run_dir: Path, name: str, script: str, base: 
     return derived_step(run_dir, name, script, base, updates, "students.py", launcher=args.launcher, threads=threads)
 
 
+OTHER_WORLD = "other-world"  # the evaluations on `paired_world_path`: eval-<way>-other-world
+
+
 def train_and_evaluate(args: StudentsArguments, run_dir: Path, name: str, updates: dict) -> dict:
-    """Train a student with recipes/distill.py (`updates` over the distill config) and evaluate it."""
+    """Train a student with recipes/distill.py (`updates` over the distill config) and evaluate it (a pruned one on
+    `paired_world_path` too)."""
     updates = {**updates, "seed": args.seed}
     steps = args.ternary_max_steps if updates.get("student_ternary") and args.ternary_max_steps else args.max_steps
     if steps is not None:
@@ -188,6 +208,12 @@ def train_and_evaluate(args: StudentsArguments, run_dir: Path, name: str, update
     evaluated = run_step(
         _step(args, run_dir, f"eval-{name}", "evaluate.py", args.evaluate_config, evaluation), run_dir, args.force, tag=tag
     )
+    if args.paired_world_path and not updates.get("student_ternary"):
+        other = {**evaluation, "world_path": args.paired_world_path, "dataset_split": "test"}
+        if args.paired_num_questions is not None:
+            other["num_questions"] = args.paired_num_questions
+        step = _step(args, run_dir, f"eval-{name}-{OTHER_WORLD}", "evaluate.py", args.evaluate_config, other)
+        run_step(step, run_dir, args.force, tag=tag)
     return {"training": trained, "eval": evaluated}
 
 
@@ -198,7 +224,7 @@ def both_ways(args: StudentsArguments, run_dir: Path, student: dict, teacher: st
     """Two jobs: train `student` distilled (alpha > 0) and on the labels only (alpha 0), with the same start, steps
     and data, each then evaluated."""
     base = {"model_name_or_path": student["init"], "teacher_model_name_or_path": teacher, "student_ternary": student["ternary"]}
-    distilled = {**base} if args.alpha is None else {**base, "alpha": args.alpha}
+    distilled = {**base, **{key: value for key in ("alpha", "temperature") if (value := getattr(args, key)) is not None}}
     return [
         lambda: train_and_evaluate(args, run_dir, "distilled", distilled),
         lambda: train_and_evaluate(args, run_dir, "labels-only", {**base, "alpha": 0.0}),
@@ -224,13 +250,28 @@ def student_table(summary: dict) -> str:
 
 
 def comparison_table(summary: dict) -> str:
-    """Each student distilled minus the same student on the labels only, paired on the same held-out questions."""
-    table = paired_table({f"{name}: distilled − labels only": student["paired"] for name, student in summary["students"].items()})
+    """Each student distilled minus the same student on the labels only, paired on the same held-out questions (and
+    on the other world's, `paired_world_path`, where evaluated)."""
+    rows = {}
+    for name, student in summary["students"].items():
+        rows[f"{name}: distilled − labels only"] = student["paired"]
+        if student.get("paired_other_world"):
+            rows[f"{name}: distilled − labels only, other world"] = student["paired_other_world"]
     questions = next(iter(summary["students"].values()))["paired"]["questions"]
+    other = " (\"other world\": the test split of another world, `paired_world_path`)" if len(rows) > len(summary["students"]) else ""
     return (
-        f"Distilled minus labels only, in points, on the same {questions} questions (± the paired standard error):\n\n"
-        + table
+        f"Distilled minus labels only, in points, paired on the same {questions} test questions{other}, ± the paired "
+        f"standard error:\n\n" + paired_table(rows)
     )
+
+
+def paired_ways(run_dir: Path, suffix: str = "") -> dict | None:
+    """The student in `run_dir` distilled minus labels only, paired on their evaluations `eval-<way><suffix>` (None
+    when either is missing)."""
+    paths = [run_dir / f"eval-{way}{suffix}" / PREDICTIONS for way in ("distilled", "labels-only")]
+    if not all(path.is_file() for path in paths):
+        return None
+    return paired_difference(*(read_predictions(path) for path in paths))
 
 
 def main(args: StudentsArguments) -> dict:
@@ -285,10 +326,8 @@ def main(args: StudentsArguments) -> dict:
                 "sizes": entry.get("sizes"), "steps": entry["distilled"]["training"].get("global_step"),
                 "distilled": entry["distilled"]["eval"], "labels_only": entry["labels_only"]["eval"],
                 "distillation": entry["distilled"]["training"].get("distillation"),
-                "paired": paired_difference(
-                    read_predictions(entry["dir"] / "eval-distilled" / PREDICTIONS),
-                    read_predictions(entry["dir"] / "eval-labels-only" / PREDICTIONS),
-                ),
+                "paired": paired_ways(entry["dir"]),
+                "paired_other_world": paired_ways(entry["dir"], f"-{OTHER_WORLD}") if args.paired_world_path else None,
             }
             for name, entry in students.items()
         },

@@ -39,7 +39,7 @@ def test_gates_table_reports_each_target_against_the_run(tmp_path):
         "teacher": {"eval": final},
         "students": {
             "pruned to 0.375": _student({"accuracy": 0.5 * final["accuracy"]}, {"accuracy": 0.1},
-                                        {"difference": 0.10, "stderr": 0.02}),
+                                        {"difference": 0.10, "stderr": 0.02, "questions": 240}),
             "ternary": _student({"accuracy": 0.6}, {"accuracy": 0.55}, {"difference": 0.05, "stderr": 0.02}, ternary=True),
         },
     }
@@ -80,6 +80,12 @@ def test_gates_table_reports_each_target_against_the_run(tmp_path):
     assert rows["GRPO − SFT: count"].endswith("| +10.0 ± 1.5 on 400 questions of the seed-1 world (test split: +25.0 ± 6.8 on 40) | yes |")
     assert "lowest in paired SEs: shape -50.0" in rows["round 2 − SFT: every category"]  # the test split's
     assert rows["the SFT policy's own likelihood, same pairs"].endswith("| reported | 90.0% | — |")
+
+    # The 3/8 student's distilled − labels-only gate, too, reads the other world's larger sample where evaluated.
+    students["students"]["pruned to 0.375"]["paired_other_world"] = {"difference": 0.01, "stderr": 0.006, "questions": 6000}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in gates_table(tmp_path, results).splitlines()[2:]}
+    assert rows["pruned to 0.375: distilled − labels only"].endswith(
+        "| +1.0 ± 0.6 on 6000 questions of the seed-1 world (test split: +10.0 ± 2.0 on 240) | no |")
     assert "80.0% of candidate pairs" in rows["reward model agrees with the verifier"]
 
 
@@ -111,7 +117,14 @@ def test_pipeline_runs_each_step_after_the_runs_it_reads(tmp_path, monkeypatch):
 def test_smoke_runs_every_step_of_the_demo_shrunk(tmp_path, monkeypatch):
     """`--smoke` is the demo's pipeline, step for step, each recipe with `SMOKE`'s settings over the demo's, and
     stage 1's features cached in the run folder, not the shared cache."""
-    from align.demo import AIMED_QUESTIONS, OTHER_WORLD_IMAGES, SMOKE, rounds_aimed_steps, students_step
+    from align.demo import (
+        AIMED_QUESTIONS,
+        OTHER_WORLD_IMAGES,
+        SMOKE,
+        STUDENT_QUESTIONS,
+        rounds_aimed_steps,
+        students_step,
+    )
 
     monkeypatch.setattr(align.demo, "other_world", lambda run_dir, images: run_dir / f"world-seed1-{images}")
     run_dir = tmp_path / "demo"
@@ -127,6 +140,10 @@ def test_smoke_runs_every_step_of_the_demo_shrunk(tmp_path, monkeypatch):
     rounds = {"rounds": [{"round": 1}], "final_policy": str(run_dir / "rounds" / "round1" / "dpo")}
     assert students_step(run_dir, rounds, 10, smoke=True).overrides["max_steps"] == SMOKE["students.py"]["max_steps"]
     assert "max_steps" not in students_step(run_dir, rounds, 10).overrides
+    # The students' distilled − labels-only comparison on the other seed's world, too: its larger sample.
+    for smoke, world, questions in ((False, f"world-seed1-{OTHER_WORLD_IMAGES}", STUDENT_QUESTIONS), (True, "world-seed1-20", 10)):
+        overrides = students_step(run_dir, rounds, 10, smoke=smoke).overrides
+        assert (overrides["paired_world_path"], overrides["paired_num_questions"]) == (run_dir / world, questions)
     aimed = {smoke: [step.overrides for step in rounds_aimed_steps(run_dir, rounds, 10, smoke=smoke)] for smoke in (False, True)}
     assert aimed[False] == [{"model_name_or_path": run_dir / "rounds" / "round1" / "dpo", "categories": [category],
                              "world_path": run_dir / f"world-seed1-{OTHER_WORLD_IMAGES}", "num_questions": AIMED_QUESTIONS}

@@ -7,8 +7,10 @@ import pytest
 import yaml
 from transformers import AutoModelForImageTextToText
 
+from align.world import WorldConfig, build_world
 from model import BitLinear
 from tests.align.training_helpers import (
+    IMAGE_SIZE,
     TINY_TRAINING,
     load_recipe,
     read_json,
@@ -24,7 +26,10 @@ from tests.align.training_helpers import (
 def setup(tiny_parts, tmp_path_factory):
     root = tmp_path_factory.mktemp("students")
     world = tiny_world(root / "world", images=8)
+    other = root / "world-seed1"  # a world generated with another seed: its test split alone, as make demo's
+    build_world(str(other), sizes={"test": 4}, config=WorldConfig(image_size=IMAGE_SIZE), seed=1)
     return {
+        "other_world": str(other),
         "teacher": tiny_vlm(root / "teacher", tiny_parts["siglip"], tiny_parts["llama"]),
         "world": world,
         "distill_config": write_yaml(root / "distill.yaml", {
@@ -43,6 +48,7 @@ def students_config(setup, out) -> dict:
         "teacher": setup["teacher"], "output_dir": str(out), "targets": [0.5], "ternary": True, "max_steps": 2, "ternary_max_steps": 3,
         "parallel": 2, "launcher": "forkserver",  # forked steps, from a recipe that is itself forked (run_recipe)
         "world_path": setup["world"], **{k: setup[k] for k in ("distill_config", "evaluate_config")},
+        "paired_world_path": setup["other_world"], "paired_num_questions": 5, "temperature": 2.0,
     }
 
 
@@ -82,6 +88,7 @@ def test_pruned_and_ternary_students_distilled_and_labels_only(setup, students_r
         assert distilled["model_name_or_path"] == labels_only["model_name_or_path"] == init
         assert distilled["max_steps"] == labels_only["max_steps"] == steps
         assert distilled["alpha"] == 0.5 and labels_only["alpha"] == 0.0
+        assert distilled["temperature"] == 2.0 and "temperature" not in labels_only  # the students' temperature
         assert read_json(student_dir / "distilled" / "metrics.json")["teacher"] == setup["teacher"]
         assert read_json(student_dir / "labels-only" / "metrics.json")["teacher"] is None
         for way in ("distilled", "labels-only"):
@@ -103,10 +110,18 @@ def test_pruned_and_ternary_students_distilled_and_labels_only(setup, students_r
         right = {way: summary["students"][name][way]["correct"] for way in ("distilled", "labels_only")}
         assert paired["questions"] == 6 and paired["a_only"] - paired["b_only"] == right["distilled"] - right["labels_only"]
         assert f"| {name}: distilled − labels only | 6 | " in table
+    # ... and the pruned student (not the ternary one) on the other world's test split, paired too.
+    assert summary["students"]["ternary (b1.58)"]["paired_other_world"] is None
+    other = summary["students"]["pruned to 0.5"]["paired_other_world"]
+    for way in ("distilled", "labels-only"):
+        settings = read_json(out / "pruned-0.5" / f"eval-{way}-other-world" / "metrics.json")
+        assert settings["total"] == 5 and settings["model_name_or_path"] == str(out / "pruned-0.5" / way)
+        assert yaml.safe_load((out / "pruned-0.5" / f"eval-{way}-other-world.yaml").read_text())["world_path"] == setup["other_world"]
+    assert other["questions"] == 5 and "| pruned to 0.5: distilled − labels only, other world | 5 | " in table
 
-    # A second run reuses every finished step (4 trainings, 5 evaluations, the pruning).
+    # A second run reuses every finished step (4 trainings, 7 evaluations, the pruning).
     again = run_recipe("students.py", config, tmp_path, timeout=300)
-    assert again.stdout.count("done before, reusing") == 9
+    assert again.stdout.count("done before, reusing") == 11
     assert "done before, reusing it" in again.stderr + again.stdout
 
 
@@ -134,6 +149,7 @@ def test_bad_settings_are_named(setup, tmp_path):
         ({"targets": [], "ternary": False}, "nothing to make"),
         ({"distill_config": "missing.yaml"}, "distill_config"),
         ({"alpha": 0.0}, "alpha must be in"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
         ({"parallel": 0}, "parallel must be >= 1"),
         ({"depth_share": 1.5}, "depth_share must be in"),
     ):
