@@ -360,13 +360,12 @@ def gates_table(run_dir: Path, results: dict) -> str:
         elif name.endswith("0.375"):
             row(f"{name} student / teacher", f">= {STUDENT_SHARE:.0%}", f"{distilled:.1%} / {teacher:.1%} = {distilled / teacher:.0%}",
                 distilled >= STUDENT_SHARE * teacher)
+            # The gate reads the other world's larger sample where evaluated, the test split's figure beside it.
             larger = student.get("paired_other_world")
-            if larger:  # the gate reads the larger sample; the test split's figure beside it, as the aimed gates
-                measured = (f"{_points(larger)} on {larger['questions']} questions of the seed-{OTHER_SEED} world "
-                            f"(test split: {_points(paired)} on {paired['questions']})")
-                row(f"{name}: distilled − labels only", "above +2 paired SE", measured, larger["difference"] > 2 * larger["stderr"])
-            else:
-                row(f"{name}: distilled − labels only", "above +2 paired SE", _points(paired), paired["difference"] > 2 * paired["stderr"])
+            gate, measured = (paired, _points(paired)) if not larger else (larger, (
+                f"{_points(larger)} on {larger['questions']} questions of the seed-{OTHER_SEED} world "
+                f"(test split: {_points(paired)} on {paired['questions']})"))
+            row(f"{name}: distilled − labels only", "above +2 paired SE", measured, gate["difference"] > 2 * gate["stderr"])
 
     reward = results["reward"]["eval"]
     stderr = standard_error(reward["accuracy"], reward["pairs"])

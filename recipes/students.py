@@ -260,7 +260,7 @@ def comparison_table(summary: dict) -> str:
     questions = next(iter(summary["students"].values()))["paired"]["questions"]
     other = " (\"other world\": the test split of another world, `paired_world_path`)" if len(rows) > len(summary["students"]) else ""
     return (
-        f"Distilled minus labels only, in points, paired on the same {questions} test questions{other}, ± the paired "
+        f"Distilled minus labels only, in points, paired on the same {questions} held-out questions{other}, ± the paired "
         f"standard error:\n\n" + paired_table(rows)
     )
 
