@@ -333,7 +333,7 @@ class GRPOScriptArguments(PromptArguments, RunArguments):
 
 def filter_by_pass_rate(
     model, processor, prompts: Dataset, samples: int, low: float = 0.0, high: float = 1.0, batch_size: int = 16,
-    max_new_tokens: int = 16, temperature: float = 1.0, seed: int = 0,
+    max_new_tokens: int = 16, temperature: float = 1.0, seed: int = 0, reasons: bool = False,
 ) -> tuple[Dataset, dict]:
     """The prompts on which `model` is neither always right nor always wrong: `samples` answers to each (shared-prefill
     sampling, `align.evaluation.sample_batch`), scored by the world's verifier; a prompt is kept when its pass rate is
@@ -353,7 +353,7 @@ def filter_by_pass_rate(
 
     if "record" not in prompts.column_names:
         raise ValueError("filtering prompts by pass rate needs question records (world prompts) for the verifier")
-    verifier, rates = VerifierScorer(), []
+    verifier, rates = VerifierScorer(reasons=reasons), []  # reasons: as the `verifier` reward checks them
     for start in range(0, len(prompts), batch_size):
         rows = [prompts[i] for i in range(start, min(start + batch_size, len(prompts)))]
         answers = sample_batch(model, processor, rows, samples, temperature=temperature, max_new_tokens=max_new_tokens,

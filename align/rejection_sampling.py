@@ -341,6 +341,12 @@ class RejectionSamplingArguments(PromptArguments, RunArguments):
             "`verifier` scorer it is only compared with the verifier (agreement statistics)."
         },
     )
+    verify_reasons: bool = field(
+        default=False,
+        metadata={"help": "Verifier: an answer that states its reason first (\"The red circle is further left, so "
+                  "yes.\") is right only when the reason is true too (`align.world.verify(reasons=True)`), so a lucky "
+                  "yes or no after a false reason is neither kept for SFT nor the chosen answer of a DPO pair."},
+    )
     verifier_weight: float = field(default=1.0, metadata={"help": "`combined`: weight of the verifier's 0/1 score."})
     reward_weight: float = field(default=0.1, metadata={"help": "`combined`: weight of the reward model's score."})
     sft_threshold: float = field(

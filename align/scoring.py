@@ -29,15 +29,19 @@ def _record(row: dict, index: int) -> dict:
     return json.loads(record) if isinstance(record, str) else record
 
 
+@dataclass
 class VerifierScorer:
     """1.0 for an answer the world's verifier accepts (`align.world.verify`), 0.0 otherwise: a verifiable reward
-    in the sense of Tülu 3's RLVR (arXiv:2411.15124)."""
+    in the sense of Tülu 3's RLVR (arXiv:2411.15124). With `reasons`, an answer that states its reason first ("The red
+    circle is further left, so yes.") also needs a true reason (`verify(reasons=True)`): a right yes or no after a
+    false reason is a guess that landed."""
 
-    name = "verifier"
+    reasons: bool = False
+    name: str = field(default="verifier", init=False)
 
     def __call__(self, rows: Sequence[dict], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         return [
-            [1.0 if verify(_record(row, i), text) else 0.0 for text in texts]
+            [1.0 if verify(_record(row, i), text, reasons=self.reasons) else 0.0 for text in texts]
             for i, (row, texts) in enumerate(zip(rows, candidates, strict=True))
         ]
 

@@ -69,7 +69,7 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
         train_dataset, prompt_filter = filter_by_pass_rate(
             model, processor, train_dataset, script_args.filter_samples, *script_args.filter_pass_rate,
             max_new_tokens=training_args.max_completion_length, temperature=training_args.temperature,
-            seed=training_args.seed,
+            seed=training_args.seed, reasons=script_args.verify_reasons,
         )
         logger.info("kept %d of %d prompts with a pass rate in %s over %d answers (%s)", prompt_filter["kept"],
                     prompt_filter["candidates"], tuple(script_args.filter_pass_rate), script_args.filter_samples,

@@ -69,7 +69,7 @@ def main(script_args: RejectionSamplingArguments, model_args: ModelConfig):
         attn_implementation=model_args.attn_implementation, merge=True,
     )
     has_records = "record" in prompts.column_names
-    verifier = VerifierScorer() if has_records else None
+    verifier = VerifierScorer(reasons=script_args.verify_reasons) if has_records else None
     reward = None
     if script_args.reward_model_name_or_path:
         reward = RewardModelScorer.from_pretrained(

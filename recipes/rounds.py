@@ -70,6 +70,11 @@ class RoundsArguments:
         metadata={"help": "Sample only questions of these categories (the policy's failure modes, e.g. count spatial), "
                   "as Llama 3 aims each round's prompts at the capabilities that lag; default: the config's."},
     )
+    verify_reasons: bool | None = field(
+        default=None,
+        metadata={"help": "Override the rejection-sampling (and GRPO) config's verify_reasons: a reasoned answer is right "
+                  "only when its stated reason is true too (default: the configs')."},
+    )
     sft_max_pass_rate: float | None = field(
         default=None,
         metadata={"help": "Override the rejection-sampling config's sft_max_pass_rate: the round's SFT keeps only the "
@@ -164,6 +169,8 @@ def sampling_step(args: RoundsArguments, number: int, policy: str) -> Step:
         updates["num_candidates"] = args.num_candidates
     if args.sft_max_pass_rate is not None:
         updates["sft_max_pass_rate"] = args.sft_max_pass_rate
+    if args.verify_reasons is not None:
+        updates["verify_reasons"] = args.verify_reasons
     if args.categories:
         updates["categories"] = list(args.categories)
     if args.reward_model_name_or_path:
@@ -216,6 +223,8 @@ def grpo_step(args: RoundsArguments, number: int, policy: str) -> Step:
         updates["reward_model_name_or_path"] = args.reward_model_name_or_path
     if args.grpo_max_steps is not None:
         updates["max_steps"] = args.grpo_max_steps
+    if args.verify_reasons is not None:
+        updates["verify_reasons"] = args.verify_reasons
     return _step(args, run_dir, "grpo", "grpo.py", args.grpo_config, updates)
 
 

@@ -230,6 +230,12 @@ def test_filter_by_pass_rate_keeps_the_prompts_answered_right_only_sometimes(vlm
     assert report["kept"] == wanted.count(1)
     with pytest.raises(ValueError, match="needs question records"):
         filter_by_pass_rate(None, None, prompts.remove_columns("record"), samples=3)
+    # `reasons` (the recipe passes verify_reasons) reaches the verifier that scores the samples.
+    from align import scoring
+
+    made, verifier = [], scoring.VerifierScorer
+    monkeypatch.setattr(scoring, "VerifierScorer", lambda reasons=False: made.append(reasons) or verifier(reasons=reasons))
+    assert filter_by_pass_rate(None, None, prompts, samples=3, reasons=True)[1]["kept"] == len(expected) and made == [True]
     for bad in ({"filter_samples": 1}, {"filter_pass_rate": [0.5, 0.5]}, {"filter_pass_rate": [-0.1, 1.0]}):
         with pytest.raises(ValueError, match="filter_"):
             GRPOScriptArguments(**bad)

@@ -73,6 +73,13 @@ def test_verifier_weighted_scorers_and_agreement():
     assert VerifierScorer()(rows, candidates) == [[1.0, 0.0, 1.0]]
     with pytest.raises(ValueError, match="prompt row 0 has no `record`"):
         VerifierScorer()([{}], [["red"]])
+    # `reasons`: a right yes/no after a false stated reason scores 0, as GRPO's `verify_reasons` reward does.
+    spatial = {"category": "spatial", "question": "Is the red square above the orange square?", "answer": "no",
+               "answer_type": "yes_no", "choices": [], "relation": "above"}
+    answers = [["The orange square is higher, so no.", "The red square is higher, so no.", "no", "yes"]]
+    spatial_rows = [{"record": json.dumps(spatial)}]
+    assert VerifierScorer()(spatial_rows, answers) == [[1.0, 1.0, 1.0, 0.0]]
+    assert VerifierScorer(reasons=True)(spatial_rows, answers) == [[1.0, 0.0, 1.0, 0.0]]
 
     def lengths(rows, candidates):
         return [[float(len(t)) for t in texts] for texts in candidates]

@@ -146,17 +146,21 @@ def test_rounds_aim_sampling_at_categories(setup, tmp_path):
 
 
 def test_round_overrides_reach_the_stage_configs(setup, tmp_path):
-    """`sft_learning_rate` reaches each round's SFT config, `sft_max_pass_rate` its rejection sampling's and
-    `eval_split` every evaluation's (round 0's too), each re-parsed by its own recipe."""
+    """`sft_learning_rate` reaches each round's SFT config, `sft_max_pass_rate` its rejection sampling's,
+    `verify_reasons` its rejection sampling's and GRPO's, and `eval_split` every evaluation's (round 0's too), each
+    re-parsed by its own recipe."""
     rounds = load_recipe("rounds")
     (args,) = rounds.make_parser().parse_dict({
         "policy": setup["vlm"], "output_dir": str(tmp_path), "sft_learning_rate": 1.0e-4, "eval_split": "validation",
-        "sft_max_pass_rate": 0.8,
-        **{k: setup[k] for k in ("rejection_sampling_config", "sft_config", "dpo_config", "evaluate_config")},
+        "sft_max_pass_rate": 0.8, "verify_reasons": True,
+        **{k: setup[k] for k in ("rejection_sampling_config", "sft_config", "dpo_config", "evaluate_config", "grpo_config")},
     })
     sampling = rounds.sampling_step(args, 1, setup["vlm"])
     script_args, _ = load_recipe("rejection_sampling").make_parser().parse_args_and_config(["--config", str(sampling.config)])
-    assert script_args.sft_max_pass_rate == 0.8
+    assert script_args.sft_max_pass_rate == 0.8 and script_args.verify_reasons
+    grpo = rounds.grpo_step(args, 1, setup["vlm"])
+    parsed = load_recipe("grpo").make_parser().parse_args_and_config(["--config", str(grpo.config)])
+    assert [group.verify_reasons for group in parsed if hasattr(group, "verify_reasons")] == [True]
     sft = rounds.sft_step(args, 1, setup["vlm"], sampled_rows=4)
     parsed = load_recipe("sft").make_parser().parse_args_and_config(["--config", str(sft.config)])
     assert [group.learning_rate for group in parsed if hasattr(group, "learning_rate")] == [1.0e-4]
