@@ -138,6 +138,8 @@ class StudentsArguments:
         for name in ("max_steps", "ternary_max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.paired_num_questions is not None and self.paired_num_questions < 1:
+            raise ValueError(f"paired_num_questions must be >= 1, got {self.paired_num_questions}")
         if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.alpha is not None and not 0 < self.alpha <= 1:
@@ -278,6 +280,8 @@ def main(args: StudentsArguments) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not Path(args.teacher).is_dir():  # checked here, not at parsing, so configs parse before the teacher exists
         raise ValueError(f"teacher: {args.teacher} is not a directory")
+    if args.paired_world_path and not Path(args.paired_world_path).is_dir():  # before any training, not after it
+        raise ValueError(f"paired_world_path: {args.paired_world_path} is not a directory")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     teacher = teacher_folder(args.teacher)

@@ -150,6 +150,7 @@ def test_bad_settings_are_named(setup, tmp_path):
         ({"distill_config": "missing.yaml"}, "distill_config"),
         ({"alpha": 0.0}, "alpha must be in"),
         ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"paired_num_questions": 0}, "paired_num_questions must be >= 1"),
         ({"parallel": 0}, "parallel must be >= 1"),
         ({"depth_share": 1.5}, "depth_share must be in"),
     ):
@@ -161,3 +162,8 @@ def test_bad_settings_are_named(setup, tmp_path):
     (args,) = recipe.make_parser().parse_args_and_config(["--config", str(path)])
     with pytest.raises(ValueError, match="teacher: .* is not a directory"):
         recipe.main(args)
+    (args,) = recipe.make_parser().parse_dict({"teacher": setup["teacher"], "output_dir": str(tmp_path / "out"),
+                                               "paired_world_path": str(tmp_path / "no-world")})
+    with pytest.raises(ValueError, match="paired_world_path: .*no-world is not a directory"):
+        recipe.main(args)
+    assert not (tmp_path / "out" / "calibration.jsonl").exists()  # refused before pruning and training
