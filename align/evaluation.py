@@ -28,6 +28,7 @@ from align.sampling import generate_groups, generate_sharing_images, without_pef
 from align.world import CATEGORIES, prompt_rows, spatial_pair, verify
 from align.world.verify import conclusion_follows, normalize, reason_holds, stated_reason
 from model.chat_template import end_of_turn_token
+from model.pretrain import encode_documents
 
 logger = logging.getLogger(__name__)
 
@@ -582,15 +583,6 @@ def evaluate_qa(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _encode_documents(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    # As the LLM parts were pretrained (align.zoo.parts.pack_documents): <bos> text <eos>.
-    eos = tokenizer.eos_token or ""
-    ids = tokenizer([t if not eos or t.endswith(eos) else t + eos for t in texts], add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    encoded = [(bos + doc)[:max_length] for doc in ids]
-    return [doc for doc in encoded if len(doc) >= 2]
-
-
 @torch.no_grad()
 def text_regression(
     model, processor, base_llm, texts: Sequence[str], batch_size: int = 8, max_length: int = 256
@@ -623,7 +615,7 @@ def text_regression(
     base_llm.eval()
     was_training = model.training
     model.eval()
-    docs = _encode_documents(tokenizer, texts, max_length)
+    docs = encode_documents(tokenizer, texts, max_length)
     if not docs:
         raise ValueError("no held-out text of at least 2 tokens to compare on")
     vocab = min(model.get_output_embeddings().out_features, base_llm.get_output_embeddings().out_features)

@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from align.captioning import CAPTION_STYLES, split_repeat_key
+from align.data.world import open_world
 from align.runs import RunArguments
 from align.world import CATEGORIES
 from model import FUSIONS, PROJECTORS, STAGES
 from model.pretrain import FEATURE_CACHE_MODES, towers_frozen
+from model.prune.calibration import read_calibration_texts
 
 
 @dataclass
@@ -95,6 +97,19 @@ class PretrainScriptArguments(RunArguments):
                   "relation favours, then yes or no (\"The red circle is further left, so yes.\"; "
                   "align.world.reasoned_answer). Needs world_questions."},
     )
+    text_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Keep the LLM's text while it trains (stages finetune, full): this fraction of the training "
+                  "rows are text-only documents, every token a label as in the LLM's own pretraining, batched beside "
+                  "the image rows. From text_dataset_path, or else the world's LM documents (align.zoo.lm_documents "
+                  "of dataset_split: the embedded LLM's own pretraining text). 0: image rows only."},
+    )
+    text_dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "Text-only documents for text_fraction: a JSONL file ({\"text\": ...} or a JSON string per "
+                  "line) or a text file, one document per line."},
+    )
+    text_max_length: int = field(default=256, metadata={"help": "Text-only documents are cut to this many tokens."})
     eval_captions: int = field(
         default=0,
         metadata={"help": "Caption this many held-out world images before and after training and write the "
@@ -137,8 +152,29 @@ class PretrainScriptArguments(RunArguments):
         self.question_repeat_counts()  # a malformed or unknown entry is refused here, before any work
         if self.spatial_reasoning and "spatial" not in self.world_questions:
             raise ValueError("spatial_reasoning answers the world's spatial questions: add spatial to world_questions")
+        if not 0.0 <= self.text_fraction < 1.0:
+            raise ValueError(f"text_fraction must be in [0, 1), got {self.text_fraction}")
+        if self.text_fraction > 0 and "language_model" not in STAGES[self.stage]:
+            raise ValueError(f"text_fraction trains the LLM on text, but stage {self.stage!r} freezes the LLM; use "
+                             "stage finetune or full, or text_fraction 0")
+        if self.text_fraction > 0 and self.dataset_path is not None and self.text_dataset_path is None:
+            raise ValueError("text rows beside your own dataset_path need their documents: set text_dataset_path "
+                             "(the default documents are the shapes world's)")
+        if self.text_dataset_path is not None and self.text_fraction == 0:
+            raise ValueError("text_dataset_path is read for text rows only: set text_fraction above 0")
+        if self.text_max_length < 2:
+            raise ValueError(f"text_max_length must be at least 2 tokens, got {self.text_max_length}")
         if self.eval_captions < 0:
             raise ValueError(f"eval_captions must be >= 0 (0 skips the evaluation), got {self.eval_captions}")
+
+    def text_documents(self, tokenizer) -> list[str]:
+        """The documents of the text rows: `text_dataset_path`'s, or the world's LM documents of `dataset_split`."""
+        if self.text_dataset_path is not None:
+            return read_calibration_texts(self.text_dataset_path, option="text_dataset_path")
+        from align.zoo.documents import lm_documents
+
+        split = self.dataset_split
+        return lm_documents({split: open_world(self.world_path, split, hint="set world_path")}, split, tokenizer)
 
     def question_repeat_counts(self) -> dict[str, int]:
         """`question_repeats` as {key: times}, a key `category`, `category:answer_type` or `spatial:yes_no:<pair>`;

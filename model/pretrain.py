@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import torch
-from datasets import Dataset, DatasetInfo, Features, Image, List, Value
+import torch.nn.functional as F
+from datasets import Dataset, DatasetInfo, Features, Image, List, Value, concatenate_datasets
 from datasets.table import InMemoryTable
 from PIL import Image as PILImage
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -334,6 +335,23 @@ def with_hashes(dataset: Dataset, hashes: list[list[str]]) -> Dataset:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def vision_collator(
+    processor, max_length: int | None = None, pad_to_multiple_of: int | None = None, assistant_only_loss: bool = False
+) -> DataCollatorForVisionLanguageModeling:
+    """TRL's vision collator as `SFTTrainer` builds its own (with a template that has generation markers when the
+    loss is on the assistant's tokens only)."""
+    chat_template = None
+    if assistant_only_loss and not has_generation_markers(processor.chat_template):
+        chat_template = get_training_chat_template(processor)
+    return DataCollatorForVisionLanguageModeling(
+        processor=processor,
+        max_length=max_length,
+        pad_to_multiple_of=pad_to_multiple_of,
+        assistant_only_loss=assistant_only_loss,
+        chat_template=chat_template,
+    )
+
+
 class _KeysOnlyProcessor:
     """The processor as TRL's collator sees it on the cached path: the `images` are cache keys, counted against the
     placeholders but never decoded or preprocessed (`return_pixel_values=False`); everything else is the processor's."""
@@ -372,16 +390,9 @@ class CachedFeatureCollator:
     ):
         self.processor = processor
         self.cache = cache
-        # The template SFTTrainer would give its own collator (one with generation markers when needed).
-        chat_template = None
-        if assistant_only_loss and not has_generation_markers(processor.chat_template):
-            chat_template = get_training_chat_template(processor)
-        self.text_collator = DataCollatorForVisionLanguageModeling(
-            processor=_KeysOnlyProcessor(processor),
-            max_length=max_length,
-            pad_to_multiple_of=pad_to_multiple_of,
+        self.text_collator = vision_collator(
+            _KeysOnlyProcessor(processor), max_length=max_length, pad_to_multiple_of=pad_to_multiple_of,
             assistant_only_loss=assistant_only_loss,
-            chat_template=chat_template,
         )
 
     def __call__(self, examples: list[dict]) -> dict:
@@ -399,6 +410,123 @@ def feature_view(prepared: Dataset) -> Dataset:
     preparation, the columns kept for the collator), yet no image is stored or decoded.
     """
     return prepared.select_columns(["messages", "image_hashes"]).rename_column("image_hashes", "images")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text-only rows beside the image rows
+# ---------------------------------------------------------------------------------------------------------------
+
+# A text-only row is a conversation of one message of this role holding the document, and no image: one schema for
+# both kinds of row, and a first row TRL's trainer reads as conversational whichever kind it is.
+TEXT_ROLE = "document"
+
+
+def text_row_document(example: dict) -> str | None:
+    """The document of a text-only row (`TEXT_ROLE`), None for an image row."""
+    messages = example.get("messages") or []
+    if len(messages) == 1 and messages[0]["role"] == TEXT_ROLE:
+        return "".join(item["text"] for item in messages[0]["content"] if item.get("text"))
+    return None
+
+
+def encode_documents(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Documents as the LLM parts were pretrained (`align.zoo.parts.pack_documents`): `<bos> text <eos>`, cut to
+    `max_length` tokens; those shorter than 2 tokens (nothing to predict) are dropped."""
+    eos = tokenizer.eos_token or ""
+    ids = tokenizer([t if not eos or t.endswith(eos) else t + eos for t in texts], add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    encoded = [(bos + doc)[:max_length] for doc in ids]
+    return [doc for doc in encoded if len(doc) >= 2]
+
+
+def mix_text_rows(image_rows: Dataset, documents: Sequence[str], fraction: float, seed: int = 0) -> Dataset:
+    """`image_rows` with text-only rows added, `fraction` of the result, shuffled with `seed`.
+
+    Each text row is a conversation of one `TEXT_ROLE` message holding one of `documents` (drawn without replacement,
+    then again once all are used), with no image (any other column None). `TextMixCollator` batches the two kinds.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the text fraction must be in [0, 1), got {fraction}")
+    documents = [doc for doc in documents if doc.strip()]
+    n_text = round(len(image_rows) * fraction / (1.0 - fraction))
+    if n_text == 0:
+        return image_rows
+    if not documents:
+        raise ValueError("text rows were asked for, but there is no non-empty document to draw them from")
+    rng = np.random.default_rng(seed)
+    rounds = -(-n_text // len(documents))
+    picks = np.concatenate([rng.permutation(len(documents)) for _ in range(rounds)])[:n_text]
+    columns = {name: [None] * n_text for name in image_rows.column_names}  # any other column: None
+    columns["messages"] = [[{"role": TEXT_ROLE, "content": [{"type": "text", "text": documents[i]}]}] for i in picks]
+    columns["images"] = [[] for _ in picks]
+    text_rows = Dataset.from_dict(columns, features=image_rows.features)
+    return concatenate_datasets([image_rows, text_rows]).shuffle(seed=seed).flatten_indices()
+
+
+class TextMixCollator:
+    """Batches of image rows and text-only rows in any mix.
+
+    TRL's vision collator takes one kind per batch (it reads the first example's keys, and its assistant-only loss
+    needs `messages`), so this composes it: the image rows go through `image_collator` unchanged (TRL's own, or
+    `CachedFeatureCollator`), the text rows (`TEXT_ROLE`) are plain language modelling, `<bos> text <eos>` cut
+    to `max_length` with every token a label, as the LLM was pretrained. Both are right-padded to one length and
+    stacked, image rows first, so the images keep their order and each row's placeholders still match its images.
+    Text rows keep the LLM's text while grounded data trains it (a text-only row has no image: cross-attention
+    adapters see nothing there, prepend rows no visual tokens).
+    """
+
+    # Fill of each per-token key on padding and on the text rows where the image collator returns one they lack.
+    _PAD = {"labels": -100}
+
+    def __init__(self, image_collator: Callable[[list[dict]], dict], tokenizer, max_length: int = 256):
+        if max_length < 2:
+            raise ValueError(f"text rows need max_length >= 2 tokens, got {max_length}")
+        self.image_collator = image_collator
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def __call__(self, examples: list[dict]) -> dict:
+        documents = [text_row_document(example) for example in examples]
+        texts = [doc for doc in documents if doc is not None]
+        image_examples = [example for example, doc in zip(examples, documents) if doc is None]
+        batch = self.image_collator(image_examples) if image_examples else None
+        if not texts:
+            return batch
+        docs = encode_documents(self.tokenizer, texts, self.max_length)
+        if not docs:
+            raise ValueError(f"none of this batch's {len(texts)} text rows holds 2 tokens or more")
+        text = {
+            "input_ids": [doc for doc in docs],
+            "attention_mask": [[1] * len(doc) for doc in docs],
+            "labels": [list(doc) for doc in docs],
+        }
+        if batch is None:
+            length = max(len(doc) for doc in docs)
+            return {key: self._padded(key, rows, length) for key, rows in text.items()}
+        rows = batch["input_ids"].shape[0]
+        length = max(batch["input_ids"].shape[1], max(len(doc) for doc in docs))
+        merged = dict(batch)
+        for key, value in batch.items():
+            if not (torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == rows
+                    and value.shape[1] == batch["input_ids"].shape[1]):
+                continue  # per image (pixel_values, image_features) or not per token: kept as the image rows made it
+            if key not in text and key != "cross_attention_mask" and key not in ("token_type_ids", "mm_token_type_ids"):
+                raise ValueError(f"the image collator returned a per-token {key!r} that text rows cannot fill")
+            image_part = F.pad(value, (0, 0) * (value.dim() - 2) + (0, length - value.shape[1]), value=self._fill(key))
+            if key in text:
+                text_part = self._padded(key, text[key], length).to(value.dtype)
+            else:
+                text_part = value.new_zeros((len(docs), length, *value.shape[2:]))
+            merged[key] = torch.cat([image_part, text_part])
+        return merged
+
+    def _fill(self, key: str) -> int:
+        return self.pad_token_id if key == "input_ids" else self._PAD.get(key, 0)
+
+    def _padded(self, key: str, rows: list[list[int]], length: int) -> torch.Tensor:
+        fill = self._fill(key)
+        return torch.tensor([row + [fill] * (length - len(row)) for row in rows], dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,9 +35,12 @@ from align.pretraining import PretrainScriptArguments
 from align.training import run_metrics, setup_logging, start_run, write_outputs
 from model import freeze_for_stage
 from model.pretrain import (
+    TextMixCollator,
     fit_feature_statistics,
     load_or_build_vlm,
+    mix_text_rows,
     prepare_stage_data,
+    vision_collator,
 )
 
 logger = logging.getLogger(__name__)
@@ -103,6 +106,23 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
         "training on %d image-caption rows, %s", len(data.train_dataset),
         "reading cached vision features" if data.use_feature_cache else "encoding pixels every step",
     )
+    train_dataset, data_collator = data.train_dataset, data.data_collator
+    if script_args.text_fraction > 0:
+        # Text-only rows beside the grounded ones keep the LLM's text while it trains on images; TRL's vision
+        # collator takes one kind of row per batch, so `TextMixCollator` composes it with plain language modelling.
+        train_dataset = mix_text_rows(
+            train_dataset, script_args.text_documents(processor.tokenizer), script_args.text_fraction,
+            seed=training_args.seed,
+        )
+        data_collator = TextMixCollator(
+            data_collator or vision_collator(
+                processor, max_length=training_args.max_length, pad_to_multiple_of=training_args.pad_to_multiple_of,
+                assistant_only_loss=training_args.assistant_only_loss,
+            ),
+            processor.tokenizer, max_length=script_args.text_max_length,
+        )
+        logger.info("and %d text-only rows (text_fraction %s)", len(train_dataset) - len(data.train_dataset),
+                    script_args.text_fraction)
 
     if script_args.standardize_features and not model.model.projectors.standardized:
         standardization = fit_feature_statistics(model, processor, data, max_images=script_args.standardize_images)
@@ -112,7 +132,8 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
         standardization = None
 
     # ---------------------------------------------------------------- captions before training
-    extra = {"stage": script_args.stage, "fusion": model.config.fusion, "data": data.report()}
+    extra = {"stage": script_args.stage, "fusion": model.config.fusion,
+             "data": {**data.report(), "text_rows": len(train_dataset) - len(data.train_dataset)}}
     if standardization is not None:
         extra["feature_standardization"] = standardization
     if script_args.eval_captions:
@@ -128,8 +149,8 @@ def main(script_args: PretrainScriptArguments, training_args: SFTConfig, model_a
     trainer = SFTTrainer(
         model=model,
         args=training_args,
-        train_dataset=data.train_dataset,
-        data_collator=data.data_collator,  # None on the pixel path: TRL's own vision collator
+        train_dataset=train_dataset,
+        data_collator=data_collator,  # None on the pixel path without text rows: TRL's own vision collator
         processing_class=processor,
     )
 

@@ -18,10 +18,11 @@ from .sizes import head_dim_of
 logger = logging.getLogger(__name__)
 
 
-def read_calibration_texts(path: str) -> list[str]:
-    """Documents of a calibration file: JSONL (`{"text": ...}` or a JSON string per line) or one per text line."""
+def read_calibration_texts(path: str, option: str = "calibration_file") -> list[str]:
+    """Documents of a text file: JSONL (`{"text": ...}` or a JSON string per line) or one per text line; errors name
+    the file by `option` (also read for pretraining's text rows, `text_dataset_path`)."""
     if not os.path.isfile(path):
-        raise ValueError(f"calibration_file {path!r} does not exist")
+        raise ValueError(f"{option} {path!r} does not exist")
     texts = []
     with open(path, encoding="utf-8") as handle:
         jsonl = path.endswith((".jsonl", ".json"))
@@ -34,10 +35,10 @@ def read_calibration_texts(path: str) -> list[str]:
             row = json.loads(line)
             text = row if isinstance(row, str) else row.get("text") if isinstance(row, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"calibration_file {path!r} line {number}: expected {{\"text\": ...}} or a string")
+                raise ValueError(f"{option} {path!r} line {number}: expected {{\"text\": ...}} or a string")
             texts.append(text)
     if not texts:
-        raise ValueError(f"calibration_file {path!r} holds no documents")
+        raise ValueError(f"{option} {path!r} holds no documents")
     return texts
 
 

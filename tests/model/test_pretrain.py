@@ -18,13 +18,18 @@ from model.pretrain import (
     CORRUPT_IMAGE,
     IMAGE_COUNT,
     MISSING_IMAGE,
+    TextMixCollator,
+    encode_documents,
     encode_images,
     feature_fingerprint,
     fit_feature_statistics,
     load_or_build_vlm,
+    mix_text_rows,
     prepare_image_rows,
     prepare_stage_data,
     resolve_feature_cache,
+    text_row_document,
+    vision_collator,
 )
 from model.stages import freeze_for_stage
 
@@ -275,3 +280,69 @@ def test_feature_statistics_are_fitted_on_the_training_images(tiny_parts, tmp_pa
     assert vlm.model.projectors.standardized
     with pytest.raises(ValueError, match="max_images"):
         fit_feature_statistics(vlm, processor, data, max_images=0)
+
+
+DOCUMENTS = ["a red circle left of a blue square.", "Question: How many circles are there? Answer: 2",
+             "three green triangles."]
+
+
+def test_text_rows_are_added_as_the_asked_fraction():
+    images = _dataset()
+    mixed = mix_text_rows(images, DOCUMENTS, 0.5, seed=0)
+    documents = [text_row_document(row) for row in mixed]
+    assert len(mixed) == 2 * len(images) and sum(doc is not None for doc in documents) == len(images)
+    # Drawn without replacement first: each document once before any twice.
+    assert sorted(doc for doc in documents if doc is not None)[:3] == sorted(DOCUMENTS)
+    assert all(row["images"] == [] for row, doc in zip(mixed, documents) if doc is not None)
+    assert mix_text_rows(images, DOCUMENTS, 0.0) is images
+    with pytest.raises(ValueError, match="no non-empty document"):
+        mix_text_rows(images, ["", "  "], 0.5)
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        mix_text_rows(images, DOCUMENTS, 1.0)
+
+
+@pytest.mark.parametrize("fusion,cached", [("prepend", True), ("cross_attention", True), ("cross_attention", False)])
+def test_a_mixed_batch_gives_each_row_what_it_gives_alone(tiny_parts, tmp_path, fusion, cached):
+    """Image rows and text-only rows in one batch: each image row's logits are those of the image rows batched
+    alone, each text row's those of the LLM on `<bos> text <eos>` alone, and only text tokens and assistant tokens
+    are labels."""
+    from transformers import AutoModelForCausalLM
+
+    vlm, processor = build_vlm([tiny_parts["siglip"]], tiny_parts["llama"], fusion=fusion)
+    _open_gates(vlm)
+    vlm.eval()
+    freeze_for_stage(vlm, "finetune")
+    data = prepare_stage_data(dataset := _dataset(), vlm, processor, "finetune", use_feature_cache=str(cached).lower(),
+                              cache_dir=tmp_path, assistant_only_loss=True)
+    image_collator = data.data_collator or vision_collator(processor, assistant_only_loss=True)
+    collator = TextMixCollator(image_collator, processor.tokenizer, max_length=64)
+    mixed = mix_text_rows(data.train_dataset, DOCUMENTS[:2], 2 / 6, seed=1)
+    examples = [mixed[i] for i in range(len(mixed))]
+    is_text = [text_row_document(example) is not None for example in examples]
+    assert sum(is_text) == 2 and len(dataset) == 4
+    batch = collator(examples)
+    alone = image_collator([example for example, text in zip(examples, is_text) if not text])
+    texts = encode_documents(processor.tokenizer, [text_row_document(e) for e in examples if text_row_document(e)], 64)
+
+    n, width = alone["input_ids"].shape
+    assert batch["input_ids"].shape[0] == 6
+    torch.testing.assert_close(batch["labels"][:n, :width], alone["labels"], rtol=0, atol=0)
+    assert (batch["labels"][:n, width:] == -100).all() and (batch["attention_mask"][:n, width:] == 0).all()
+    for row, ids in enumerate(texts, start=n):
+        assert batch["input_ids"][row, : len(ids)].tolist() == ids == batch["labels"][row, : len(ids)].tolist()
+        assert (batch["labels"][row, len(ids):] == -100).all() and batch["attention_mask"][row].sum() == len(ids)
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_parts["llama"]).eval()
+    with torch.no_grad():
+        together = vlm(**batch).logits
+        images_alone = vlm(**alone).logits
+        mask = alone["attention_mask"].bool()
+        torch.testing.assert_close(together[:n, :width][mask], images_alone[mask], rtol=0, atol=1e-5)
+        for row, ids in enumerate(texts, start=n):
+            expected = llm(input_ids=torch.tensor([ids])).logits[0]
+            torch.testing.assert_close(together[row, : len(ids)], expected, rtol=0, atol=1e-5)
+    # A batch of text rows only, and one of image rows only (the image collator's batch unchanged).
+    text_only = collator([e for e, text in zip(examples, is_text) if text])
+    assert text_only["input_ids"].shape[0] == 2 and "image_features" not in text_only and "pixel_values" not in text_only
+    only_images = collator([e for e, text in zip(examples, is_text) if not text])
+    assert all(torch.equal(only_images[key], alone[key]) for key in alone if torch.is_tensor(alone[key]))

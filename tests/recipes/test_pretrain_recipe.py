@@ -271,3 +271,34 @@ def test_the_recipe_names_a_bad_standardize_images():
     parser = load_recipe("pretrain").make_parser()
     with pytest.raises(ValueError, match="standardize_images must be positive"):
         parser.parse_args_and_config(["--config", str(REPO / "recipes/configs/tiny/pretrain.yaml"), "--standardize_images", "0"])
+
+
+def test_grounded_stage_keeps_text_rows_beside_the_image_rows(setup, prepend_run):
+    """`text_fraction`: text-only documents (here a JSONL file of one's own) train beside the grounded rows."""
+    documents = setup["root"] / "documents.jsonl"
+    documents.write_text("".join(json.dumps({"text": f"document {i}: a red circle."}) + "\n" for i in range(5)))
+    output_dir = setup["root"] / "grounded_text"
+    metrics, log = run_recipe(
+        setup, "pretrain.yaml", output_dir, "--stage", "finetune", "--model_name_or_path", str(prepend_run[0]),
+        "--world_questions", "color", "--max_steps", "2", "--text_fraction", "0.5",
+        "--text_dataset_path", str(documents),
+    )
+    images = metrics["rows"]["train"]
+    assert metrics["data"]["text_rows"] == images and f"and {images} text-only rows" in log
+
+
+def test_the_recipe_names_bad_text_settings():
+    parser = load_recipe("pretrain").make_parser()
+    config = ["--config", str(REPO / "recipes/configs/tiny/pretrain.yaml")]
+    with pytest.raises(ValueError, match="stage 'align' freezes the LLM"):
+        parser.parse_args_and_config([*config, "--text_fraction", "0.2"])
+    with pytest.raises(ValueError, match="text_fraction must be in \\[0, 1\\)"):
+        parser.parse_args_and_config([*config, "--stage", "finetune", "--text_fraction", "1.0"])
+    with pytest.raises(ValueError, match="set text_fraction above 0"):
+        parser.parse_args_and_config([*config, "--text_dataset_path", "docs.jsonl"])
+    with pytest.raises(ValueError, match="need their documents: set text_dataset_path"):
+        parser.parse_args_and_config([*config, "--stage", "finetune", "--text_fraction", "0.2", "--dataset_path", "x"])
+    args = parser.parse_args_and_config([*config, "--stage", "finetune", "--text_fraction", "0.2",
+                                         "--text_dataset_path", "missing.jsonl"])
+    with pytest.raises(ValueError, match="text_dataset_path 'missing.jsonl' does not exist"):
+        args[0].text_documents(None)
