@@ -460,7 +460,7 @@ def mix_text_rows(image_rows: Dataset, documents: Sequence[str], fraction: float
     columns["messages"] = [[{"role": TEXT_ROLE, "content": [{"type": "text", "text": documents[i]}]}] for i in picks]
     columns["images"] = [[] for _ in picks]
     text_rows = Dataset.from_dict(columns, features=image_rows.features)
-    return concatenate_datasets([image_rows, text_rows]).shuffle(seed=seed).flatten_indices()
+    return concatenate_datasets([image_rows, text_rows]).shuffle(seed=seed)
 
 
 class TextMixCollator:
