@@ -25,6 +25,9 @@ from align.world import ANSWER_TYPES, SPATIAL_PAIRS, caption_rows, question_rows
 
 CAPTION_PROMPT = "Describe the image."
 CAPTION_STYLES = ("short", "detailed")
+# `question_repeats` key qualifier: a category's questions of scenes with two objects or more ("What is the color of
+# the circle?" among several objects: the question's object must be found among the visual tokens, not just read).
+SEVERAL = "several"
 
 
 def _caption_column(style: str) -> str:
@@ -76,7 +79,9 @@ def load_training_pairs(
     A key `category:answer_type` weighs one form of a category's questions: {"spatial:yes_no": 8} asks the yes/no
     spatial questions eight times and the choice ones once (`align.world.ANSWER_TYPES`), and
     `spatial:yes_no:one_shape` those of them that name two objects of one shape ("Is the red square above the orange
-    square?"; `align.world.SPATIAL_PAIRS`). With `spatial_reasoning`
+    square?"; `align.world.SPATIAL_PAIRS`); `category:several` its questions of scenes with two objects or more
+    ({"color:several": 8}: the color of one object among several, the questions that need binding). With
+    `spatial_reasoning`
     the yes/no spatial questions are answered with their reason first (`align.world.reasoned_answer`)."""
     repeats = {key: (split_repeat_key(key, questions), times) for key, times in (question_repeats or {}).items()}
     for key, (_, times) in repeats.items():
@@ -89,11 +94,11 @@ def load_training_pairs(
             return captions
         images = world if limit is None else world.select(range(min(limit, len(world))))
         answered = [question_rows(images, categories=questions, max_turns=question_turns, reasoned=spatial_reasoning)]
-        for (category, form, pair), times in repeats.values():
+        for (category, form, pair, several), times in repeats.values():
             if times > 1:
                 extra = question_rows(images, categories=[category], max_turns=question_turns,
                                       answer_types=[form] if form else None, reasoned=spatial_reasoning,
-                                      spatial_pairs=[pair] if pair else None)
+                                      spatial_pairs=[pair] if pair else None, min_objects=2 if several else 0)
                 answered += [extra] * (times - 1)
         answered = [rows.select_columns(["images", "messages"]) for rows in answered]
         return datasets.concatenate_datasets([captions, *answered]).shuffle(seed=seed)
@@ -122,11 +127,16 @@ def load_training_pairs(
     return dataset
 
 
-def split_repeat_key(key: str, questions: Sequence[str]) -> tuple[str, str | None, str | None]:
-    """A `question_repeats` key, `category`, `category:answer_type` or `spatial:yes_no:<pair>`, as (category,
-    answer_type or None, pair or None); raises ValueError naming the key when the category is not among `questions`,
-    the answer type is not the world's, or a pair (`align.world.SPATIAL_PAIRS`) follows anything but spatial:yes_no."""
+def split_repeat_key(key: str, questions: Sequence[str]) -> tuple[str, str | None, str | None, bool]:
+    """A `question_repeats` key, `category`, `category:answer_type`, `spatial:yes_no:<pair>` or
+    `category:several` (`SEVERAL`: its questions of scenes with two objects or more), as (category, answer_type or
+    None, pair or None, several); raises ValueError naming the key when the category is not among `questions`, the
+    answer type is not the world's, or a pair (`align.world.SPATIAL_PAIRS`) follows anything but spatial:yes_no."""
     category, _, rest = key.partition(":")
+    if rest == SEVERAL:
+        if category not in questions:
+            raise ValueError(f"question_repeats names {category!r}, which is not among the questions {list(questions)}")
+        return category, None, None, True
     form, _, pair = rest.partition(":")
     if category not in questions:
         raise ValueError(f"question_repeats names {category!r}, which is not among the questions {list(questions)}")
@@ -135,7 +145,7 @@ def split_repeat_key(key: str, questions: Sequence[str]) -> tuple[str, str | Non
     if pair and (category != "spatial" or form != "yes_no" or pair not in SPATIAL_PAIRS):
         raise ValueError(f"question_repeats names the pair {pair!r} in {key!r}: only spatial:yes_no questions are "
                          f"split by the objects they name, as {list(SPATIAL_PAIRS)}")
-    return category, form or None, pair or None
+    return category, form or None, pair or None, False
 
 
 @torch.no_grad()

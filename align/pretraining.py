@@ -89,7 +89,9 @@ class PretrainScriptArguments(RunArguments):
                   "times (once among its image's other questions, N-1 times in conversations of that category "
                   "alone). E.g. `spatial=4`; `category:answer_type=N` weighs one form of the category's questions, "
                   "e.g. `spatial:yes_no=8` (align.world.ANSWER_TYPES); `spatial:yes_no:one_shape=N` the yes/no spatial "
-                  "questions naming two objects of one shape (align.world.SPATIAL_PAIRS).", "nargs": "*"},
+                  "questions naming two objects of one shape (align.world.SPATIAL_PAIRS); `category:several=N` the "
+                  "category's questions of scenes with two objects or more (e.g. `color:several=8`: the questions that "
+                  "need the object found among several).", "nargs": "*"},
     )
     spatial_reasoning: bool = field(
         default=False,

@@ -133,14 +133,16 @@ def caption_rows(ds: Dataset, detailed: bool = True) -> Dataset:
 @_per_split
 def question_rows(
     ds: Dataset, categories: Iterable[str] | None = None, max_turns: int = 4, answer_types: Iterable[str] | None = None,
-    reasoned: bool = False, spatial_pairs: Iterable[str] | None = None,
+    reasoned: bool = False, spatial_pairs: Iterable[str] | None = None, min_objects: int = 0,
 ) -> Dataset:
     """Every question of every image as conversations: `images`, `messages`, `image_id`.
 
     Each image's questions of `categories` (default: all), and of `answer_types` (default: all; e.g. ["yes_no"] keeps
     "Is the red circle left of the blue square?" and drops "Which is further left, ...?"), and with `spatial_pairs`
     only the yes/no spatial ones naming objects of those kinds (`SPATIAL_PAIRS`, e.g. ["one_shape"]: "Is the red
-    square above the orange square?"; `align.world.spatial_pair`), are shuffled (seeded by the image id) and cut into
+    square above the orange square?"; `align.world.spatial_pair`), of images whose scene holds at least
+    `min_objects` objects (e.g. 2: "What is the color of the circle?" asked where the circle is one of several
+    objects, so the answer must be found, not just read), are shuffled (seeded by the image id) and cut into
     conversations of at most `max_turns` question-answer turns, the image in the first user turn, answered with the
     short canonical answers (with `reasoned`, the yes/no spatial ones with their reason first: `reasoned_answer`). Where `messages` holds one 2-4 turn conversation per image, this view uses all of its
     6-12 questions: the grounded data of a second pretraining stage, which needs many more answered questions per
@@ -158,8 +160,11 @@ def question_rows(
     pairs = None if spatial_pairs is None else set(spatial_pairs)
     if pairs is not None and (not pairs or pairs - set(SPATIAL_PAIRS)):
         raise ValueError(f"spatial_pairs must name some of {list(SPATIAL_PAIRS)}, got {sorted(pairs)}")
+    scenes = ds["scene"] if min_objects > 1 else [None] * len(ds)
     indices, conversations, ids = [], [], []
-    for row, (image_id, questions) in enumerate(zip(ds["image_id"], ds["questions"])):
+    for row, (image_id, questions, scene) in enumerate(zip(ds["image_id"], ds["questions"], scenes)):
+        if scene is not None and len(json.loads(scene)["objects"]) < min_objects:
+            continue
         records = [r for r in json.loads(questions) if r["category"] in wanted and r["answer_type"] in forms]
         if pairs is not None:
             records = [r for r in records if is_spatial_yes_no(r) and spatial_pair(r) in pairs]

@@ -106,6 +106,18 @@ def test_question_repeats_weigh_a_category_of_the_mixture(world):
         load_training_pairs(world_path=path, questions=["color"], question_repeats={"spatial": 2})
     with pytest.raises(ValueError, match="at least 1"):
         load_training_pairs(world_path=path, questions=["color"], question_repeats={"color": 0})
+    # The questions of scenes with several objects: every color question of those images three times, once otherwise.
+    several = question_rows(built["train"], categories=["color"], max_turns=12, min_objects=2)
+    every = question_rows(built["train"], categories=["color"], max_turns=12)
+    objects = {row["image_id"]: len(json.loads(row["scene"])["objects"]) for row in built["train"]}
+    assert 0 < len(several) < len(every) and all(objects[i] >= 2 for i in several["image_id"])
+    assert {i for i in every["image_id"] if objects[i] >= 2} == set(several["image_id"])
+    plain = load_training_pairs(world_path=path, style="short", questions=["color"], question_turns=12)
+    heavy = load_training_pairs(world_path=path, style="short", questions=["color"], question_turns=12,
+                                question_repeats={"color:several": 3})
+    assert len(heavy) == len(plain) + 2 * len(several)
+    with pytest.raises(ValueError, match="'shape', which is not among the questions"):
+        load_training_pairs(world_path=path, questions=["color"], question_repeats={"shape:several": 2})
 
 
 def test_a_dataset_path_must_be_in_trl_format(tmp_path):

@@ -244,6 +244,8 @@ def test_the_recipe_names_bad_world_questions():
     assert args[0].question_repeat_counts() == {"spatial:yes_no": 8}
     args = parser.parse_args_and_config([*config, "--world_questions", "spatial", "--question_repeats", "spatial:yes_no:one_shape=32"])
     assert args[0].question_repeat_counts() == {"spatial:yes_no:one_shape": 32}
+    args = parser.parse_args_and_config([*config, "--world_questions", "color", "--question_repeats", "color:several=8"])
+    assert args[0].question_repeat_counts() == {"color:several": 8}
     with pytest.raises(ValueError, match="only spatial:yes_no questions are split"):
         parser.parse_args_and_config([*config, "--world_questions", "spatial", "--question_repeats", "spatial:choice:one_shape=2"])
     with pytest.raises(ValueError, match="category=N"):
