@@ -477,6 +477,8 @@ class TextMixCollator:
 
     # Fill of each per-token key on padding and on the text rows where the image collator returns one they lack.
     _PAD = {"labels": -100}
+    # Keys with a row per image, never per token, whatever their shape happens to be.
+    _PER_IMAGE = frozenset({"pixel_values", "image_features"})
 
     def __init__(self, image_collator: Callable[[list[dict]], dict], tokenizer, max_length: int = 256):
         if max_length < 2:
@@ -508,9 +510,9 @@ class TextMixCollator:
         length = max(batch["input_ids"].shape[1], max(len(doc) for doc in docs))
         merged = dict(batch)
         for key, value in batch.items():
-            if not (torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == rows
-                    and value.shape[1] == batch["input_ids"].shape[1]):
-                continue  # per image (pixel_values, image_features) or not per token: kept as the image rows made it
+            if key in self._PER_IMAGE or not (torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == rows
+                                              and value.shape[1] == batch["input_ids"].shape[1]):
+                continue  # per image, or not per token: kept as the image rows made it
             if key not in text and key != "cross_attention_mask" and key not in ("token_type_ids", "mm_token_type_ids"):
                 raise ValueError(f"the image collator returned a per-token {key!r} that text rows cannot fill")
             image_part = F.pad(value, (0, 0) * (value.dim() - 2) + (0, length - value.shape[1]), value=self._fill(key))
