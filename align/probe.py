@@ -718,6 +718,9 @@ def main(argv=None) -> dict:
                          "with another seed by `python -m align.world`.")
     readout.add_argument("--eval_images", type=int, default=None,
                          help="Held-out rows taken from --eval_split, at most (default: as many as --images allows).")
+    readout.add_argument("--save_model", default=None,
+                         help="Write the VLM the read-out probe trained here (model and processor), for the recipes "
+                              "(evaluate, sft) to take up: the probe's binding as a pretraining step of its own.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 < args.holdout < 1:
@@ -740,6 +743,8 @@ def main(argv=None) -> dict:
         parser.error("--eval_world and --eval_images choose the held-out rows of --eval_split: give --eval_split")
     if args.eval_split and not args.readout:
         parser.error("--eval_split scores the read-out probe: it needs --readout")
+    if args.save_model and not args.readout:
+        parser.error("--save_model writes the VLM the read-out probe trained: it needs --readout")
     if args.eval_images is not None and args.eval_images < 1:
         parser.error(f"--eval_images must be positive, got {args.eval_images}")
     if args.eval_split and args.eval_world is None and args.eval_split == split:
@@ -793,6 +798,10 @@ def main(argv=None) -> dict:
             token_positions=args.token_positions, held_out=held_out,
         )}
         print(format_readout(result))
+        if args.save_model:
+            model.save_pretrained(args.save_model)
+            processor.save_pretrained(args.save_model)
+            logger.info("wrote the trained VLM and its processor to %s", args.save_model)
     else:
         result = {"model": args.model, **probe_model(model, processor, rows, args.attribute, args.holdout)}
         print(format_probe(result))

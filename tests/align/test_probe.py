@@ -162,6 +162,22 @@ def test_readout_command_writes_its_curve(setup, tmp_path, capsys):
             main(["--readout", "--world", setup["world"], *bad])
 
 
+def test_readout_saves_the_vlm_it_trained(setup, tmp_path):
+    from align.loading import load_run
+
+    saved = tmp_path / "bound"
+    main(["--readout", "--model", setup["vlm"], "--world", setup["world"], "--images", "20", "--steps", "2",
+          "--eval_every", "2", "--save_model", str(saved)])
+    before, _ = load_run(setup["vlm"])
+    after, processor = load_run(str(saved))
+    assert processor is not None
+    trained = dict(after.named_parameters())
+    changed = {name for name, parameter in before.named_parameters() if not torch.equal(parameter, trained[name])}
+    assert changed and all(name.startswith("model.projectors.") for name in changed)  # the adapters, nothing else
+    with pytest.raises(SystemExit):
+        main(["--model", setup["vlm"], "--world", setup["world"], "--save_model", str(tmp_path / "no")])
+
+
 def test_multi_object_rows_name_an_object_by_its_unique_other_attribute(setup):
     import datasets
 
