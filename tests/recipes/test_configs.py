@@ -46,3 +46,23 @@ def test_config_parses_into_its_recipe(config):
     assert hasattr(recipe, "make_parser"), f"recipes/{recipe_of(config)}.py has no make_parser()"
     parsed = recipe.make_parser().parse_args_and_config(["--config", str(config)])
     assert parsed and all(p is not None for p in parsed)
+
+
+def test_the_cross_attention_stages_follow_one_another_and_keep_the_text():
+    """`make recipes` runs stage 1, the grounded stage and the binding stage of cross-attention fusion in order:
+    each starts from the previous one's output; the grounded stage trains the LLM beside text rows, and the binding
+    stage trains the adapters alone, so the text the LLM keeps is the grounded stage's."""
+    import yaml
+
+    chain = [yaml.safe_load((REPO / "recipes" / "configs" / "tiny" / f"{name}.yaml").read_text()) for name in (
+        "pretrain_cross_attention", "pretrain_grounded_cross_attention", "pretrain_binding_cross_attention")]
+    for previous, config in zip(chain, chain[1:]):
+        assert config["model_name_or_path"] == previous["output_dir"]
+    grounded, binding = chain[1:]
+    assert grounded["stage"] == "finetune" and grounded["text_fraction"] > 0
+    assert binding["stage"] == "align" and not binding.get("text_fraction")
+    makefile = (REPO / "Makefile").read_text()
+    launched = [makefile.index(f"$(TINY)/{name}.yaml") for name in (
+        "pretrain_cross_attention", "pretrain_grounded_cross_attention", "pretrain_binding_cross_attention")]
+    assert launched == sorted(launched)
+    assert f"--model_name_or_path {binding['output_dir']} --output_dir runs/tiny/sft_cross_attention" in makefile
