@@ -46,7 +46,8 @@ recipes: install
 	$(ACCELERATE) recipes/pretrain.py --config $(TINY)/pretrain_cross_attention.yaml
 	$(ACCELERATE) recipes/pretrain.py --config $(TINY)/pretrain_grounded_cross_attention.yaml
 	$(ACCELERATE) recipes/pretrain.py --config $(TINY)/pretrain_binding_cross_attention.yaml
-	$(ACCELERATE) recipes/sft.py --config $(TINY)/sft.yaml --model_name_or_path runs/tiny/pretrain_binding_cross_attention --output_dir runs/tiny/sft_cross_attention --learning_rate 3e-4
+	$(ACCELERATE) recipes/pretrain.py --config $(TINY)/pretrain_anneal_cross_attention.yaml
+	$(ACCELERATE) recipes/sft.py --config $(TINY)/sft.yaml --model_name_or_path runs/tiny/pretrain_anneal_cross_attention --output_dir runs/tiny/sft_cross_attention
 	$(ACCELERATE) recipes/evaluate.py --config $(TINY)/evaluate.yaml --model_name_or_path runs/tiny/sft_cross_attention --output_dir runs/tiny/sft_cross_attention/eval --num_questions 600
 	$(ACCELERATE) recipes/sft.py --config $(TINY)/sft.yaml
 	$(ACCELERATE) recipes/dpo.py --config $(TINY)/dpo.yaml

@@ -49,20 +49,27 @@ def test_config_parses_into_its_recipe(config):
 
 
 def test_the_cross_attention_stages_follow_one_another_and_keep_the_text():
-    """`make recipes` runs stage 1, the grounded stage and the binding stage of cross-attention fusion in order:
-    each starts from the previous one's output; the grounded stage trains the LLM beside text rows, and the binding
-    stage trains the adapters alone, so the text the LLM keeps is the grounded stage's."""
+    """`make recipes` runs stage 1, the grounded, binding and annealing stages of cross-attention fusion in order:
+    each starts from the previous one's output; the grounded and annealing stages train the LLM beside text rows, the
+    binding stage trains the adapters alone, so the text the LLM keeps is the grounded stage's; the annealing stage
+    answers the spatial questions in the form SFT then trains, and SFT starts from its output with the SFT config's
+    own settings."""
     import yaml
 
-    chain = [yaml.safe_load((REPO / "recipes" / "configs" / "tiny" / f"{name}.yaml").read_text()) for name in (
-        "pretrain_cross_attention", "pretrain_grounded_cross_attention", "pretrain_binding_cross_attention")]
+    names = ("pretrain_cross_attention", "pretrain_grounded_cross_attention", "pretrain_binding_cross_attention",
+             "pretrain_anneal_cross_attention")
+    chain = [yaml.safe_load((REPO / "recipes" / "configs" / "tiny" / f"{name}.yaml").read_text()) for name in names]
     for previous, config in zip(chain, chain[1:]):
         assert config["model_name_or_path"] == previous["output_dir"]
-    grounded, binding = chain[1:]
+    grounded, binding, anneal = chain[1:]
     assert grounded["stage"] == "finetune" and grounded["text_fraction"] > 0
     assert binding["stage"] == "align" and not binding.get("text_fraction")
+    assert anneal["stage"] == "finetune" and anneal["text_fraction"] > 0
+    assert anneal["learning_rate"] < grounded["learning_rate"]
+    sft = yaml.safe_load((REPO / "recipes" / "configs" / "tiny" / "sft.yaml").read_text())
+    assert anneal["spatial_reasoning"] == sft["spatial_reasoning"]
     makefile = (REPO / "Makefile").read_text()
-    launched = [makefile.index(f"$(TINY)/{name}.yaml") for name in (
-        "pretrain_cross_attention", "pretrain_grounded_cross_attention", "pretrain_binding_cross_attention")]
+    launched = [makefile.index(f"$(TINY)/{name}.yaml") for name in names]
     assert launched == sorted(launched)
-    assert f"--model_name_or_path {binding['output_dir']} --output_dir runs/tiny/sft_cross_attention" in makefile
+    sft_line = f"--model_name_or_path {anneal['output_dir']} --output_dir runs/tiny/sft_cross_attention\n"
+    assert sft_line in makefile
